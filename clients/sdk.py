@@ -1,0 +1,252 @@
+"""The tunewire Python SDK: one client per service, over gRPC, with deadlines.
+
+    from tunewire.clients.sdk import DatasetClient, TrainingClient, InferenceClient
+
+    with DatasetClient("127.0.0.1:50051") as datasets:
+        dataset = datasets.upload("data.jsonl", name="support-answers")
+
+Every call has a deadline (the client's `timeout`, or `timeout=` per call).
+Errors are raised as ApiError, with the gRPC status code, the message and,
+for INVALID_ARGUMENT, each field violation (field, reason).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from google.rpc import error_details_pb2
+
+from tunewire.v1 import common_pb2, dataset_pb2, dataset_pb2_grpc, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+
+DEFAULT_DATASET_ADDRESS = "127.0.0.1:50051"
+DEFAULT_TRAINING_ADDRESS = "127.0.0.1:50052"
+DEFAULT_INFERENCE_ADDRESS = "127.0.0.1:50053"
+CHUNK_BYTES = 1 << 20
+FINAL_JOB_STATES = (training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED)
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class ApiError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, violations: list[FieldViolation]):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.violations = violations
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> "ApiError":
+        violations = []
+        status = rpc_status.from_call(error)
+        for detail in status.details if status else []:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        return cls(error.code(), error.details() or "", violations)
+
+
+class _Client:
+    def __init__(self, address: str, timeout: float):
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        )
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise ApiError.from_rpc(error) from None
+
+    def _stream(self, method, request, timeout: float | None = None) -> Iterator:
+        try:
+            yield from method(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise ApiError.from_rpc(error) from None
+
+    def wait_until_serving(self, timeout: float = 120.0) -> None:
+        """Blocks until the service's health check says SERVING."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s: is the service running?")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _chat(messages: list[dict] | None) -> inference_pb2.ChatMessages | None:
+    if messages is None:
+        return None
+    return inference_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+
+
+class DatasetClient(_Client):
+    def __init__(self, address: str = DEFAULT_DATASET_ADDRESS, timeout: float = 300.0):
+        super().__init__(address, timeout)
+        self.stub = dataset_pb2_grpc.DatasetServiceStub(self.channel)
+
+    def upload(
+        self,
+        source: str | Path | bytes | Iterable[bytes],
+        name: str,
+        format: int = dataset_pb2.DATASET_FORMAT_UNSPECIFIED,
+        validation_fraction: float | None = None,
+        split_seed: int = 0,
+        timeout: float | None = None,
+    ) -> dataset_pb2.UploadDatasetResponse:
+        """Uploads a JSONL file (a path, bytes, or an iterable of byte chunks) in chunks."""
+        metadata = dataset_pb2.UploadMetadata(name=name, format=format, split_seed=split_seed)
+        if validation_fraction is not None:
+            metadata.validation_fraction = validation_fraction
+
+        def requests():
+            yield dataset_pb2.UploadDatasetRequest(metadata=metadata)
+            for chunk in _chunks(source):
+                yield dataset_pb2.UploadDatasetRequest(chunk=chunk)
+
+        return self._call(self.stub.UploadDataset, requests(), timeout)
+
+    def get(self, dataset_id: str) -> dataset_pb2.Dataset:
+        return self._call(self.stub.GetDataset, dataset_pb2.GetDatasetRequest(id=dataset_id)).dataset
+
+    def list(self, name: str = "") -> list[dataset_pb2.Dataset]:
+        return list(self._call(self.stub.ListDatasets, dataset_pb2.ListDatasetsRequest(name=name)).datasets)
+
+
+def _chunks(source) -> Iterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), CHUNK_BYTES):
+            yield source[start : start + CHUNK_BYTES]
+    elif isinstance(source, (str, Path)):
+        with open(source, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                yield chunk
+    else:
+        yield from source
+
+
+class TrainingClient(_Client):
+    def __init__(self, address: str = DEFAULT_TRAINING_ADDRESS, timeout: float = 30.0):
+        super().__init__(address, timeout)
+        self.stub = training_pb2_grpc.TrainingServiceStub(self.channel)
+
+    def create_job(
+        self,
+        base_model: str,
+        dataset_id: str,
+        hyperparameters: dict | None = None,
+        num_workers: int = 1,
+        use_gpu: bool = False,
+    ) -> training_pb2.Job:
+        spec = training_pb2.JobSpec(
+            base_model=base_model,
+            dataset_id=dataset_id,
+            method=training_pb2.TRAINING_METHOD_LORA,
+            hyperparameters=training_pb2.Hyperparameters(**(hyperparameters or {})),
+            compute=training_pb2.ComputeConfig(num_workers=num_workers, use_gpu=use_gpu),
+        )
+        return self._call(self.stub.CreateJob, training_pb2.CreateJobRequest(spec=spec)).job
+
+    def get_job(self, job_id: str) -> training_pb2.Job:
+        return self._call(self.stub.GetJob, training_pb2.GetJobRequest(id=job_id)).job
+
+    def list_jobs(self, state: int = training_pb2.JOB_STATE_UNSPECIFIED) -> list[training_pb2.Job]:
+        return list(self._call(self.stub.ListJobs, training_pb2.ListJobsRequest(state=state)).jobs)
+
+    def stream_events(self, job_id: str, after_sequence: int = 0, timeout: float | None = None) -> Iterator[training_pb2.StreamJobEventsResponse]:
+        """The job's events, history first, until it ends (no deadline unless given)."""
+        request = training_pb2.StreamJobEventsRequest(job_id=job_id, after_sequence=after_sequence)
+        return self._stream(self.stub.StreamJobEvents, request, timeout)
+
+    def list_adapters(self) -> list[training_pb2.Adapter]:
+        return list(self._call(self.stub.ListAdapters, training_pb2.ListAdaptersRequest()).adapters)
+
+
+class InferenceClient(_Client):
+    def __init__(self, address: str = DEFAULT_INFERENCE_ADDRESS, timeout: float = 120.0):
+        super().__init__(address, timeout)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    @staticmethod
+    def _request(kind, prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt):
+        sampling = inference_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop or [])
+        if seed is not None:
+            sampling.seed = seed
+        return kind(adapter=adapter, prompt=prompt, messages=_chat(messages), sampling=sampling, raw_prompt=raw_prompt)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        raw_prompt: bool = False,
+        timeout: float | None = None,
+    ) -> inference_pb2.GenerateResponse:
+        request = self._request(inference_pb2.GenerateRequest, prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt)
+        return self._call(self.stub.Generate, request, timeout)
+
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        raw_prompt: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[inference_pb2.GenerateStreamResponse]:
+        request = self._request(inference_pb2.GenerateStreamRequest, prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt)
+        return self._stream(self.stub.GenerateStream, request, timeout or self.timeout)
+
+    def loaded_adapters(self) -> inference_pb2.ListLoadedAdaptersResponse:
+        return self._call(self.stub.ListLoadedAdapters, inference_pb2.ListLoadedAdaptersRequest())
+
+    def wait_for_adapter(self, adapter_id: str, timeout: float = 120.0) -> inference_pb2.LoadedAdapter:
+        """Blocks until the service has hot-loaded the adapter."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for adapter in self.loaded_adapters().adapters:
+                if adapter.id == adapter_id:
+                    return adapter
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"adapter {adapter_id} not loaded by {self.address} after {timeout:.0f}s")
+            time.sleep(0.2)

@@ -1,0 +1,1 @@
+"""The three tunewire services, one folder each, and what they share (common/)."""

@@ -1,0 +1,1 @@
+"""Code the services share: settings, errors, the artifact store, models, text."""

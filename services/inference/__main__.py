@@ -1,0 +1,3 @@
+from tunewire.services.inference.server import serve
+
+serve()

@@ -1,0 +1,73 @@
+"""The inference service process: `python -m tunewire.services.inference`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.grpc_server import ServerHandle, configure_logging, create_grpc_server, serve_until_signal
+from tunewire.services.common.settings import Settings, load_settings
+from tunewire.services.inference.core import InferenceManager
+from tunewire.services.inference.engine import GenerationEngine
+from tunewire.services.inference.servicer import InferenceServicer
+from tunewire.services.inference.watcher import AdapterWatcher
+from tunewire.v1 import inference_pb2, inference_pb2_grpc
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+@dataclass
+class InferenceDeps:
+    manager: InferenceManager
+    # Address of the orchestrator to subscribe to; empty: no subscription.
+    training_address: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "InferenceDeps":
+        engine = GenerationEngine(settings.base_model, settings.model_cache)
+        manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), settings.home / "adapter-cache")
+        return cls(manager, settings.training_address)
+
+
+async def create_server(settings: Settings, deps: InferenceDeps, port: int | None = None) -> ServerHandle:
+    """The server bound to settings.host and `port` (default
+    settings.inference_port; 0 picks one). Its start() loads the base model
+    and subscribes to published adapters before health says SERVING."""
+    manager = deps.manager
+    address = f"{settings.host}:{settings.inference_port if port is None else port}"
+    handle = await create_grpc_server(
+        address,
+        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(manager), server),
+        [SERVICE_NAME],
+    )
+    watch_task: asyncio.Task | None = None
+
+    async def ready() -> None:
+        nonlocal watch_task
+        await manager.start()
+        if deps.training_address:
+            watch_task = asyncio.create_task(AdapterWatcher(manager, deps.training_address).run_forever(), name="adapter watcher")
+
+    async def close() -> None:
+        if watch_task is not None:
+            watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch_task
+        manager.close()
+
+    handle.on_start.append(ready)
+    handle.on_stop.append(close)
+    return handle
+
+
+async def _main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    handle = await create_server(settings, InferenceDeps.from_settings(settings))
+    await serve_until_signal(handle, settings.grace_period_seconds)
+
+
+def serve() -> None:
+    asyncio.run(_main())

@@ -1,0 +1,50 @@
+"""Follows the orchestrator's WatchAdapters stream and loads each adapter it
+publishes for our base model. Reconnects with backoff and resumes after the
+last adapter seen, so adapters published while disconnected are caught up."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import grpc
+
+from tunewire.services.common.errors import TunewireError
+from tunewire.services.inference.core import InferenceManager
+from tunewire.v1 import training_pb2, training_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class AdapterWatcher:
+    def __init__(self, manager: InferenceManager, training_address: str, max_backoff: float = 10.0):
+        self.manager = manager
+        self.training_address = training_address
+        self.max_backoff = max_backoff
+        self.last_sequence = 0
+
+    async def run_forever(self) -> None:
+        backoff = 0.5
+        async with grpc.aio.insecure_channel(self.training_address) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            while True:
+                try:
+                    stream = stub.WatchAdapters(training_pb2.WatchAdaptersRequest(after_sequence=self.last_sequence))
+                    async for message in stream:
+                        backoff = 0.5
+                        await self._handle(message.adapter)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("adapter watch on %s interrupted (%s); retrying in %.1fs", self.training_address, exc.code().name, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    async def _handle(self, adapter: training_pb2.Adapter) -> None:
+        self.last_sequence = max(self.last_sequence, adapter.sequence)
+        if adapter.base_model != self.manager.base_model:
+            log.debug("adapter %s is for %s, not %s: skipped", adapter.id, adapter.base_model, self.manager.base_model)
+            return
+        try:
+            await self.manager.load_adapter(adapter.id, adapter.uri, adapter.create_time.ToDatetime(tzinfo=dt.timezone.utc))
+        except TunewireError as exc:
+            log.warning("published adapter %s refused: %s", adapter.id, exc)

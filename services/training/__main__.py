@@ -1,0 +1,3 @@
+from tunewire.services.training.server import serve
+
+serve()

@@ -1,0 +1,89 @@
+"""Runs queued jobs, oldest first, a few at a time, and publishes what they train."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+from typing import AsyncContextManager, Callable, Protocol
+
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.training.jobs import JobManager
+from tunewire.services.training.store import FAILED, QUEUED, RUNNING, Job
+
+log = logging.getLogger(__name__)
+
+EmitEvent = Callable[[str, dict], None]
+
+
+class JobFailed(Exception):
+    """A job that cannot succeed. user_error: the job's own inputs are at
+    fault (fix and resubmit) rather than the system (retry later)."""
+
+    def __init__(self, message: str, user_error: bool = False):
+        super().__init__(message)
+        self.user_error = user_error
+
+
+class TrainingRunner(Protocol):
+    def run(self, job: Job, emit: EmitEvent) -> AsyncContextManager[Path]:
+        """Trains the job; yields a local directory holding the finished
+        adapter (PEFT files). Raises JobFailed."""
+
+
+class Scheduler:
+    def __init__(self, jobs: JobManager, runner: TrainingRunner, artifacts: ArtifactStore, max_concurrent: int = 1):
+        self.jobs = jobs
+        self.runner = runner
+        self.artifacts = artifacts
+        self.max_concurrent = max_concurrent
+        self._running: dict[str, asyncio.Task] = {}
+
+    async def run_forever(self) -> None:
+        for job_id in self.jobs.recover():
+            log.warning("requeued interrupted job %s", job_id)
+        while True:
+            for job in self.jobs.queued():
+                if len(self._running) >= self.max_concurrent:
+                    break
+                if job.id not in self._running:
+                    task = asyncio.create_task(self._run(job), name=f"job {job.id}")
+                    self._running[job.id] = task
+                    task.add_done_callback(lambda _t, job_id=job.id: self._running.pop(job_id, None))
+            await self.jobs.notifier.wait(self.jobs.poll_seconds)
+
+    async def stop(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        for task in list(self._running.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, job: Job) -> None:
+        if not self.jobs.transition(job.id, RUNNING, from_states=(QUEUED,)):
+            return
+        log.info("job %s running", job.id)
+        try:
+            async with self.runner.run(job, lambda kind, data: self.jobs.record(job.id, kind, data)) as adapter_dir:
+                adapter_id = "ad-" + uuid.uuid4().hex[:16]
+                uri = await asyncio.to_thread(self.artifacts.publish_dir, adapter_dir, "adapters", adapter_id)
+            if self.jobs.publish_adapter(job, adapter_id, uri) is None:
+                log.info("job %s left RUNNING before its adapter was published; adapter %s not published", job.id, adapter_id)
+                return
+            log.info("job %s succeeded: adapter %s at %s", job.id, adapter_id, uri)
+        except JobFailed as exc:
+            kind = "user error" if exc.user_error else "system error"
+            self._fail(job, f"{kind}: {exc}")
+        except asyncio.CancelledError:
+            # The orchestrator is stopping: the job stays RUNNING in the
+            # database and is requeued by recover() at the next start.
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure must end the job, not the scheduler
+            log.exception("job %s failed", job.id)
+            self._fail(job, f"system error: {type(exc).__name__}: {exc}")
+
+    def _fail(self, job: Job, error: str) -> None:
+        log.warning("job %s failed: %s", job.id, error)
+        self.jobs.transition(job.id, FAILED, from_states=(QUEUED, RUNNING), error=error)

@@ -1,0 +1,94 @@
+"""The training orchestrator process: `python -m tunewire.services.training`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.grpc_server import ServerHandle, configure_logging, create_grpc_server, serve_until_signal
+from tunewire.services.common.settings import Settings, load_settings
+from tunewire.services.training.dataset_lookup import GrpcDatasetLookup
+from tunewire.services.training.jobs import DatasetLookup, JobManager
+from tunewire.services.training.ray_runner import RayTrainRunner
+from tunewire.services.training.scheduler import Scheduler, TrainingRunner
+from tunewire.services.training.servicer import TrainingServicer
+from tunewire.services.training.store import JobStore
+from tunewire.v1 import training_pb2, training_pb2_grpc
+
+SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+
+
+@dataclass
+class TrainingDeps:
+    store: JobStore
+    artifacts: ArtifactStore
+    datasets: DatasetLookup
+    runner: TrainingRunner
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TrainingDeps":
+        artifacts = ArtifactStore(settings.artifact_root)
+        return cls(
+            store=JobStore(settings.training_database_url),
+            artifacts=artifacts,
+            datasets=GrpcDatasetLookup(settings.dataset_address),
+            runner=RayTrainRunner(
+                ray_address=settings.ray_address,
+                num_cpus=settings.ray_num_cpus,
+                storage_path=artifacts.uri("ray"),
+                model_cache=settings.model_cache,
+            ),
+        )
+
+
+async def create_server(settings: Settings, deps: TrainingDeps, port: int | None = None) -> ServerHandle:
+    """The server bound to settings.host and `port` (default
+    settings.training_port; 0 picks one). Its start() starts Ray and the
+    scheduler before health says SERVING."""
+    jobs = JobManager(deps.store, deps.datasets)
+    scheduler = Scheduler(jobs, deps.runner, deps.artifacts, settings.max_concurrent_jobs)
+    address = f"{settings.host}:{settings.training_port if port is None else port}"
+    handle = await create_grpc_server(
+        address,
+        lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(jobs), server),
+        [SERVICE_NAME],
+    )
+    scheduler_task: asyncio.Task | None = None
+
+    async def ready() -> None:
+        nonlocal scheduler_task
+        start = getattr(deps.runner, "start", None)
+        if start is not None:
+            await asyncio.to_thread(start)
+        scheduler_task = asyncio.create_task(scheduler.run_forever(), name="scheduler")
+
+    async def close() -> None:
+        if scheduler_task is not None:
+            scheduler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduler_task
+        await scheduler.stop()
+        shutdown = getattr(deps.runner, "shutdown", None)
+        if shutdown is not None:
+            await asyncio.to_thread(shutdown)
+        close_lookup = getattr(deps.datasets, "close", None)
+        if close_lookup is not None:
+            await close_lookup()
+        deps.store.close()
+
+    handle.on_start.append(ready)
+    handle.on_stop.append(close)
+    return handle
+
+
+async def _main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    handle = await create_server(settings, TrainingDeps.from_settings(settings))
+    await serve_until_signal(handle, settings.grace_period_seconds)
+
+
+def serve() -> None:
+    asyncio.run(_main())

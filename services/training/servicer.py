@@ -1,0 +1,124 @@
+"""TrainingService over gRPC: proto in, JobManager call, proto out."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tunewire.services.training import config as training_config
+from tunewire.services.training.jobs import JobManager, JobSpec
+from tunewire.services.training.store import Adapter, Job, JobEvent
+from tunewire.v1 import training_pb2, training_pb2_grpc
+
+METHOD_FROM_PROTO = {
+    training_pb2.TRAINING_METHOD_UNSPECIFIED: training_config.LORA,
+    training_pb2.TRAINING_METHOD_LORA: training_config.LORA,
+}
+METHOD_TO_PROTO = {training_config.LORA: training_pb2.TRAINING_METHOD_LORA}
+
+
+def _timestamp(value: dt.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def state_to_proto(state: str) -> int:
+    return training_pb2.JobState.Value(f"JOB_STATE_{state}")
+
+
+def state_from_proto(state: int) -> str:
+    return "" if state == training_pb2.JOB_STATE_UNSPECIFIED else training_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+def spec_from_proto(spec: training_pb2.JobSpec) -> JobSpec:
+    hyperparameters = {f.name: (list(v) if f.is_repeated else v) for f, v in spec.hyperparameters.ListFields()}
+    method = METHOD_FROM_PROTO.get(spec.method, training_pb2.TrainingMethod.Name(spec.method))
+    return JobSpec(
+        base_model=spec.base_model,
+        dataset_id=spec.dataset_id,
+        method=method,
+        hyperparameters=hyperparameters,
+        num_workers=spec.compute.num_workers,
+        use_gpu=spec.compute.use_gpu,
+    )
+
+
+def job_to_proto(job: Job) -> training_pb2.Job:
+    spec = job.spec
+    resolved = {k: v for k, v in job.config.items() if k != "auto"}
+    return training_pb2.Job(
+        id=job.id,
+        spec=training_pb2.JobSpec(
+            base_model=spec["base_model"],
+            dataset_id=spec["dataset_id"],
+            method=METHOD_TO_PROTO[spec["method"]],
+            hyperparameters=training_pb2.Hyperparameters(**spec["hyperparameters"]),
+            compute=training_pb2.ComputeConfig(num_workers=spec["num_workers"], use_gpu=spec["use_gpu"]),
+        ),
+        state=state_to_proto(job.state),
+        resolved_hyperparameters=training_pb2.Hyperparameters(**resolved),
+        auto_hyperparameters=job.config.get("auto", []),
+        error=job.error,
+        adapter_id=job.adapter_id,
+        latest_step=training_pb2.StepMetrics(**job.latest_step) if job.latest_step else None,
+        create_time=_timestamp(job.created_at),
+        start_time=_timestamp(job.started_at),
+        end_time=_timestamp(job.ended_at),
+    )
+
+
+def event_to_proto(event: JobEvent) -> training_pb2.StreamJobEventsResponse:
+    message = training_pb2.StreamJobEventsResponse(job_id=event.job_id, sequence=event.sequence, time=_timestamp(event.time))
+    data = event.data
+    if event.kind == "state":
+        message.state = state_to_proto(data["state"])
+        message.error = data.get("error", "")
+    elif event.kind == "step":
+        message.step.CopyFrom(training_pb2.StepMetrics(**data))
+    elif event.kind == "eval":
+        message.eval.CopyFrom(training_pb2.EvalMetrics(**data))
+    else:
+        message.log = data.get("message", "")
+    return message
+
+
+def adapter_to_proto(adapter: Adapter) -> training_pb2.Adapter:
+    return training_pb2.Adapter(
+        id=adapter.id,
+        job_id=adapter.job_id,
+        base_model=adapter.base_model,
+        uri=adapter.uri,
+        create_time=_timestamp(adapter.created_at),
+        sequence=adapter.sequence,
+    )
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    def __init__(self, jobs: JobManager):
+        self.jobs = jobs
+
+    async def CreateJob(self, request: training_pb2.CreateJobRequest, context):
+        job = await self.jobs.create(spec_from_proto(request.spec))
+        return training_pb2.CreateJobResponse(job=job_to_proto(job))
+
+    async def GetJob(self, request: training_pb2.GetJobRequest, context):
+        return training_pb2.GetJobResponse(job=job_to_proto(self.jobs.get(request.id)))
+
+    async def ListJobs(self, request: training_pb2.ListJobsRequest, context):
+        jobs = self.jobs.list(state_from_proto(request.state))
+        return training_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+
+    async def StreamJobEvents(self, request: training_pb2.StreamJobEventsRequest, context):
+        async for event in self.jobs.events(request.job_id, request.after_sequence):
+            yield event_to_proto(event)
+
+    async def ListAdapters(self, request: training_pb2.ListAdaptersRequest, context):
+        return training_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in self.jobs.list_adapters()])
+
+    async def WatchAdapters(self, request: training_pb2.WatchAdaptersRequest, context):
+        async for adapter in self.jobs.adapters(request.after_sequence):
+            yield training_pb2.WatchAdaptersResponse(adapter=adapter_to_proto(adapter))

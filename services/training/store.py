@@ -1,0 +1,232 @@
+"""Jobs, their events and published adapters, in SQL (SQLite by default).
+
+A job is a row before it is anything else; every state change is written in
+the same transaction as the event that announces it, so a stream that reads
+events never misses the final one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, func, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from tunewire.services.common.db import make_engine
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None or value.tzinfo:
+        return value
+    return value.replace(tzinfo=dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRecord(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict] = mapped_column(JSON)
+    config: Mapped[dict] = mapped_column(JSON)
+    dataset: Mapped[dict] = mapped_column(JSON)
+    error: Mapped[str] = mapped_column(Text, default="")
+    adapter_id: Mapped[str] = mapped_column(String(64), default="")
+    latest_step: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EventRecord(Base):
+    __tablename__ = "job_events"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict] = mapped_column(JSON)
+
+
+class AdapterRecord(Base):
+    __tablename__ = "adapters"
+
+    sequence: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    base_model: Mapped[str] = mapped_column(String(512))
+    uri: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    state: str
+    spec: dict
+    config: dict
+    dataset: dict
+    error: str = ""
+    adapter_id: str = ""
+    latest_step: dict = field(default_factory=dict)
+    created_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_record(cls, r: JobRecord) -> "Job":
+        return cls(
+            r.id, r.state, dict(r.spec), dict(r.config), dict(r.dataset), r.error or "", r.adapter_id or "",
+            dict(r.latest_step or {}), _utc(r.created_at), _utc(r.started_at), _utc(r.ended_at),
+        )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    sequence: int
+    time: dt.datetime
+    kind: str  # "state" | "step" | "eval" | "log"
+    data: dict
+
+
+@dataclass(frozen=True)
+class Adapter:
+    id: str
+    job_id: str
+    base_model: str
+    uri: str
+    created_at: dt.datetime
+    sequence: int
+
+    @classmethod
+    def from_record(cls, r: AdapterRecord) -> "Adapter":
+        return cls(r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.sequence)
+
+
+class JobStore:
+    def __init__(self, database_url: str):
+        self.engine = make_engine(database_url)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Jobs
+
+    def create(self, job_id: str, spec: dict, config: dict, dataset: dict) -> Job:
+        with Session(self.engine) as session, session.begin():
+            record = JobRecord(id=job_id, state=QUEUED, spec=spec, config=config, dataset=dataset, created_at=_now())
+            session.add(record)
+            session.flush()
+            self._append(session, job_id, "state", {"state": QUEUED})
+            return Job.from_record(record)
+
+    def get(self, job_id: str) -> Job | None:
+        with Session(self.engine) as session:
+            record = session.get(JobRecord, job_id)
+            return Job.from_record(record) if record else None
+
+    def list(self, state: str = "") -> list[Job]:
+        query = select(JobRecord).order_by(JobRecord.created_at.desc())
+        if state:
+            query = query.where(JobRecord.state == state)
+        with Session(self.engine) as session:
+            return [Job.from_record(r) for r in session.scalars(query)]
+
+    def transition(self, job_id: str, state: str, *, from_states: tuple[str, ...], error: str = "", adapter_id: str = "") -> bool:
+        """Moves the job to `state` if it is in one of from_states, with its
+        event, atomically. False if the job was elsewhere (say, cancelled)."""
+        values: dict = {"state": state}
+        if state == RUNNING:
+            values["started_at"] = _now()
+        if state in FINAL_STATES:
+            values["ended_at"] = _now()
+        if error:
+            values["error"] = error
+        if adapter_id:
+            values["adapter_id"] = adapter_id
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(JobRecord).where(JobRecord.id == job_id, JobRecord.state.in_(from_states)).values(**values)
+            )
+            if result.rowcount != 1:
+                return False
+            data = {"state": state}
+            if error:
+                data["error"] = error
+            self._append(session, job_id, "state", data)
+            return True
+
+    # Events
+
+    def append_event(self, job_id: str, kind: str, data: dict) -> JobEvent:
+        with Session(self.engine) as session, session.begin():
+            if kind == "step":
+                session.execute(update(JobRecord).where(JobRecord.id == job_id).values(latest_step=data))
+            return self._append(session, job_id, kind, data)
+
+    def _append(self, session: Session, job_id: str, kind: str, data: dict) -> JobEvent:
+        last = session.scalar(select(func.max(EventRecord.sequence)).where(EventRecord.job_id == job_id)) or 0
+        event = EventRecord(job_id=job_id, sequence=last + 1, time=_now(), kind=kind, data=data)
+        session.add(event)
+        return JobEvent(job_id, event.sequence, event.time, kind, data)
+
+    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
+        query = (
+            select(EventRecord)
+            .where(EventRecord.job_id == job_id, EventRecord.sequence > after_sequence)
+            .order_by(EventRecord.sequence)
+        )
+        with Session(self.engine) as session:
+            return [JobEvent(e.job_id, e.sequence, _utc(e.time), e.kind, dict(e.data)) for e in session.scalars(query)]
+
+    # Adapters
+
+    def publish_adapter(self, job_id: str, adapter_id: str, base_model: str, uri: str) -> Adapter | None:
+        """Records the adapter and marks the job SUCCEEDED in one transaction;
+        None if the job left RUNNING meanwhile (cancelled)."""
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.state == RUNNING)
+                .values(state=SUCCEEDED, ended_at=_now(), adapter_id=adapter_id)
+            )
+            if result.rowcount != 1:
+                return None
+            record = AdapterRecord(id=adapter_id, job_id=job_id, base_model=base_model, uri=uri, created_at=_now())
+            session.add(record)
+            session.flush()
+            self._append(session, job_id, "state", {"state": SUCCEEDED, "adapter_id": adapter_id})
+            return Adapter.from_record(record)
+
+    def adapters_after(self, after_sequence: int) -> list[Adapter]:
+        query = select(AdapterRecord).where(AdapterRecord.sequence > after_sequence).order_by(AdapterRecord.sequence)
+        with Session(self.engine) as session:
+            return [Adapter.from_record(r) for r in session.scalars(query)]
+
+    def requeue_interrupted(self, reason: str) -> list[str]:
+        """Jobs left RUNNING by a process that died go back to the queue."""
+        with Session(self.engine) as session:
+            ids = list(session.scalars(select(JobRecord.id).where(JobRecord.state == RUNNING)))
+        requeued = []
+        for job_id in ids:
+            if self.transition(job_id, QUEUED, from_states=(RUNNING,)):
+                self.append_event(job_id, "log", {"message": reason})
+                requeued.append(job_id)
+        return requeued
