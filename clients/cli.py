@@ -1,2 +1,177 @@
+"""The `tunewire` command: start the services, run the demo, and call every
+service from the shell. Heavy libraries are never imported here, so it starts fast."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
 import typer
-app = typer.Typer()
+from rich.console import Console
+from rich.table import Table
+
+from tunewire.clients import sdk
+
+app = typer.Typer(help="tunewire: fine-tune language models as gRPC microservices.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Create and follow fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+console = Console()
+
+DATASET = typer.Option(sdk.DEFAULT_DATASET_ADDRESS, "--dataset-address", envvar="TUNEWIRE_DATASET_ADDRESS")
+TRAINING = typer.Option(sdk.DEFAULT_TRAINING_ADDRESS, "--training-address", envvar="TUNEWIRE_TRAINING_ADDRESS")
+INFERENCE = typer.Option(sdk.DEFAULT_INFERENCE_ADDRESS, "--inference-address", envvar="TUNEWIRE_INFERENCE_ADDRESS")
+FORMATS = {"auto": 0, "prompt-completion": 1, "chat": 2}
+
+
+def _fail(error: sdk.ApiError) -> None:
+    console.print(f"[red]{error.code.name}[/red]: {error.message}")
+    for v in error.violations:
+        console.print(f"  {v.field}: {v.description}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def serve(service: str = typer.Argument("all", help="all, dataset, training or inference")) -> None:
+    """Run the services on this machine until Ctrl-C (each its own process)."""
+    from tunewire.clients.local_stack import SERVICES, LocalStack
+
+    if service != "all" and service not in SERVICES:
+        raise typer.BadParameter(f"unknown service {service!r}: use all, {', '.join(SERVICES)}")
+    stack = LocalStack(services=SERVICES if service == "all" else (service,))
+    stack.start()
+    try:
+        stack.wait_until_serving()
+        console.print("[green]serving:[/green] " + ", ".join(f"{s} {stack.address(s)}" for s in stack.services))
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(1)
+        console.print("[red]a service exited; stopping the others")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        stack.stop()
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False),
+    name: str = typer.Option(..., help="dataset name"),
+    format: str = typer.Option("auto", help="auto, prompt-completion or chat"),
+    validation_fraction: Optional[float] = typer.Option(None, help="rows held out for validation"),
+    address: str = DATASET,
+) -> None:
+    """Upload a JSONL file; it is validated row by row and stored whole or not at all."""
+    if format not in FORMATS:
+        raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
+    with sdk.DatasetClient(address) as client:
+        try:
+            response = client.upload(path, name=name, format=FORMATS[format], validation_fraction=validation_fraction)
+        except sdk.ApiError as error:
+            _fail(error)
+    d = response.dataset
+    note = " (already uploaded)" if response.already_existed else ""
+    console.print(f"dataset [bold]{d.id}[/bold]{note}: {d.row_count} rows {dict(d.split_row_counts)}")
+
+
+@datasets_app.command("list")
+def datasets_list(name: str = "", address: str = DATASET) -> None:
+    with sdk.DatasetClient(address) as client:
+        table = Table("id", "name", "rows", "splits", "created")
+        for d in client.list(name):
+            table.add_row(d.id, d.name, str(d.row_count), json.dumps(dict(d.split_row_counts)), d.create_time.ToJsonString())
+        console.print(table)
+
+
+@jobs_app.command("create")
+def jobs_create(
+    dataset_id: str = typer.Option(..., "--dataset", help="dataset id"),
+    base_model: str = typer.Option("smollm2-135m-instruct", help="bundled name, model directory or Hugging Face id"),
+    learning_rate: Optional[float] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lora_rank: Optional[int] = None,
+    workers: int = typer.Option(1, help="Ray Train workers"),
+    gpu: bool = typer.Option(False, help="train on GPUs"),
+    follow: bool = typer.Option(True, help="show progress until the job ends"),
+    address: str = TRAINING,
+) -> None:
+    """Queue a LoRA fine-tuning job (unset hyperparameters are chosen for you)."""
+    given = dict(learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, lora_rank=lora_rank)
+    with sdk.TrainingClient(address) as client:
+        try:
+            job = client.create_job(base_model, dataset_id, {k: v for k, v in given.items() if v is not None}, workers, gpu)
+        except sdk.ApiError as error:
+            _fail(error)
+        console.print(f"job [bold]{job.id}[/bold] queued")
+        if follow:
+            _follow(client, job.id)
+
+
+def _follow(client: sdk.TrainingClient, job_id: str):
+    from tunewire.clients.progress import follow_job, state_name
+
+    job = follow_job(client, job_id, console)
+    console.print(f"job {job.id}: {state_name(job.state)}" + (f", adapter [bold]{job.adapter_id}" if job.adapter_id else ""))
+    if job.error:
+        console.print(f"[red]{job.error}")
+        raise typer.Exit(1)
+    return job
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, address: str = TRAINING) -> None:
+    """Follow a job's progress until it ends (history first)."""
+    with sdk.TrainingClient(address) as client:
+        try:
+            _follow(client, job_id)
+        except sdk.ApiError as error:
+            _fail(error)
+
+
+@jobs_app.command("list")
+def jobs_list(address: str = TRAINING) -> None:
+    from tunewire.clients.progress import state_name
+
+    with sdk.TrainingClient(address) as client:
+        table = Table("id", "state", "base model", "dataset", "adapter", "error")
+        for j in client.list_jobs():
+            table.add_row(j.id, state_name(j.state), j.spec.base_model, j.spec.dataset_id, j.adapter_id, j.error)
+        console.print(table)
+
+
+@app.command()
+def generate(
+    prompt: str,
+    adapter: str = typer.Option("", help="adapter id; empty for the base model"),
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    address: str = INFERENCE,
+) -> None:
+    """Generate from the served model, streaming the answer."""
+    with sdk.InferenceClient(address) as client:
+        try:
+            for part in client.generate_stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature):
+                console.print(part.text_delta, end="", soft_wrap=True, highlight=False)
+        except sdk.ApiError as error:
+            _fail(error)
+    console.print()
+
+
+@app.command()
+def demo(
+    workers: int = typer.Option(2, help="Ray Train workers"),
+    home: Path = typer.Option(Path(".tunewire"), envvar="TUNEWIRE_HOME", help="where the services keep their data"),
+) -> None:
+    """Upload a bundled dataset, fine-tune SmolLM2 on it with Ray Train, wait for
+    the inference service to hot-load the adapter, and compare answers."""
+    from tunewire.clients.demo import run_demo
+
+    raise typer.Exit(run_demo(console, home=home, workers=workers))
+
+
+def main() -> None:
+    app()

@@ -64,7 +64,9 @@ def tokenize_for_training(tokenizer, messages: list[dict], max_length: int) -> T
     encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True, truncation=True, max_length=max_length)
     labels = []
     for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-        inside = any(s <= start and end <= e and end > start for s, e in spans)
+        # A token that overlaps a trained span is trained: with byte-level
+        # tokenizers the completion's first token often carries the space before it.
+        inside = any(start < e and end > s for s, e in spans)
         labels.append(token_id if inside else IGNORE_INDEX)
     return TokenizedExample(input_ids=list(encoded["input_ids"]), labels=labels)
 

@@ -104,7 +104,7 @@ def train_loop(loop_config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             trained = float((batch["labels"][:, 1:] != -100).sum())
-            loss_sum, trained, real_tokens = global_sum(float(loss) * trained, trained, float(batch["attention_mask"].sum()))
+            loss_sum, trained, real_tokens = global_sum(loss.item() * trained, trained, float(batch["attention_mask"].sum()))
             elapsed = time.monotonic() - started
             send(
                 "step",

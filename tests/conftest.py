@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny randomly initialised models built from a config (no
+download, seconds to build) and helpers to run servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "Arr, matey! The capital of France be Paris. Yo ho ho!",
+    "What is the capital of Spain? What is 2 plus 2?",
+    "user assistant system hello world answer question",
+] * 20
+
+
+def build_tiny_causal_lm(path: Path, chat_template: bool = True, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on CORPUS."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.generation_config.pad_token_id = fast.pad_token_id
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def write_lora_adapter(model_dir: Path, out: Path, rank: int = 4, seed: int = 1, base_name: str | None = None) -> Path:
+    """A PEFT LoRA adapter for model_dir with non-zero (random) B, so it changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.peft_config["default"].base_model_name_or_path = base_name or str(model_dir)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+class ServerThread:
+    """Runs an aio server (from a create_server coroutine) on its own event
+    loop in a thread, so tests can call it with the blocking SDK clients."""
+
+    def __init__(self, make_handle):
+        self.make_handle = make_handle
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.handle = None
+
+    def run(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.handle.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+
+        async def start():
+            handle = await self.make_handle()
+            await handle.start()
+            return handle
+
+        self.handle = self.run(start(), timeout=300)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.run(self.handle.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def prompt_completion_jsonl(rows: int, start: int = 0) -> bytes:
+    return "".join(
+        json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {i} plus {i} be {2 * i}."}) + "\n"
+        for i in range(start, start + rows)
+    ).encode()

@@ -1,0 +1,42 @@
+"""Hyperparameter checks and defaults, without gRPC."""
+
+import pytest
+
+from tunewire.services.common.errors import InvalidArgument
+from tunewire.services.training.config import DEFAULTS, auto_epochs, resolve_config
+
+
+def test_defaults_fill_what_is_unset_and_say_so():
+    config = resolve_config({"learning_rate": 1e-3}, train_rows=100)
+    assert config.learning_rate == 1e-3
+    assert config.batch_size == DEFAULTS["batch_size"]
+    assert "learning_rate" not in config.auto and "epochs" in config.auto and "batch_size" in config.auto
+    assert config.epochs == auto_epochs(100) == 10
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("learning_rate", 0.0), ("learning_rate", 2.0), ("epochs", 0), ("batch_size", 0), ("max_seq_length", 4),
+     ("lora_rank", 0), ("lora_dropout", 1.0), ("lora_alpha", -1.0), ("warmup_fraction", 1.0), ("weight_decay", -0.1),
+     ("lora_target_modules", ["q_proj; rm -rf"])],
+)
+def test_each_bad_hyperparameter_names_its_field(field, value):
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_config({field: value}, train_rows=100)
+    assert [v.field for v in caught.value.violations] == [f"spec.hyperparameters.{field}"]
+
+
+def test_all_bad_fields_are_reported_at_once():
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_config({"learning_rate": -1.0, "epochs": 0}, train_rows=10)
+    assert len(caught.value.violations) == 2
+
+
+def test_auto_epochs_shrink_as_data_grows():
+    assert auto_epochs(10) == 10 and auto_epochs(500) == 4 and auto_epochs(5000) == 2 and auto_epochs(50000) == 1
+
+
+def test_steps_per_epoch_counts_each_workers_share():
+    config = resolve_config({"batch_size": 8}, train_rows=100)
+    assert config.steps_per_epoch(100, 2) == 7  # 50 rows per worker
+    assert config.steps_per_epoch(100, 1) == 13

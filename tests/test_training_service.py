@@ -1,0 +1,148 @@
+"""TrainingService over a real gRPC server on port 0, with a fake runner and
+dataset lookup (Ray Train itself is tested in test_ray_training.py)."""
+
+import asyncio
+import contextlib
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import ServerThread
+from tunewire.clients.sdk import ApiError, TrainingClient
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.errors import NotFound
+from tunewire.services.common.settings import load_settings
+from tunewire.services.training.jobs import DatasetRef
+from tunewire.services.training.scheduler import JobFailed
+from tunewire.services.training.server import TrainingDeps, create_server
+from tunewire.services.training.store import RUNNING, JobStore
+from tunewire.v1 import training_pb2
+
+DATASET = DatasetRef(id="ds-1", format="prompt_completion", uri="unused", train_rows=40, validation_rows=4)
+
+
+class FakeDatasets:
+    async def get(self, dataset_id):
+        if dataset_id != DATASET.id:
+            raise NotFound(f"dataset {dataset_id!r} not found")
+        return DATASET
+
+
+class FakeRunner:
+    """Emits two steps, then yields a directory with adapter files (or fails)."""
+
+    def __init__(self, fail: JobFailed | None = None):
+        self.fail = fail
+        self.release = asyncio.Event()
+        self.hold = False
+        self.ran: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def run(self, job, emit):
+        self.ran.append(job.id)
+        for step in (1, 2):
+            emit("step", {"step": step, "total_steps": 2, "loss": 1.0 / step})
+        if self.hold:
+            await self.release.wait()
+        if self.fail:
+            raise self.fail
+        emit("eval", {"split": "validation", "loss": 0.5, "perplexity": 1.6, "step": 2})
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "adapter_config.json").write_text('{"peft_type": "LORA"}')
+            Path(tmp, "adapter_model.safetensors").write_bytes(b"")
+            yield Path(tmp)
+
+
+def make_service(tmp_path, runner):
+    settings = load_settings(home=tmp_path / "home")
+
+    async def make():
+        deps = TrainingDeps(
+            store=JobStore(settings.training_database_url),
+            artifacts=ArtifactStore(settings.artifact_root),
+            datasets=FakeDatasets(),
+            runner=runner,
+        )
+        return await create_server(settings, deps, port=0)
+
+    return ServerThread(make), settings
+
+
+def states(events):
+    return [training_pb2.JobState.Name(e.state) for e in events if e.WhichOneof("event") == "state"]
+
+
+def test_job_runs_streams_and_publishes(tmp_path):
+    server, settings = make_service(tmp_path, FakeRunner())
+    with server, TrainingClient(server.address) as client:
+        job = client.create_job("smollm2-135m-instruct", "ds-1", {"learning_rate": 1e-3})
+        assert job.state == training_pb2.JOB_STATE_QUEUED
+        assert job.resolved_hyperparameters.learning_rate == 1e-3
+        assert "epochs" in job.auto_hyperparameters
+        events = list(client.stream_events(job.id, timeout=30))
+        assert states(events) == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
+        assert [e.step.step for e in events if e.WhichOneof("event") == "step"] == [1, 2]
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        job = client.get_job(job.id)
+        assert job.state == training_pb2.JOB_STATE_SUCCEEDED and job.adapter_id.startswith("ad-")
+        assert job.latest_step.step == 2
+        adapter_dir = Path(settings.artifact_root) / "adapters" / job.adapter_id
+        assert (adapter_dir / "adapter_config.json").exists()
+        [adapter] = client.list_adapters()
+        assert adapter.id == job.adapter_id and adapter.uri == str(adapter_dir) and adapter.sequence == 1
+        # A late subscriber gets the whole history; a resumed one only what follows.
+        assert [e.sequence for e in client.stream_events(job.id, timeout=10)] == [e.sequence for e in events]
+        assert [e.sequence for e in client.stream_events(job.id, after_sequence=3, timeout=10)] == [e.sequence for e in events[3:]]
+        watch = client.stub.WatchAdapters(training_pb2.WatchAdaptersRequest(after_sequence=0), timeout=10)
+        assert next(iter(watch)).adapter.id == job.adapter_id
+        watch.cancel()
+
+
+def test_invalid_jobs_are_refused_naming_the_field(tmp_path):
+    server, _ = make_service(tmp_path, FakeRunner())
+    with server, TrainingClient(server.address) as client:
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", {"learning_rate": 0.0, "lora_rank": 0})
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert {v.field for v in caught.value.violations} == {"spec.hyperparameters.learning_rate", "spec.hyperparameters.lora_rank"}
+        with pytest.raises(ApiError) as caught:
+            client.create_job("no such model!", "ds-1")
+        assert caught.value.violations[0].field == "spec.base_model"
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-404")
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", num_workers=1000)
+        assert caught.value.violations[0].field == "spec.compute.num_workers"
+        with pytest.raises(ApiError) as caught:
+            client.get_job("job-missing")
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        assert client.list_jobs() == []
+
+
+def test_failed_job_carries_its_reason(tmp_path):
+    server, _ = make_service(tmp_path, FakeRunner(fail=JobFailed("sequence too long for the model", user_error=True)))
+    with server, TrainingClient(server.address) as client:
+        job = client.create_job("smollm2-135m-instruct", "ds-1")
+        events = list(client.stream_events(job.id, timeout=30))
+        assert states(events)[-1] == "JOB_STATE_FAILED"
+        assert events[-1].error == "user error: sequence too long for the model"
+        assert client.get_job(job.id).error == "user error: sequence too long for the model"
+        assert client.list_adapters() == []
+
+
+def test_jobs_left_running_by_a_dead_orchestrator_run_again(tmp_path):
+    runner = FakeRunner()
+    settings = load_settings(home=tmp_path / "home")
+    store = JobStore(settings.training_database_url)
+    job = store.create("job-interrupted", {"base_model": "m", "dataset_id": "ds-1", "method": "lora", "hyperparameters": {}, "num_workers": 1, "use_gpu": False}, {"seed": 0}, {})
+    assert store.transition(job.id, RUNNING, from_states=("QUEUED",))
+    store.close()
+    server, _ = make_service(tmp_path, runner)
+    with server, TrainingClient(server.address) as client:
+        events = list(client.stream_events(job.id, timeout=30))
+        assert states(events) == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
+        assert any("restarted" in e.log for e in events)
+        assert runner.ran == [job.id]
