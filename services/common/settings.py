@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -75,6 +75,18 @@ class Settings(BaseSettings):
         return self
 
 
+class SettingsError(ValueError):
+    pass
+
+
 def load_settings(**overrides) -> Settings:
     """Reads the environment; overrides win (tests pass ports and paths here)."""
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            variable = "RAY_ADDRESS" if field == "ray_address" else f"TUNEWIRE_{field.upper()}"
+            problems.append(f"{variable}={error.get('input')!r}: {error['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,102 @@
+"""InferenceService over real gRPC: generation, NOT_FOUND, and hot-loading of
+an adapter that a real TrainingService publishes, while requests run."""
+
+import concurrent.futures
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import ServerThread, write_lora_adapter
+from tunewire.clients.sdk import ApiError, InferenceClient, TrainingClient
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.settings import load_settings
+from tunewire.services.inference.core import InferenceManager
+from tunewire.services.inference.engine import GenerationEngine
+from tunewire.services.inference.server import InferenceDeps
+from tunewire.services.inference.server import create_server as create_inference_server
+from tunewire.services.training.jobs import DatasetRef
+from tunewire.services.training.server import TrainingDeps
+from tunewire.services.training.server import create_server as create_training_server
+from tunewire.services.training.store import JobStore
+from tunewire.v1 import inference_pb2, training_pb2
+
+
+class OneDataset:
+    async def get(self, dataset_id):
+        return DatasetRef(id=dataset_id, format="prompt_completion", uri="unused", train_rows=10, validation_rows=0)
+
+
+class CopyAdapterRunner:
+    """Stands in for Ray Train: 'trains' by handing over a prepared adapter."""
+
+    def __init__(self, adapter_dir: Path):
+        self.adapter_dir = adapter_dir
+
+    @contextlib.asynccontextmanager
+    async def run(self, job, emit):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "adapter"
+            shutil.copytree(self.adapter_dir, out)
+            yield out
+
+
+@pytest.fixture
+def services(tmp_path, tiny_model_dir):
+    settings = load_settings(home=tmp_path / "home", base_model=str(tiny_model_dir))
+    adapter = write_lora_adapter(tiny_model_dir, tmp_path / "prepared")
+
+    async def make_training():
+        deps = TrainingDeps(JobStore(settings.training_database_url), ArtifactStore(settings.artifact_root), OneDataset(), CopyAdapterRunner(adapter))
+        return await create_training_server(settings, deps, port=0)
+
+    with ServerThread(make_training) as training:
+
+        async def make_inference():
+            engine = GenerationEngine(settings.base_model, settings.model_cache)
+            manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), tmp_path / "adapter-cache")
+            return await create_inference_server(settings, InferenceDeps(manager, training.address), port=0)
+
+        with ServerThread(make_inference) as inference, TrainingClient(training.address) as tc, InferenceClient(inference.address, timeout=60) as ic:
+            yield tc, ic, str(tiny_model_dir)
+
+
+def test_unary_and_stream_agree_and_unknown_adapter_is_not_found(services):
+    _, client, _ = services
+    unary = client.generate("hello", max_new_tokens=8)
+    streamed = list(client.generate_stream("hello", max_new_tokens=8))
+    assert "".join(s.text_delta for s in streamed) == unary.text
+    assert streamed[-1].completion_tokens == unary.completion_tokens > 0
+    assert streamed[-1].finish_reason == unary.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+    chat = client.generate(messages=[{"role": "user", "content": "hello"}], max_new_tokens=8)
+    assert chat.text == unary.text  # a prompt is one user turn
+    with pytest.raises(ApiError) as caught:
+        client.generate("hello", adapter="ad-nope")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(ApiError) as caught:
+        client.generate("hello", max_new_tokens=100000)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.violations[0].field == "sampling.max_new_tokens"
+
+
+def test_published_adapter_is_hot_loaded_while_requests_run(services):
+    training, inference, model_dir = services
+    base = inference.generate("the quick brown fox", max_new_tokens=10).text
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # Requests keep arriving while the job runs and its adapter is loaded.
+        inflight = [pool.submit(inference.generate, "the quick brown fox", max_new_tokens=10) for _ in range(12)]
+        job = training.create_job(model_dir, "ds-1")
+        events = list(training.stream_events(job.id, timeout=60))
+        job = training.get_job(job.id)
+        loaded = inference.wait_for_adapter(job.adapter_id, timeout=60)
+        results = [f.result(timeout=120).text for f in inflight]
+    assert results == [base] * 12  # none failed, none changed
+    assert events[-1].state == training_pb2.JOB_STATE_SUCCEEDED
+    assert loaded.publish_to_servable_seconds > 0
+    tuned = inference.generate("the quick brown fox", max_new_tokens=10, adapter=job.adapter_id).text
+    assert tuned != base
+    assert inference.generate("the quick brown fox", max_new_tokens=10).text == base
+    assert [a.id for a in inference.loaded_adapters().adapters] == [job.adapter_id]
