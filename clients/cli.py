@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -61,7 +60,7 @@ def datasets_upload(
     path: Path = typer.Argument(..., exists=True, dir_okay=False),
     name: str = typer.Option(..., help="dataset name"),
     format: str = typer.Option("auto", help="auto, prompt-completion or chat"),
-    validation_fraction: Optional[float] = typer.Option(None, help="rows held out for validation"),
+    validation_fraction: float | None = typer.Option(None, help="rows held out for validation"),
     address: str = DATASET,
 ) -> None:
     """Upload a JSONL file; it is validated row by row and stored whole or not at all."""
@@ -90,10 +89,10 @@ def datasets_list(name: str = "", address: str = DATASET) -> None:
 def jobs_create(
     dataset_id: str = typer.Option(..., "--dataset", help="dataset id"),
     base_model: str = typer.Option("smollm2-135m-instruct", help="bundled name, model directory or Hugging Face id"),
-    learning_rate: Optional[float] = None,
-    epochs: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lora_rank: Optional[int] = None,
+    learning_rate: float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lora_rank: int | None = None,
     workers: int = typer.Option(1, help="Ray Train workers"),
     gpu: bool = typer.Option(False, help="train on GPUs"),
     follow: bool = typer.Option(True, help="show progress until the job ends"),

@@ -37,9 +37,11 @@ def run_demo(console: Console, home: Path, workers: int) -> int:
         stack.__enter__()
     try:
         console.print(f"[green]services up[/green] in {time.monotonic() - started:.0f}s; logs in {stack.log_dir}")
-        with sdk.DatasetClient(stack.address("dataset")) as datasets, sdk.TrainingClient(
-            stack.address("training")
-        ) as training, sdk.InferenceClient(stack.address("inference")) as inference:
+        with (
+            sdk.DatasetClient(stack.address("dataset")) as datasets,
+            sdk.TrainingClient(stack.address("training")) as training,
+            sdk.InferenceClient(stack.address("inference")) as inference,
+        ):
             upload = datasets.upload(demo_dataset(), name="pirate-demo")
             d = upload.dataset
             console.print(f"1. uploaded [bold]{d.id}[/bold]: {d.row_count} rows, splits {dict(d.split_row_counts)}")

@@ -73,7 +73,7 @@ class LocalStack:
                 process.kill()
                 process.wait()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         self.start()
         try:
             self.wait_until_serving()

@@ -35,8 +35,10 @@ def follow_job(client: TrainingClient, job_id: str, console: Console) -> trainin
                 s = event.step
                 if not console.is_terminal:
                     # No live bar in a log file: one line per step instead.
-                    console.print(f"  step {s.step}/{s.total_steps} epoch {s.epoch:.2f} loss {s.loss:.3f} lr {s.learning_rate:.2e} "
-                                  f"{s.tokens_per_second:,.0f} tok/s ETA {s.eta_seconds:,.0f}s")
+                    console.print(
+                        f"  step {s.step}/{s.total_steps} epoch {s.epoch:.2f} loss {s.loss:.3f} lr {s.learning_rate:.2e} "
+                        f"{s.tokens_per_second:,.0f} tok/s ETA {s.eta_seconds:,.0f}s"
+                    )
                 progress.update(
                     bar,
                     total=s.total_steps,

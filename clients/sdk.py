@@ -13,14 +13,14 @@ for INVALID_ARGUMENT, each field violation (field, reason).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from google.rpc import error_details_pb2
 
 from tunewire.v1 import common_pb2, dataset_pb2, dataset_pb2_grpc, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
 
@@ -45,7 +45,7 @@ class ApiError(Exception):
         self.violations = violations
 
     @classmethod
-    def from_rpc(cls, error: grpc.RpcError) -> "ApiError":
+    def from_rpc(cls, error: grpc.RpcError) -> ApiError:
         violations = []
         status = rpc_status.from_call(error)
         for detail in status.details if status else []:
@@ -180,7 +180,9 @@ class TrainingClient(_Client):
     def list_jobs(self, state: int = training_pb2.JOB_STATE_UNSPECIFIED) -> list[training_pb2.Job]:
         return list(self._call(self.stub.ListJobs, training_pb2.ListJobsRequest(state=state)).jobs)
 
-    def stream_events(self, job_id: str, after_sequence: int = 0, timeout: float | None = None) -> Iterator[training_pb2.StreamJobEventsResponse]:
+    def stream_events(
+        self, job_id: str, after_sequence: int = 0, timeout: float | None = None
+    ) -> Iterator[training_pb2.StreamJobEventsResponse]:
         """The job's events, history first, until it ends (no deadline unless given)."""
         request = training_pb2.StreamJobEventsRequest(job_id=job_id, after_sequence=after_sequence)
         return self._stream(self.stub.StreamJobEvents, request, timeout)
@@ -196,7 +198,9 @@ class InferenceClient(_Client):
 
     @staticmethod
     def _request(kind, prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt):
-        sampling = inference_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop or [])
+        sampling = inference_pb2.SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop or []
+        )
         if seed is not None:
             sampling.seed = seed
         return kind(adapter=adapter, prompt=prompt, messages=_chat(messages), sampling=sampling, raw_prompt=raw_prompt)
@@ -216,7 +220,9 @@ class InferenceClient(_Client):
         raw_prompt: bool = False,
         timeout: float | None = None,
     ) -> inference_pb2.GenerateResponse:
-        request = self._request(inference_pb2.GenerateRequest, prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt)
+        request = self._request(
+            inference_pb2.GenerateRequest, prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt
+        )
         return self._call(self.stub.Generate, request, timeout)
 
     def generate_stream(
@@ -234,7 +240,19 @@ class InferenceClient(_Client):
         raw_prompt: bool = False,
         timeout: float | None = None,
     ) -> Iterator[inference_pb2.GenerateStreamResponse]:
-        request = self._request(inference_pb2.GenerateStreamRequest, prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt)
+        request = self._request(
+            inference_pb2.GenerateStreamRequest,
+            prompt,
+            messages,
+            adapter,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            raw_prompt,
+        )
         return self._stream(self.stub.GenerateStream, request, timeout or self.timeout)
 
     def loaded_adapters(self) -> inference_pb2.ListLoadedAdaptersResponse:

@@ -66,7 +66,9 @@ def write_lora_adapter(model_dir: Path, out: Path, rank: int = 4, seed: int = 1,
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.peft_config["default"].base_model_name_or_path = base_name or str(model_dir)
     peft_model.save_pretrained(out)
     return out
@@ -94,7 +96,7 @@ class ServerThread:
     def address(self) -> str:
         return f"127.0.0.1:{self.handle.port}"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
 
         async def start():

@@ -6,11 +6,12 @@ import grpc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ServerThread, prompt_completion_jsonl
 from tunewire.clients.sdk import ApiError, DatasetClient
 from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
 from tunewire.v1 import dataset_pb2
+
+from conftest import ServerThread, prompt_completion_jsonl
 
 
 @pytest.fixture
@@ -51,7 +52,13 @@ def test_same_content_gets_the_same_version(service):
 
 def test_chat_upload(service):
     client, _ = service
-    row = {"messages": [{"role": "system", "content": "be a pirate"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "arr"}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "be a pirate"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "arr"},
+        ]
+    }
     d = client.upload((json.dumps(row) + "\n").encode() * 3, name="chat").dataset
     assert d.format == dataset_pb2.DATASET_FORMAT_CHAT
     assert pq.read_table(d.uri).column("messages").to_pylist()[0][2] == {"role": "assistant", "content": "arr"}
@@ -106,7 +113,9 @@ def test_health_and_reflection(service):
 
     client, _ = service
     health = health_pb2_grpc.HealthStub(client.channel)
-    assert health.Check(health_pb2.HealthCheckRequest(service="tunewire.v1.DatasetService")).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="tunewire.v1.DatasetService")).status == health_pb2.HealthCheckResponse.SERVING
+    )
     stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for r in responses for s in r.list_services_response.service}

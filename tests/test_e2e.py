@@ -15,7 +15,11 @@ def test_upload_finetune_hotload_generate(tmp_path):
     home = tmp_path / "home"
     ports = {"TUNEWIRE_DATASET_PORT": "50151", "TUNEWIRE_TRAINING_PORT": "50152", "TUNEWIRE_INFERENCE_PORT": "50153"}
     with LocalStack(env={"TUNEWIRE_HOME": str(home), **ports}, log_dir=home / "logs") as stack:
-        with DatasetClient(stack.address("dataset")) as datasets, TrainingClient(stack.address("training")) as training, InferenceClient(stack.address("inference")) as inference:
+        with (
+            DatasetClient(stack.address("dataset")) as datasets,
+            TrainingClient(stack.address("training")) as training,
+            InferenceClient(stack.address("inference")) as inference,
+        ):
             dataset = datasets.upload(demo_dataset(), name="pirate").dataset
             assert dataset.row_count == 100
 

@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
-from conftest import build_tiny_causal_lm, write_lora_adapter
 from tunewire.services.common.errors import InvalidArgument, NotFound
 from tunewire.services.inference.engine import LENGTH, GenerationEngine, GenerationRequest
+
+from conftest import build_tiny_causal_lm, write_lora_adapter
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def plain_peft_greedy(model_dir, adapter_dir, prompt_text, max_new_tokens):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter_dir)).eval()
     ids = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_adapter_output_equals_plain_peft_and_base_is_unchanged(engine, tiny_model_dir, tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import ServerThread, write_lora_adapter
 from tunewire.clients.sdk import ApiError, InferenceClient, TrainingClient
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.settings import load_settings
@@ -23,6 +22,8 @@ from tunewire.services.training.server import TrainingDeps
 from tunewire.services.training.server import create_server as create_training_server
 from tunewire.services.training.store import JobStore
 from tunewire.v1 import inference_pb2, training_pb2
+
+from conftest import ServerThread, write_lora_adapter
 
 
 class OneDataset:
@@ -50,7 +51,9 @@ def services(tmp_path, tiny_model_dir):
     adapter = write_lora_adapter(tiny_model_dir, tmp_path / "prepared")
 
     async def make_training():
-        deps = TrainingDeps(JobStore(settings.training_database_url), ArtifactStore(settings.artifact_root), OneDataset(), CopyAdapterRunner(adapter))
+        deps = TrainingDeps(
+            JobStore(settings.training_database_url), ArtifactStore(settings.artifact_root), OneDataset(), CopyAdapterRunner(adapter)
+        )
         return await create_training_server(settings, deps, port=0)
 
     with ServerThread(make_training) as training:
@@ -60,7 +63,11 @@ def services(tmp_path, tiny_model_dir):
             manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), tmp_path / "adapter-cache")
             return await create_inference_server(settings, InferenceDeps(manager, training.address), port=0)
 
-        with ServerThread(make_inference) as inference, TrainingClient(training.address) as tc, InferenceClient(inference.address, timeout=60) as ic:
+        with (
+            ServerThread(make_inference) as inference,
+            TrainingClient(training.address) as tc,
+            InferenceClient(inference.address, timeout=60) as ic,
+        ):
             yield tc, ic, str(tiny_model_dir)
 
 

@@ -8,17 +8,23 @@ from tunewire.clients.local_stack import LocalStack
 
 
 def test_dataset_process_serves_then_stops_cleanly_on_sigterm(tmp_path):
-    stack = LocalStack(env={"TUNEWIRE_HOME": str(tmp_path), "TUNEWIRE_DATASET_PORT": "50161"}, services=("dataset",), log_dir=tmp_path / "logs")
+    stack = LocalStack(
+        env={"TUNEWIRE_HOME": str(tmp_path), "TUNEWIRE_DATASET_PORT": "50161"}, services=("dataset",), log_dir=tmp_path / "logs"
+    )
     with stack:
         with grpc.insecure_channel(stack.address("dataset")) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="tunewire.v1.DatasetService"), timeout=5)
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="tunewire.v1.DatasetService"), timeout=5
+            )
             assert status.status == health_pb2.HealthCheckResponse.SERVING
     assert stack.processes["dataset"].returncode == 0
     assert "stopping (grace" in (tmp_path / "logs" / "dataset.log").read_text()
 
 
 def test_a_bad_setting_stops_the_service_naming_the_variable(tmp_path):
-    stack = LocalStack(env={"TUNEWIRE_HOME": str(tmp_path), "TUNEWIRE_DATASET_PORT": "not-a-port"}, services=("dataset",), log_dir=tmp_path / "logs")
+    stack = LocalStack(
+        env={"TUNEWIRE_HOME": str(tmp_path), "TUNEWIRE_DATASET_PORT": "not-a-port"}, services=("dataset",), log_dir=tmp_path / "logs"
+    )
     with pytest.raises(RuntimeError, match="exited"):
         with stack:
             pass

@@ -2,8 +2,9 @@
 
 import pytest
 
-from conftest import build_tiny_causal_lm
 from tunewire.services.common.text import IGNORE_INDEX, prompt_text, row_to_messages, tokenize_for_training
+
+from conftest import build_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def tokenizer(tiny_model_dir):
 
 
 def trained_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX])
 
 
 def test_loss_only_on_the_completion(tokenizer):
@@ -53,5 +54,7 @@ def test_without_a_chat_template_prompt_and_completion_are_joined(tmp_path):
 
 def test_generation_prompt_matches_training_prefix(tokenizer):
     text = prompt_text(tokenizer, None, "What is 2 plus 2?", raw=False)
-    full = tokenizer.decode(tokenize_for_training(tokenizer, row_to_messages({"prompt": "What is 2 plus 2?", "completion": "Arr"}), 256).input_ids)
+    full = tokenizer.decode(
+        tokenize_for_training(tokenizer, row_to_messages({"prompt": "What is 2 plus 2?", "completion": "Arr"}), 256).input_ids
+    )
     assert full.startswith(text) and text.endswith("<|im_start|>assistant\n")

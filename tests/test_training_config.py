@@ -16,9 +16,19 @@ def test_defaults_fill_what_is_unset_and_say_so():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("learning_rate", 0.0), ("learning_rate", 2.0), ("epochs", 0), ("batch_size", 0), ("max_seq_length", 4),
-     ("lora_rank", 0), ("lora_dropout", 1.0), ("lora_alpha", -1.0), ("warmup_fraction", 1.0), ("weight_decay", -0.1),
-     ("lora_target_modules", ["q_proj; rm -rf"])],
+    [
+        ("learning_rate", 0.0),
+        ("learning_rate", 2.0),
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("max_seq_length", 4),
+        ("lora_rank", 0),
+        ("lora_dropout", 1.0),
+        ("lora_alpha", -1.0),
+        ("warmup_fraction", 1.0),
+        ("weight_decay", -0.1),
+        ("lora_target_modules", ["q_proj; rm -rf"]),
+    ],
 )
 def test_each_bad_hyperparameter_names_its_field(field, value):
     with pytest.raises(InvalidArgument) as caught:

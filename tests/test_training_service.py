@@ -9,7 +9,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import ServerThread
 from tunewire.clients.sdk import ApiError, TrainingClient
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.errors import NotFound
@@ -19,6 +18,8 @@ from tunewire.services.training.scheduler import JobFailed
 from tunewire.services.training.server import TrainingDeps, create_server
 from tunewire.services.training.store import RUNNING, JobStore
 from tunewire.v1 import training_pb2
+
+from conftest import ServerThread
 
 DATASET = DatasetRef(id="ds-1", format="prompt_completion", uri="unused", train_rows=40, validation_rows=4)
 
@@ -137,7 +138,12 @@ def test_jobs_left_running_by_a_dead_orchestrator_run_again(tmp_path):
     runner = FakeRunner()
     settings = load_settings(home=tmp_path / "home")
     store = JobStore(settings.training_database_url)
-    job = store.create("job-interrupted", {"base_model": "m", "dataset_id": "ds-1", "method": "lora", "hyperparameters": {}, "num_workers": 1, "use_gpu": False}, {"seed": 0}, {})
+    job = store.create(
+        "job-interrupted",
+        {"base_model": "m", "dataset_id": "ds-1", "method": "lora", "hyperparameters": {}, "num_workers": 1, "use_gpu": False},
+        {"seed": 0},
+        {},
+    )
     assert store.transition(job.id, RUNNING, from_states=("QUEUED",))
     store.close()
     server, _ = make_service(tmp_path, runner)

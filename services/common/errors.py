@@ -24,7 +24,7 @@ class InvalidArgument(TunewireError):
         self.violations = list(violations)
 
     @classmethod
-    def field(cls, field: str, description: str) -> "InvalidArgument":
+    def field(cls, field: str, description: str) -> InvalidArgument:
         return cls(f"{field}: {description}", [FieldViolation(field, description)])
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import grpc
 from google.protobuf import any_pb2
@@ -49,10 +49,7 @@ async def abort_with(context: grpc.aio.ServicerContext, error: errors.TunewireEr
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in violations
-                ]
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations]
             )
         )
         status.details.append(detail)
@@ -205,6 +202,20 @@ async def serve_until_signal(handle: ServerHandle, grace: float) -> None:
         start.cancel()
     log.info("stopping (grace %.1fs)", grace)
     await handle.stop(grace)
+
+
+def run_service(create_server, make_deps) -> None:
+    """The body of each service process: settings from the environment, then
+    create_server(settings, make_deps(settings)) served until SIGTERM."""
+    from tunewire.services.common.settings import load_settings
+
+    async def main() -> None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        handle = await create_server(settings, make_deps(settings))
+        await serve_until_signal(handle, settings.grace_period_seconds)
+
+    asyncio.run(main())
 
 
 def configure_logging(level: str) -> None:

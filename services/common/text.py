@@ -63,7 +63,7 @@ def tokenize_for_training(tokenizer, messages: list[dict], max_length: int) -> T
         add_special = True
     encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True, truncation=True, max_length=max_length)
     labels = []
-    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
         # A token that overlaps a trained span is trained: with byte-level
         # tokenizers the completion's first token often carries the space before it.
         inside = any(start < e and end > s for s, e in spans)

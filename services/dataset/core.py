@@ -10,9 +10,9 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,9 +56,7 @@ class UploadResult:
 
 def _check_request(request: UploadRequest) -> None:
     if not _NAME.match(request.name or ""):
-        raise InvalidArgument.field(
-            "metadata.name", "required: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+        raise InvalidArgument.field("metadata.name", "required: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if request.validation_fraction is not None and not 0 <= request.validation_fraction <= 0.5:
         raise InvalidArgument.field("metadata.validation_fraction", f"must be in [0, 0.5], got {request.validation_fraction}")
 
@@ -103,8 +101,9 @@ class DatasetManager:
         # Pass 1 validates every row and hashes the content; nothing is written.
         report = validation.ValidationReport()
         hasher = hashlib.sha256()
-        fmt = request.format
-        for fmt, row in validation.iter_jsonl(spool, fmt, report):
+        fmt = request.format  # None until detected from the first row
+        for row_format, row in validation.iter_jsonl(spool, request.format, report):
+            fmt = row_format
             hasher.update(_canonical(row) + b"\n")
         if report.error_count:
             raise _rejection(report)
@@ -137,7 +136,7 @@ class DatasetManager:
                 split_row_counts=counts,
                 uri=f"{uri}/{DATA_FILE}",
                 size_bytes=parquet_path.stat().st_size,
-                created_at=dt.datetime.now(dt.timezone.utc),
+                created_at=dt.datetime.now(dt.UTC),
             )
         stored = self.store.add(info)
         log.info("stored dataset %s (%s, %d rows, splits %s)", dataset_id, fmt, info.row_count, counts)
@@ -166,9 +165,6 @@ def _canonical(row: dict) -> bytes:
 def _rejection(report: validation.ValidationReport) -> InvalidArgument:
     shown = "; ".join(str(e) for e in report.errors[:3])
     more = f" (showing the first {len(report.errors)} in the details)" if report.error_count > 3 else ""
-    message = (
-        f"dataset rejected, nothing stored: {report.error_count} bad row(s){more}: {shown}. "
-        "Fix these rows and upload again."
-    )
+    message = f"dataset rejected, nothing stored: {report.error_count} bad row(s){more}: {shown}. Fix these rows and upload again."
     violations = [FieldViolation(f"line {e.line}" + (f".{e.field}" if e.field else ""), e.reason) for e in report.errors]
     return InvalidArgument(message, violations)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.grpc_server import ServerHandle, configure_logging, create_grpc_server, serve_until_signal
-from tunewire.services.common.settings import Settings, load_settings
+from tunewire.services.common.grpc_server import ServerHandle, create_grpc_server, run_service
+from tunewire.services.common.settings import Settings
 from tunewire.services.dataset.core import DatasetManager
 from tunewire.services.dataset.servicer import DatasetServicer
 from tunewire.services.dataset.store import DatasetStore
@@ -22,7 +21,7 @@ class DatasetDeps:
     artifacts: ArtifactStore
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "DatasetDeps":
+    def from_settings(cls, settings: Settings) -> DatasetDeps:
         return cls(DatasetStore(settings.dataset_database_url), ArtifactStore(settings.artifact_root))
 
 
@@ -43,12 +42,5 @@ async def create_server(settings: Settings, deps: DatasetDeps, port: int | None 
     return handle
 
 
-async def _main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level)
-    handle = await create_server(settings, DatasetDeps.from_settings(settings))
-    await serve_until_signal(handle, settings.grace_period_seconds)
-
-
 def serve() -> None:
-    asyncio.run(_main())
+    run_service(create_server, DatasetDeps.from_settings)

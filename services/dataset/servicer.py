@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from tunewire.services.common.convert import to_timestamp
 from tunewire.services.common.errors import InvalidArgument
 from tunewire.services.dataset import validation
 from tunewire.services.dataset.core import DatasetManager, UploadRequest
@@ -20,8 +19,6 @@ FORMAT_FROM_PROTO = {v: k for k, v in FORMAT_TO_PROTO.items()}
 
 
 def dataset_to_proto(info: DatasetInfo) -> dataset_pb2.Dataset:
-    created = Timestamp()
-    created.FromDatetime(info.created_at)
     return dataset_pb2.Dataset(
         id=info.id,
         name=info.name,
@@ -30,7 +27,7 @@ def dataset_to_proto(info: DatasetInfo) -> dataset_pb2.Dataset:
         split_row_counts=info.split_row_counts,
         uri=info.uri,
         size_bytes=info.size_bytes,
-        create_time=created,
+        create_time=to_timestamp(info.created_at),
     )
 
 
@@ -57,9 +54,7 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
                 yield message.chunk
 
         result = await self.manager.upload(request, chunks())
-        return dataset_pb2.UploadDatasetResponse(
-            dataset=dataset_to_proto(result.dataset), already_existed=result.already_existed
-        )
+        return dataset_pb2.UploadDatasetResponse(dataset=dataset_to_proto(result.dataset), already_existed=result.already_existed)
 
     async def GetDataset(self, request: dataset_pb2.GetDatasetRequest, context):
         return dataset_pb2.GetDatasetResponse(dataset=dataset_to_proto(self.manager.get(request.id)))

@@ -40,8 +40,8 @@ class DatasetInfo:
     created_at: dt.datetime
 
     @classmethod
-    def from_record(cls, r: DatasetRecord) -> "DatasetInfo":
-        created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=dt.timezone.utc)
+    def from_record(cls, r: DatasetRecord) -> DatasetInfo:
+        created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=dt.UTC)
         return cls(r.id, r.name, r.format, r.row_count, dict(r.split_row_counts), r.uri, r.size_bytes, created)
 
 

@@ -8,8 +8,9 @@ number, field and reason; the first MAX_REPORTED are kept, all are counted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from tunewire.services.common.text import ROLES
 
@@ -43,9 +44,7 @@ class ValidationReport:
 
 
 def _type_name(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number"
-    )
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def _check_text(row: dict, name: str, line: int, prefix: str = "") -> RowError | None:

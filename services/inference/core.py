@@ -7,10 +7,10 @@ import asyncio
 import datetime as dt
 import logging
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.inference.engine import GenerationEngine, GenerationRequest, GenerationResult
@@ -59,7 +59,7 @@ class InferenceManager:
             return self._loaded[adapter_id]
         local = await asyncio.to_thread(self.artifacts.local_copy, uri, self.adapter_cache)
         await self._on_model_thread(self.engine.load_adapter, adapter_id, local)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         latency = (now - published_at).total_seconds() if published_at else None
         loaded = LoadedAdapter(adapter_id, uri, now, latency)
         self._loaded[adapter_id] = loaded

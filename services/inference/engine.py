@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tunewire.services.common.errors import InvalidArgument, NotFound
 from tunewire.services.common.models import resolve_model
@@ -188,7 +188,12 @@ class GenerationEngine:
         if request.seed is not None:
             torch.manual_seed(request.seed)
         with torch.inference_mode(), self._adapter(request.adapter):
-            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **options)
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                **options,
+            )
         new_ids = output[0, prompt_length:].tolist()
         completion = progress.finish()
         eos = self.model.generation_config.eos_token_id

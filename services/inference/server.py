@@ -7,8 +7,8 @@ import contextlib
 from dataclasses import dataclass
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.grpc_server import ServerHandle, configure_logging, create_grpc_server, serve_until_signal
-from tunewire.services.common.settings import Settings, load_settings
+from tunewire.services.common.grpc_server import ServerHandle, create_grpc_server, run_service
+from tunewire.services.common.settings import Settings
 from tunewire.services.inference.core import InferenceManager
 from tunewire.services.inference.engine import GenerationEngine
 from tunewire.services.inference.servicer import InferenceServicer
@@ -25,7 +25,7 @@ class InferenceDeps:
     training_address: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "InferenceDeps":
+    def from_settings(cls, settings: Settings) -> InferenceDeps:
         engine = GenerationEngine(settings.base_model, settings.model_cache)
         manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), settings.home / "adapter-cache")
         return cls(manager, settings.training_address)
@@ -62,12 +62,5 @@ async def create_server(settings: Settings, deps: InferenceDeps, port: int | Non
     return handle
 
 
-async def _main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level)
-    handle = await create_server(settings, InferenceDeps.from_settings(settings))
-    await serve_until_signal(handle, settings.grace_period_seconds)
-
-
 def serve() -> None:
-    asyncio.run(_main())
+    run_service(create_server, InferenceDeps.from_settings)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from tunewire.services.common.convert import to_timestamp
 from tunewire.services.inference.core import InferenceManager, LoadedAdapter
 from tunewire.services.inference.engine import DEFAULT_MAX_NEW_TOKENS, LENGTH, GenerationRequest, GenerationResult
 from tunewire.v1 import inference_pb2, inference_pb2_grpc
@@ -29,12 +28,10 @@ def request_from_proto(request: inference_pb2.GenerateRequest | inference_pb2.Ge
 
 
 def _loaded_to_proto(adapter: LoadedAdapter) -> inference_pb2.LoadedAdapter:
-    loaded = Timestamp()
-    loaded.FromDatetime(adapter.loaded_at)
     return inference_pb2.LoadedAdapter(
         id=adapter.id,
         source_uri=adapter.source_uri,
-        load_time=loaded,
+        load_time=to_timestamp(adapter.loaded_at),
         publish_to_servable_seconds=adapter.publish_to_servable_seconds or 0.0,
     )
 

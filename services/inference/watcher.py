@@ -45,6 +45,6 @@ class AdapterWatcher:
             log.debug("adapter %s is for %s, not %s: skipped", adapter.id, adapter.base_model, self.manager.base_model)
             return
         try:
-            await self.manager.load_adapter(adapter.id, adapter.uri, adapter.create_time.ToDatetime(tzinfo=dt.timezone.utc))
+            await self.manager.load_adapter(adapter.id, adapter.uri, adapter.create_time.ToDatetime(tzinfo=dt.UTC))
         except TunewireError as exc:
             log.warning("published adapter %s refused: %s", adapter.id, exc)

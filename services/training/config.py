@@ -34,7 +34,7 @@ class TrainingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainingConfig":
+    def from_dict(cls, data: dict) -> TrainingConfig:
         return cls(**data)
 
     def steps_per_epoch(self, train_rows: int, num_workers: int) -> int:
@@ -93,9 +93,7 @@ def resolve_config(given: dict, train_rows: int) -> TrainingConfig:
         if not check(value):
             violations.append(FieldViolation(f"spec.hyperparameters.{name}", f"{rule}, got {value!r}"))
     if violations:
-        raise InvalidArgument(
-            "invalid hyperparameters: " + "; ".join(f"{v.field} {v.description}" for v in violations), violations
-        )
+        raise InvalidArgument("invalid hyperparameters: " + "; ".join(f"{v.field} {v.description}" for v in violations), violations)
     values = {**DEFAULTS, **{k: v for k, v in given.items() if k != "epochs"}}
     auto = sorted(k for k in [*DEFAULTS, "epochs"] if k not in given)
     values["epochs"] = given.get("epochs") or auto_epochs(train_rows)

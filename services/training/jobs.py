@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tunewire.services.common.models import check_model_name
@@ -17,7 +18,6 @@ from tunewire.services.training import config as training_config
 from tunewire.services.training.store import (
     FINAL_STATES,
     QUEUED,
-    RUNNING,
     Adapter,
     Job,
     JobEvent,

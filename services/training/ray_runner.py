@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from tunewire.services.training.config import TrainingConfig
 from tunewire.services.training.scheduler import EmitEvent, JobFailed
@@ -121,9 +121,7 @@ def _split(uri: str, split: str):
     import pyarrow.compute as pc
     import ray.data
 
-    return ray.data.read_parquet(uri).map_batches(
-        lambda table: table.filter(pc.equal(table["split"], split)), batch_format="pyarrow"
-    )
+    return ray.data.read_parquet(uri).map_batches(lambda table: table.filter(pc.equal(table["split"], split)), batch_format="pyarrow")
 
 
 async def _relay(progress, emit: EmitEvent, timeout: float) -> None:

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import AsyncContextManager, Callable, Protocol
+from typing import Protocol
 
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.training.jobs import JobManager
@@ -28,7 +30,7 @@ class JobFailed(Exception):
 
 
 class TrainingRunner(Protocol):
-    def run(self, job: Job, emit: EmitEvent) -> AsyncContextManager[Path]:
+    def run(self, job: Job, emit: EmitEvent) -> AbstractAsyncContextManager[Path]:
         """Trains the job; yields a local directory holding the finished
         adapter (PEFT files). Raises JobFailed."""
 

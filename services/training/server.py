@@ -7,8 +7,8 @@ import contextlib
 from dataclasses import dataclass
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.grpc_server import ServerHandle, configure_logging, create_grpc_server, serve_until_signal
-from tunewire.services.common.settings import Settings, load_settings
+from tunewire.services.common.grpc_server import ServerHandle, create_grpc_server, run_service
+from tunewire.services.common.settings import Settings
 from tunewire.services.training.dataset_lookup import GrpcDatasetLookup
 from tunewire.services.training.jobs import DatasetLookup, JobManager
 from tunewire.services.training.ray_runner import RayTrainRunner
@@ -28,7 +28,7 @@ class TrainingDeps:
     runner: TrainingRunner
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "TrainingDeps":
+    def from_settings(cls, settings: Settings) -> TrainingDeps:
         artifacts = ArtifactStore(settings.artifact_root)
         return cls(
             store=JobStore(settings.training_database_url),
@@ -83,12 +83,5 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
     return handle
 
 
-async def _main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level)
-    handle = await create_server(settings, TrainingDeps.from_settings(settings))
-    await serve_until_signal(handle, settings.grace_period_seconds)
-
-
 def serve() -> None:
-    asyncio.run(_main())
+    run_service(create_server, TrainingDeps.from_settings)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from tunewire.services.common.convert import to_timestamp
 from tunewire.services.training import config as training_config
 from tunewire.services.training.jobs import JobManager, JobSpec
 from tunewire.services.training.store import Adapter, Job, JobEvent
@@ -16,14 +13,6 @@ METHOD_FROM_PROTO = {
     training_pb2.TRAINING_METHOD_LORA: training_config.LORA,
 }
 METHOD_TO_PROTO = {training_config.LORA: training_pb2.TRAINING_METHOD_LORA}
-
-
-def _timestamp(value: dt.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def state_to_proto(state: str) -> int:
@@ -65,14 +54,14 @@ def job_to_proto(job: Job) -> training_pb2.Job:
         error=job.error,
         adapter_id=job.adapter_id,
         latest_step=training_pb2.StepMetrics(**job.latest_step) if job.latest_step else None,
-        create_time=_timestamp(job.created_at),
-        start_time=_timestamp(job.started_at),
-        end_time=_timestamp(job.ended_at),
+        create_time=to_timestamp(job.created_at),
+        start_time=to_timestamp(job.started_at),
+        end_time=to_timestamp(job.ended_at),
     )
 
 
 def event_to_proto(event: JobEvent) -> training_pb2.StreamJobEventsResponse:
-    message = training_pb2.StreamJobEventsResponse(job_id=event.job_id, sequence=event.sequence, time=_timestamp(event.time))
+    message = training_pb2.StreamJobEventsResponse(job_id=event.job_id, sequence=event.sequence, time=to_timestamp(event.time))
     data = event.data
     if event.kind == "state":
         message.state = state_to_proto(data["state"])
@@ -92,7 +81,7 @@ def adapter_to_proto(adapter: Adapter) -> training_pb2.Adapter:
         job_id=adapter.job_id,
         base_model=adapter.base_model,
         uri=adapter.uri,
-        create_time=_timestamp(adapter.created_at),
+        create_time=to_timestamp(adapter.created_at),
         sequence=adapter.sequence,
     )
 

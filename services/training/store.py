@@ -20,13 +20,13 @@ FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is None or value.tzinfo:
         return value
-    return value.replace(tzinfo=dt.timezone.utc)
+    return value.replace(tzinfo=dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -89,10 +89,19 @@ class Job:
         return self.state in FINAL_STATES
 
     @classmethod
-    def from_record(cls, r: JobRecord) -> "Job":
+    def from_record(cls, r: JobRecord) -> Job:
         return cls(
-            r.id, r.state, dict(r.spec), dict(r.config), dict(r.dataset), r.error or "", r.adapter_id or "",
-            dict(r.latest_step or {}), _utc(r.created_at), _utc(r.started_at), _utc(r.ended_at),
+            r.id,
+            r.state,
+            dict(r.spec),
+            dict(r.config),
+            dict(r.dataset),
+            r.error or "",
+            r.adapter_id or "",
+            dict(r.latest_step or {}),
+            _utc(r.created_at),
+            _utc(r.started_at),
+            _utc(r.ended_at),
         )
 
 
@@ -115,7 +124,7 @@ class Adapter:
     sequence: int
 
     @classmethod
-    def from_record(cls, r: AdapterRecord) -> "Adapter":
+    def from_record(cls, r: AdapterRecord) -> Adapter:
         return cls(r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.sequence)
 
 
@@ -162,9 +171,7 @@ class JobStore:
         if adapter_id:
             values["adapter_id"] = adapter_id
         with Session(self.engine) as session, session.begin():
-            result = session.execute(
-                update(JobRecord).where(JobRecord.id == job_id, JobRecord.state.in_(from_states)).values(**values)
-            )
+            result = session.execute(update(JobRecord).where(JobRecord.id == job_id, JobRecord.state.in_(from_states)).values(**values))
             if result.rowcount != 1:
                 return False
             data = {"state": state}
@@ -189,9 +196,7 @@ class JobStore:
 
     def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
         query = (
-            select(EventRecord)
-            .where(EventRecord.job_id == job_id, EventRecord.sequence > after_sequence)
-            .order_by(EventRecord.sequence)
+            select(EventRecord).where(EventRecord.job_id == job_id, EventRecord.sequence > after_sequence).order_by(EventRecord.sequence)
         )
         with Session(self.engine) as session:
             return [JobEvent(e.job_id, e.sequence, _utc(e.time), e.kind, dict(e.data)) for e in session.scalars(query)]

@@ -92,7 +92,10 @@ def train_loop(loop_config: dict) -> None:
 
     model.train()
     step, started = 0, time.monotonic()
-    send("log", {"message": f"model {loop_config['base_model']} loaded; {peft_model.get_nb_trainable_parameters()[0]:,} trainable parameters"})
+    send(
+        "log",
+        {"message": f"model {loop_config['base_model']} loaded; {peft_model.get_nb_trainable_parameters()[0]:,} trainable parameters"},
+    )
     for epoch in range(config.epochs):
         for batch in batches("train"):
             step_start = time.monotonic()
