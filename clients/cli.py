@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from tunewire.clients import sdk
 
@@ -23,7 +23,6 @@ console = Console()
 DATASET = typer.Option(sdk.DEFAULT_DATASET_ADDRESS, "--dataset-address", envvar="TUNEWIRE_DATASET_ADDRESS")
 TRAINING = typer.Option(sdk.DEFAULT_TRAINING_ADDRESS, "--training-address", envvar="TUNEWIRE_TRAINING_ADDRESS")
 INFERENCE = typer.Option(sdk.DEFAULT_INFERENCE_ADDRESS, "--inference-address", envvar="TUNEWIRE_INFERENCE_ADDRESS")
-FORMATS = {"auto": 0, "prompt-completion": 1, "chat": 2}
 
 
 def _fail(error: sdk.ApiError) -> None:
@@ -55,34 +54,153 @@ def serve(service: str = typer.Argument("all", help="all, dataset, training or i
         stack.stop()
 
 
-@datasets_app.command("upload")
-def datasets_upload(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False),
-    name: str = typer.Option(..., help="dataset name"),
-    format: str = typer.Option("auto", help="auto, prompt-completion or chat"),
-    validation_fraction: float | None = typer.Option(None, help="rows held out for validation"),
-    address: str = DATASET,
-) -> None:
-    """Upload a JSONL file; it is validated row by row and stored whole or not at all."""
+FORMATS = {"auto": 0, "prompt-completion": 1, "chat": 2, "classification": 3, "summarization": 4, "text": 5}
+SPLIT_OPTIONS = ("validation_fraction", "test_fraction", "validation_count", "test_count")
+
+
+def _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats_model) -> dict:
     if format not in FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
-    with sdk.DatasetClient(address) as client:
-        try:
-            response = client.upload(path, name=name, format=FORMATS[format], validation_fraction=validation_fraction)
-        except sdk.ApiError as error:
-            _fail(error)
+    mapping = {}
+    for item in column:
+        ours, sep, theirs = item.partition("=")
+        if not sep:
+            raise typer.BadParameter("use FIELD=COLUMN, e.g. prompt=question", param_hint="--column")
+        mapping[ours] = theirs
+    split = {"seed": seed, "no_stratify": no_stratify}
+    for name, value in (("validation", validation), ("test", test)):
+        if value is not None:
+            split[f"{name}_count" if value >= 1 else f"{name}_fraction"] = int(value) if value >= 1 else value
+    return dict(
+        column_mapping=mapping, labels=list(label), split=split, drop_invalid_rows=drop_invalid, token_stats_model=token_stats_model
+    ), FORMATS[format]
+
+
+def _print_upload(response) -> None:
     d = response.dataset
     note = " (already uploaded)" if response.already_existed else ""
     console.print(f"dataset [bold]{d.id}[/bold]{note}: {d.row_count} rows {dict(d.split_row_counts)}")
+    _print_report(response.report)
+
+
+def _print_report(report) -> None:
+    table = Table("field", "chars min/p50/p95/max", "tokens min/p50/p95/max", "empty rows", title="quality report")
+    for f in report.fields:
+        tokens = f"{f.tokens.min:.0f}/{f.tokens.p50:.0f}/{f.tokens.p95:.0f}/{f.tokens.max:.0f}" if f.HasField("tokens") else "-"
+        table.add_row(f.field, f"{f.chars.min:.0f}/{f.chars.p50:.0f}/{f.chars.p95:.0f}/{f.chars.max:.0f}", tokens, str(f.empty_rows))
+    console.print(table)
+    console.print(
+        f"exact duplicates {report.exact_duplicate_rows}, near duplicates {report.near_duplicate_rows}, dropped {report.dropped_rows}"
+    )
+    if report.label_counts:
+        console.print(f"labels {dict(report.label_counts)} (imbalance {report.imbalance_ratio:.1f}x)")
+    if report.token_model:
+        console.print(f"{report.rows_over_context} rows over {report.token_model}'s context of {report.token_context} tokens")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+COLUMN = typer.Option([], "--column", help="map a tunewire field to your column: FIELD=COLUMN (repeatable)")
+LABEL = typer.Option([], "--label", help="classification: an allowed label (repeatable)")
+VALIDATION = typer.Option(None, "--validation", help="validation rows: a fraction (<1) or a count")
+TEST = typer.Option(None, "--test", help="test rows: a fraction (<1) or a count")
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL, CSV or Parquet, optionally .gz"),
+    name: str = typer.Option(..., help="dataset name"),
+    format: str = typer.Option("auto", help=", ".join(FORMATS)),
+    column: list[str] = COLUMN,
+    label: list[str] = LABEL,
+    validation: float | None = VALIDATION,
+    test: float | None = TEST,
+    seed: int = typer.Option(0, help="split seed"),
+    no_stratify: bool = typer.Option(False, help="do not stratify classification splits by label"),
+    drop_invalid: bool = typer.Option(False, help="store the good rows, report the bad ones"),
+    token_stats: str = typer.Option("", help="also count tokens with this base model's tokenizer"),
+    address: str = DATASET,
+) -> None:
+    """Upload a file; it is validated row by row and stored whole or not at all."""
+    options, fmt = _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats)
+    with sdk.DatasetClient(address) as client:
+        try:
+            _print_upload(client.upload(path, name=name, format=fmt, **options))
+        except sdk.ApiError as error:
+            _fail(error)
+
+
+@datasets_app.command("import")
+def datasets_import(
+    source: str = typer.Argument(..., help="a path or URL the dataset service may read (TUNEWIRE_IMPORT_ROOTS)"),
+    name: str = typer.Option(..., help="dataset name"),
+    format: str = typer.Option("auto", help=", ".join(FORMATS)),
+    column: list[str] = COLUMN,
+    label: list[str] = LABEL,
+    validation: float | None = VALIDATION,
+    test: float | None = TEST,
+    seed: int = typer.Option(0, help="split seed"),
+    no_stratify: bool = typer.Option(False, help="do not stratify classification splits by label"),
+    drop_invalid: bool = typer.Option(False, help="store the good rows, report the bad ones"),
+    token_stats: str = typer.Option("", help="also count tokens with this base model's tokenizer"),
+    address: str = DATASET,
+) -> None:
+    """Have the dataset service read a file itself (a path or fsspec URL)."""
+    options, fmt = _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats)
+    with sdk.DatasetClient(address) as client:
+        try:
+            _print_upload(client.import_dataset(source, name=name, format=fmt, **options))
+        except sdk.ApiError as error:
+            _fail(error)
 
 
 @datasets_app.command("list")
-def datasets_list(name: str = "", address: str = DATASET) -> None:
+def datasets_list(name: str = typer.Option("", help="only versions of this name"), address: str = DATASET) -> None:
+    """Dataset versions, newest first."""
     with sdk.DatasetClient(address) as client:
-        table = Table("id", "name", "rows", "splits", "created")
+        table = Table(Column("id", no_wrap=True), "name", "format", "rows", "splits", "created")
         for d in client.list(name):
-            table.add_row(d.id, d.name, str(d.row_count), json.dumps(dict(d.split_row_counts)), d.create_time.ToJsonString())
+            fmt = dataset_format_name(d.format)
+            table.add_row(d.id, d.name, fmt, str(d.row_count), json.dumps(dict(d.split_row_counts)), d.create_time.ToJsonString())
         console.print(table)
+
+
+@datasets_app.command("report")
+def datasets_report(dataset_id: str, address: str = DATASET) -> None:
+    """The quality report computed at upload."""
+    with sdk.DatasetClient(address) as client:
+        try:
+            _print_report(client.report(dataset_id))
+        except sdk.ApiError as error:
+            _fail(error)
+
+
+@datasets_app.command("rows")
+def datasets_rows(dataset_id: str, split: str = "", limit: int = typer.Option(10, help="rows to show"), address: str = DATASET) -> None:
+    """Print rows as JSON lines."""
+    with sdk.DatasetClient(address) as client:
+        try:
+            for i, row in enumerate(client.rows(dataset_id, split)):
+                if i >= limit:
+                    break
+                print(json.dumps(row, ensure_ascii=False))
+        except sdk.ApiError as error:
+            _fail(error)
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: str, address: str = DATASET) -> None:
+    """Delete a dataset version (refused while a job uses it)."""
+    with sdk.DatasetClient(address) as client:
+        try:
+            client.delete(dataset_id)
+        except sdk.ApiError as error:
+            _fail(error)
+    console.print(f"deleted {dataset_id}")
+
+
+def dataset_format_name(value: int) -> str:
+    return {v: k for k, v in FORMATS.items()}.get(value, "?")
 
 
 @jobs_app.command("create")
@@ -136,7 +254,7 @@ def jobs_list(address: str = TRAINING) -> None:
     from tunewire.clients.progress import state_name
 
     with sdk.TrainingClient(address) as client:
-        table = Table("id", "state", "base model", "dataset", "adapter", "error")
+        table = Table(Column("id", no_wrap=True), "state", "base model", "dataset", Column("adapter", no_wrap=True), "error")
         for j in client.list_jobs():
             table.add_row(j.id, state_name(j.state), j.spec.base_model, j.spec.dataset_id, j.adapter_id, j.error)
         console.print(table)

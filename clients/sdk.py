@@ -12,6 +12,7 @@ for INVALID_ARGUMENT, each field violation (field, reason).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -117,14 +118,23 @@ class DatasetClient(_Client):
         source: str | Path | bytes | Iterable[bytes],
         name: str,
         format: int = dataset_pb2.DATASET_FORMAT_UNSPECIFIED,
-        validation_fraction: float | None = None,
-        split_seed: int = 0,
+        *,
+        file_name: str = "",
+        file_format: int = dataset_pb2.FILE_FORMAT_UNSPECIFIED,
+        column_mapping: dict[str, str] | None = None,
+        labels: list[str] | None = None,
+        split: dict | None = None,
+        drop_invalid_rows: bool = False,
+        token_stats_model: str = "",
         timeout: float | None = None,
     ) -> dataset_pb2.UploadDatasetResponse:
-        """Uploads a JSONL file (a path, bytes, or an iterable of byte chunks) in chunks."""
-        metadata = dataset_pb2.UploadMetadata(name=name, format=format, split_seed=split_seed)
-        if validation_fraction is not None:
-            metadata.validation_fraction = validation_fraction
+        """Uploads a file (a path, bytes, or an iterable of byte chunks) in chunks.
+
+        split: SplitSpec fields, e.g. {"validation_fraction": 0.1, "test_count": 50, "seed": 1}.
+        """
+        if not file_name and isinstance(source, (str, Path)):
+            file_name = Path(source).name
+        metadata = self._metadata(name, format, file_name, file_format, column_mapping, labels, split, drop_invalid_rows, token_stats_model)
 
         def requests():
             yield dataset_pb2.UploadDatasetRequest(metadata=metadata)
@@ -133,11 +143,59 @@ class DatasetClient(_Client):
 
         return self._call(self.stub.UploadDataset, requests(), timeout)
 
+    def import_dataset(
+        self, source_uri: str, name: str, format: int = dataset_pb2.DATASET_FORMAT_UNSPECIFIED, timeout: float | None = None, **options
+    ) -> dataset_pb2.ImportDatasetResponse:
+        """Has the service read the file itself (a path or URL under its import
+        roots); options are upload()'s keyword options."""
+        request = dataset_pb2.ImportDatasetRequest(metadata=self._metadata(name, format, **options), source_uri=source_uri)
+        return self._call(self.stub.ImportDataset, request, timeout)
+
+    @staticmethod
+    def _metadata(
+        name: str,
+        format: int,
+        file_name: str = "",
+        file_format: int = dataset_pb2.FILE_FORMAT_UNSPECIFIED,
+        column_mapping: dict[str, str] | None = None,
+        labels: list[str] | None = None,
+        split: dict | None = None,
+        drop_invalid_rows: bool = False,
+        token_stats_model: str = "",
+    ) -> dataset_pb2.UploadMetadata:
+        return dataset_pb2.UploadMetadata(
+            name=name,
+            format=format,
+            file_name=file_name,
+            file_format=file_format,
+            column_mapping=column_mapping or {},
+            labels=labels or [],
+            split=dataset_pb2.SplitSpec(**(split or {})),
+            drop_invalid_rows=drop_invalid_rows,
+            token_stats_model=token_stats_model,
+        )
+
     def get(self, dataset_id: str) -> dataset_pb2.Dataset:
         return self._call(self.stub.GetDataset, dataset_pb2.GetDatasetRequest(id=dataset_id)).dataset
 
     def list(self, name: str = "") -> list[dataset_pb2.Dataset]:
         return list(self._call(self.stub.ListDatasets, dataset_pb2.ListDatasetsRequest(name=name)).datasets)
+
+    def delete(self, dataset_id: str) -> None:
+        self._call(self.stub.DeleteDataset, dataset_pb2.DeleteDatasetRequest(id=dataset_id))
+
+    def report(self, dataset_id: str) -> dataset_pb2.QualityReport:
+        return self._call(self.stub.GetDatasetReport, dataset_pb2.GetDatasetReportRequest(id=dataset_id)).report
+
+    def list_rows(self, dataset_id: str, split: str = "", page_size: int = 100, page_token: str = "") -> dataset_pb2.ListRowsResponse:
+        request = dataset_pb2.ListRowsRequest(dataset_id=dataset_id, split=split, page_size=page_size, page_token=page_token)
+        return self._call(self.stub.ListRows, request)
+
+    def rows(self, dataset_id: str, split: str = "") -> Iterator[dict]:
+        """Every row (as a dict with its split), streamed."""
+        for message in self._stream(self.stub.StreamRows, dataset_pb2.StreamRowsRequest(dataset_id=dataset_id, split=split), self.timeout):
+            for row in message.rows:
+                yield {**json.loads(row.json), "split": row.split}
 
 
 def _chunks(source) -> Iterator[bytes]:

@@ -27,7 +27,7 @@ from conftest import ServerThread, write_lora_adapter
 
 
 class OneDataset:
-    async def get(self, dataset_id):
+    async def acquire(self, dataset_id, holder):
         return DatasetRef(id=dataset_id, format="prompt_completion", uri="unused", train_rows=10, validation_rows=0)
 
 

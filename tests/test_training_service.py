@@ -25,7 +25,7 @@ DATASET = DatasetRef(id="ds-1", format="prompt_completion", uri="unused", train_
 
 
 class FakeDatasets:
-    async def get(self, dataset_id):
+    async def acquire(self, dataset_id, holder):
         if dataset_id != DATASET.id:
             raise NotFound(f"dataset {dataset_id!r} not found")
         return DATASET

@@ -195,7 +195,9 @@ async def serve_until_signal(handle: ServerHandle, grace: float) -> None:
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({start, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if start.done():
-        start.result()  # a failed start-up raises here
+        if start.exception() is not None:
+            await handle.stop(0)
+            raise start.exception()
         log.info("serving")
         await stopping
     else:

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     base_model: str = DEFAULT_BASE_MODEL
 
     max_upload_bytes: int = Field(1 << 30, gt=0)
+    # Longer rows are invalid (bounds the memory one row may take).
+    max_row_bytes: int = Field(1 << 20, gt=0)
+    # Comma-separated paths or URL prefixes ImportDataset may read; empty disables imports.
+    import_roots: str = ""
     grace_period_seconds: float = Field(5.0, ge=0)
     log_level: str = "INFO"
 

@@ -1,78 +1,126 @@
-"""Uploads: spool the bytes, validate every row, and store the dataset whole
-or not at all."""
+"""Uploads and imports: spool the bytes, validate every row, split, report,
+and store the dataset whole or not at all. Also reads, deletes and pins."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import json
 import logging
 import re
 import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from array import array
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
-from tunewire.services.dataset import validation
+from tunewire.services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.dataset import readers, validation
+from tunewire.services.dataset.report import QualityAccumulator, QualityReport, TokenCounter
+from tunewire.services.dataset.splits import SPLIT_NAMES, SplitSpec, assign_splits
 from tunewire.services.dataset.store import DatasetInfo, DatasetStore
 
 log = logging.getLogger(__name__)
 
-TRAIN, VALIDATION = "train", "validation"
 DATA_FILE = "data.parquet"
+REPORT_FILE = "report.json"
 _WRITE_BATCH_ROWS = 4096
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_PAGE_SIZE = 1000
 
+_STRING = pa.string()
 SCHEMAS = {
-    validation.PROMPT_COMPLETION: pa.schema([("prompt", pa.string()), ("completion", pa.string()), ("split", pa.string())]),
-    validation.CHAT: pa.schema(
-        [
-            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-            ("split", pa.string()),
-        ]
-    ),
+    fmt: pa.schema([(name, _STRING) for name in names] + [("split", _STRING)])
+    for fmt, names in validation.FIELDS.items()
+    if fmt != validation.CHAT
 }
+SCHEMAS[validation.CHAT] = pa.schema([("messages", pa.list_(pa.struct([("role", _STRING), ("content", _STRING)]))), ("split", _STRING)])
 
 
 @dataclass(frozen=True)
 class UploadRequest:
     name: str
-    format: str | None  # None: detect from the rows
-    validation_fraction: float | None = None
-    split_seed: int = 0
+    format: str | None = None  # None: detect from the rows
+    file_format: str | None = None  # None: from file_name, else sniffed
+    file_name: str = ""
+    column_mapping: dict[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()
+    split: SplitSpec = SplitSpec()
+    drop_invalid_rows: bool = False
+    token_stats_model: str = ""
 
 
 @dataclass(frozen=True)
 class UploadResult:
     dataset: DatasetInfo
     already_existed: bool
+    report: QualityReport
+
+
+@dataclass
+class _Scan:
+    """What the validating pass learns; a few numbers per row."""
+
+    fmt: str | None
+    report: validation.ValidationReport
+    quality: QualityAccumulator | None = None
+    keys: array = field(default_factory=lambda: array("Q"))  # seeded content keys, for splits
+    label_codes: array = field(default_factory=lambda: array("i"))
+    label_names: dict[str, int] = field(default_factory=dict)
+    given_splits: array = field(default_factory=lambda: array("b"))
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
 
 def _check_request(request: UploadRequest) -> None:
     if not _NAME.match(request.name or ""):
         raise InvalidArgument.field("metadata.name", "required: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    if request.validation_fraction is not None and not 0 <= request.validation_fraction <= 0.5:
-        raise InvalidArgument.field("metadata.validation_fraction", f"must be in [0, 0.5], got {request.validation_fraction}")
+    known = {name for names in validation.FIELDS.values() for name in names} | {validation.SPLIT_FIELD}
+    for ours, theirs in request.column_mapping.items():
+        if ours not in known:
+            raise InvalidArgument.field(f"metadata.column_mapping[{ours}]", f"not a tunewire field: use one of {sorted(known)}")
+        if not theirs:
+            raise InvalidArgument.field(f"metadata.column_mapping[{ours}]", "names no column")
+    request.split.check()
+    if request.token_stats_model:
+        from tunewire.services.common.models import check_model_name
+
+        check_model_name(request.token_stats_model, "metadata.token_stats_model")
 
 
-def _split_of(canonical_row: bytes, seed: int, fraction: float) -> str:
-    """A row's split from its content: identical rows always land in the same
-    split (no train/validation leakage) and the choice is reproducible."""
-    digest = hashlib.sha256(seed.to_bytes(8, "little") + canonical_row).digest()
-    return VALIDATION if int.from_bytes(digest[:8], "little") / 2**64 < fraction else TRAIN
+def _canonical(row: dict) -> bytes:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False).encode()
+
+
+def _key(canonical: bytes, seed: int = 0) -> int:
+    """A 64-bit hash of a row's content (seeded for splits)."""
+    return int.from_bytes(hashlib.blake2b(canonical, digest_size=8, key=seed.to_bytes(8, "little")).digest(), "little")
 
 
 class DatasetManager:
-    def __init__(self, store: DatasetStore, artifacts: ArtifactStore, max_upload_bytes: int):
+    def __init__(
+        self,
+        store: DatasetStore,
+        artifacts: ArtifactStore,
+        max_upload_bytes: int,
+        max_row_bytes: int = 1 << 20,
+        import_roots: tuple[str, ...] = (),
+        model_cache: Path | None = None,
+    ):
         self.store = store
         self.artifacts = artifacts
         self.max_upload_bytes = max_upload_bytes
+        self.max_row_bytes = max_row_bytes
+        self.import_roots = import_roots
+        self.model_cache = model_cache
+
+    # Reads
 
     def get(self, dataset_id: str) -> DatasetInfo:
         info = self.store.get(dataset_id)
@@ -82,6 +130,73 @@ class DatasetManager:
 
     def list(self, name: str = "") -> list[DatasetInfo]:
         return self.store.list(name)
+
+    def report(self, dataset_id: str) -> QualityReport:
+        return QualityReport.from_dict(self.get(dataset_id).report)
+
+    def _row_batches(self, info: DatasetInfo, split: str) -> Iterator[list[dict]]:
+        if split and split not in SPLIT_NAMES:
+            raise InvalidArgument.field("split", f"{split!r} is not a split: use one of {', '.join(SPLIT_NAMES)}")
+        fs, path = self.artifacts.fs, info.uri
+        with fs.open(path.removeprefix("file://"), "rb") as f:
+            index = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+                rows = batch.to_pylist()
+                out = []
+                for row in rows:
+                    if not split or row["split"] == split:
+                        out.append((index, row))
+                    index += 1
+                if out:
+                    yield out
+
+    def list_rows(self, dataset_id: str, split: str, page_size: int, page_token: str) -> tuple[list[tuple[int, dict]], str]:
+        """A page of (index, row); the token names the next page ('' at the end)."""
+        info = self.get(dataset_id)
+        if not 0 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument.field("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")
+        size = page_size or 100
+        try:
+            after = int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else -1
+        except ValueError:
+            raise InvalidArgument.field("page_token", "not a token this service returned") from None
+        page: list[tuple[int, dict]] = []
+        for batch in self._row_batches(info, split):
+            for index, row in batch:
+                if index <= after:
+                    continue
+                if len(page) == size:
+                    token = base64.urlsafe_b64encode(str(page[-1][0]).encode()).decode()
+                    return page, token
+                page.append((index, row))
+        return page, ""
+
+    def stream_rows(self, dataset_id: str, split: str) -> Iterator[list[tuple[int, dict]]]:
+        return self._row_batches(self.get(dataset_id), split)
+
+    # Pins and deletion
+
+    def pin(self, dataset_id: str, holder: str) -> DatasetInfo:
+        if not holder:
+            raise InvalidArgument.field("holder", "required: who uses the dataset (a job id)")
+        info = self.get(dataset_id)
+        self.store.pin(dataset_id, holder)
+        return info
+
+    def unpin(self, dataset_id: str, holder: str) -> None:
+        self.store.unpin(dataset_id, holder)
+
+    def delete(self, dataset_id: str) -> None:
+        self.get(dataset_id)
+        holders = self.store.delete(dataset_id)
+        if holders:
+            raise FailedPrecondition(
+                f"dataset {dataset_id} is used by {', '.join(sorted(holders))}: it can be deleted once they no longer need it"
+            )
+        self.artifacts.delete("datasets", dataset_id)
+        log.info("deleted dataset %s", dataset_id)
+
+    # Uploads
 
     async def upload(self, request: UploadRequest, chunks: AsyncIterator[bytes]) -> UploadResult:
         _check_request(request)
@@ -94,77 +209,189 @@ class DatasetManager:
                         f"upload exceeds the maximum size of {self.max_upload_bytes} bytes: split the file or raise TUNEWIRE_MAX_UPLOAD_BYTES"
                     )
                 spool.write(chunk)
-            spool.seek(0)
             return await asyncio.to_thread(self._ingest, request, spool)
 
+    async def import_from(self, request: UploadRequest, source_uri: str) -> UploadResult:
+        _check_request(request)
+        source = self._check_import_source(source_uri)
+        import fsspec
+
+        def copy_in(spool) -> UploadResult:
+            try:
+                with fsspec.open(source, "rb") as f:
+                    copied = 0
+                    while chunk := f.read(1 << 20):
+                        copied += len(chunk)
+                        if copied > self.max_upload_bytes:
+                            raise ResourceExhausted(f"{source_uri} exceeds the maximum size of {self.max_upload_bytes} bytes")
+                        spool.write(chunk)
+            except FileNotFoundError:
+                raise NotFound(f"source_uri {source_uri!r}: no such file") from None
+            name = request.file_name or source.rsplit("/", 1)[-1]
+            return self._ingest(UploadRequest(**{**request.__dict__, "file_name": name}), spool)
+
+        with tempfile.TemporaryFile() as spool:
+            return await asyncio.to_thread(copy_in, spool)
+
+    def _check_import_source(self, source_uri: str) -> str:
+        if not self.import_roots:
+            raise FailedPrecondition("imports are disabled on this service: set TUNEWIRE_IMPORT_ROOTS to the paths or URLs it may read")
+        source = source_uri.removeprefix("file://")
+        if "://" not in source:
+            source = str(Path(source).resolve())
+        for root in self.import_roots:
+            root = root.removeprefix("file://")
+            if "://" not in root:
+                root = str(Path(root).resolve())
+            if source == root or source.startswith(root.rstrip("/") + "/"):
+                return source
+        raise InvalidArgument.field("source_uri", f"{source_uri!r} is outside the import roots {list(self.import_roots)}")
+
     def _ingest(self, request: UploadRequest, spool) -> UploadResult:
-        # Pass 1 validates every row and hashes the content; nothing is written.
-        report = validation.ValidationReport()
-        hasher = hashlib.sha256()
-        fmt = request.format  # None until detected from the first row
-        for row_format, row in validation.iter_jsonl(spool, request.format, report):
-            fmt = row_format
-            hasher.update(_canonical(row) + b"\n")
-        if report.error_count:
+        scan = self._scan(request, spool)
+        report, fmt = scan.report, scan.fmt
+        if report.error_count and not request.drop_invalid_rows:
             raise _rejection(report)
         if report.row_count == 0:
-            raise InvalidArgument.field("file", "no rows: the dataset is empty")
-        fraction = request.validation_fraction
-        if fraction is None:
-            # Small datasets keep every row for training unless asked otherwise.
-            fraction = 0.1 if report.row_count >= 20 else 0.0
-        hasher.update(f"format={fmt};validation_fraction={fraction};seed={request.split_seed}".encode())
-        dataset_id = "ds-" + hasher.hexdigest()[:24]
+            raise InvalidArgument.field(
+                "file", "no valid rows: the dataset is empty" if report.error_count else "no rows: the dataset is empty"
+            )
+        labels = sorted(scan.label_names)
+        if fmt == validation.CLASSIFICATION and len(labels) < 2:
+            raise InvalidArgument.field("label", f"classification needs at least two labels, found {labels}")
+        splits = self._splits(scan, request.split)
+        scan.digest.update(f"format={fmt};".encode() + splits.tobytes())
+        dataset_id = "ds-" + scan.digest.hexdigest()[:24]
+        dropped = [{"row": e.row, "field": e.field, "reason": e.reason} for e in report.errors]
+        quality = scan.quality.finish(splits, SPLIT_NAMES, report.error_count, dropped)
         existing = self.store.get(dataset_id)
         if existing is not None:
-            return UploadResult(existing, already_existed=True)
+            info, _ = self.store.add(DatasetInfo(**{**existing.__dict__, "name": request.name}))
+            return UploadResult(info, True, QualityReport.from_dict(existing.report))
 
-        # Pass 2 writes the rows with their split, in batches, to a staging
-        # directory that is published whole.
-        spool.seek(0)
         with self.artifacts.staged_dir() as staging:
             parquet_path = staging / DATA_FILE
-            counts = self._write_parquet(spool, fmt, fraction, request.split_seed, parquet_path)
-            if counts[TRAIN] == 0:
-                raise InvalidArgument.field("metadata.validation_fraction", "leaves no training rows: lower it or add rows")
+            self._write(request, spool, fmt, splits, parquet_path, quality)
+            (staging / REPORT_FILE).write_text(json.dumps(quality.to_dict(), indent=2))
             uri = self.artifacts.publish_dir(staging, "datasets", dataset_id)
             info = DatasetInfo(
                 id=dataset_id,
                 name=request.name,
                 format=fmt,
                 row_count=report.row_count,
-                split_row_counts=counts,
+                split_row_counts=quality.split_row_counts,
                 uri=f"{uri}/{DATA_FILE}",
                 size_bytes=parquet_path.stat().st_size,
                 created_at=dt.datetime.now(dt.UTC),
+                labels=labels,
+                report=quality.to_dict(),
             )
-        stored = self.store.add(info)
-        log.info("stored dataset %s (%s, %d rows, splits %s)", dataset_id, fmt, info.row_count, counts)
-        return UploadResult(stored, already_existed=stored is not info)
+        stored, existed = self.store.add(info)
+        log.info("stored dataset %s (%s, %d rows, splits %s)", dataset_id, fmt, info.row_count, quality.split_row_counts)
+        return UploadResult(stored, existed, QualityReport.from_dict(stored.report))
 
-    def _write_parquet(self, spool, fmt: str, fraction: float, seed: int, path: Path) -> dict[str, int]:
-        counts = {TRAIN: 0, VALIDATION: 0}
+    def _rows(
+        self, request: UploadRequest, spool, fmt: str | None, report: validation.ValidationReport, on_empty=None
+    ) -> Iterator[tuple[str, dict, str | None]]:
+        """(format, normalised row, given split) for each good row; bad rows go to report."""
+        mapping = {theirs: ours for ours, theirs in request.column_mapping.items()}
+        allowed = frozenset(request.labels)
+        for row_number, record in readers.open_records(spool, request.file_format, request.file_name, self.max_row_bytes):
+            if isinstance(record, validation.RowError):
+                report.add(record)
+                continue
+            if mapping and isinstance(record, dict):
+                record = {mapping.get(k, k): v for k, v in record.items()}
+            if fmt is None:
+                fmt = validation.detect_format(record)
+                if fmt is None:
+                    report.add(
+                        validation.RowError(
+                            row_number,
+                            "",
+                            "cannot tell the format: name it, or map columns to prompt/completion, messages, text/label, document/summary or text",
+                        )
+                    )
+                    continue
+            error = validation.check_row(record, fmt, row_number, allowed)
+            if error is not None:
+                if on_empty is not None and error.reason == "must not be empty":
+                    on_empty(error.field)
+                report.add(error)
+                continue
+            report.row_count += 1
+            yield fmt, validation.normalise(record, fmt), record.get(validation.SPLIT_FIELD) or None
+
+    def _scan(self, request: UploadRequest, spool) -> _Scan:
+        scan = _Scan(fmt=request.format, report=validation.ValidationReport())
+        empties: list[str] = []
+        for fmt, row, given in self._rows(request, spool, request.format, scan.report, empties.append):
+            if scan.quality is None:
+                scan.fmt, scan.quality = fmt, QualityAccumulator(fmt)
+            canonical = _canonical(row)
+            scan.digest.update(canonical + f"\x1e{given or ''}\n".encode())
+            scan.keys.append(_key(canonical, request.split.seed))
+            scan.quality.add(row, _key(canonical))
+            scan.given_splits.append(SPLIT_NAMES.index(given) if given else -1)
+            if "label" in row:
+                scan.label_codes.append(scan.label_names.setdefault(row["label"], len(scan.label_names)))
+        if scan.quality is not None:
+            for name in empties:
+                scan.quality.add_empty(name)
+        return scan
+
+    def _splits(self, scan: _Scan, spec: SplitSpec) -> np.ndarray:
+        given = np.frombuffer(scan.given_splits, dtype=np.int8)
+        if (given >= 0).any():
+            if (given < 0).any():
+                raise InvalidArgument.field(
+                    "split", f"{int((given < 0).sum())} rows have no split while others do: give every row a split, or none"
+                )
+            return given
+        strata = np.frombuffer(scan.label_codes, dtype=np.int32) if scan.label_codes else None
+        return assign_splits(np.frombuffer(scan.keys, dtype=np.uint64), strata, spec)
+
+    def _write(self, request: UploadRequest, spool, fmt: str, splits: np.ndarray, path: Path, quality: QualityReport) -> None:
+        """The second pass: good rows with their split, in batches, to Parquet."""
+        schema = SCHEMAS[fmt]
+        names = [SPLIT_NAMES[s] for s in splits.tolist()]
+        tokens = self._token_counter(request.token_stats_model, fmt) if request.token_stats_model else None
         batch: list[dict] = []
-        with pq.ParquetWriter(path, SCHEMAS[fmt]) as writer:
-            for _, row in validation.iter_jsonl(spool, fmt, validation.ValidationReport()):
-                split = _split_of(_canonical(row), seed, fraction)
-                counts[split] += 1
-                batch.append({**row, "split": split})
+
+        def flush(writer) -> None:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            if tokens is not None:
+                tokens.add(batch)
+            batch.clear()
+
+        with pq.ParquetWriter(path, schema) as writer:
+            for i, (_, row, _) in enumerate(self._rows(request, spool, fmt, validation.ValidationReport())):
+                batch.append({**row, "split": names[i]})
                 if len(batch) >= _WRITE_BATCH_ROWS:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMAS[fmt]))
-                    batch.clear()
+                    flush(writer)
             if batch:
-                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMAS[fmt]))
-        return counts
+                flush(writer)
+        if tokens is not None:
+            tokens.finish(quality)
 
+    def _token_counter(self, model: str, fmt: str) -> TokenCounter:
+        from transformers import AutoConfig, AutoTokenizer
 
-def _canonical(row: dict) -> bytes:
-    return json.dumps(row, sort_keys=True, ensure_ascii=False).encode()
+        from tunewire.services.common.models import check_model_name, resolve_model
+
+        check_model_name(model, "metadata.token_stats_model")
+        path = resolve_model(model, self.model_cache or Path(tempfile.gettempdir()) / "tunewire-models")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or tokenizer.model_max_length
+        return TokenCounter(tokenizer, fmt, int(context), model)
 
 
 def _rejection(report: validation.ValidationReport) -> InvalidArgument:
     shown = "; ".join(str(e) for e in report.errors[:3])
-    more = f" (showing the first {len(report.errors)} in the details)" if report.error_count > 3 else ""
-    message = f"dataset rejected, nothing stored: {report.error_count} bad row(s){more}: {shown}. Fix these rows and upload again."
-    violations = [FieldViolation(f"line {e.line}" + (f".{e.field}" if e.field else ""), e.reason) for e in report.errors]
+    more = f" (the first {len(report.errors)} are in the details)" if report.error_count > 3 else ""
+    message = (
+        f"dataset rejected, nothing stored: {report.error_count} bad row(s){more}: {shown}. "
+        "Fix these rows and upload again, or set drop_invalid_rows to store the good ones."
+    )
+    violations = [FieldViolation(f"row {e.row}" + (f".{e.field}" if e.field else ""), e.reason) for e in report.errors]
     return InvalidArgument(message, violations)

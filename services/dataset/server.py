@@ -27,7 +27,14 @@ class DatasetDeps:
 
 async def create_server(settings: Settings, deps: DatasetDeps, port: int | None = None) -> ServerHandle:
     """The server bound to settings.host and `port` (default settings.dataset_port; 0 picks one)."""
-    manager = DatasetManager(deps.store, deps.artifacts, settings.max_upload_bytes)
+    manager = DatasetManager(
+        deps.store,
+        deps.artifacts,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_row_bytes=settings.max_row_bytes,
+        import_roots=tuple(root.strip() for root in settings.import_roots.split(",") if root.strip()),
+        model_cache=settings.model_cache,
+    )
     address = f"{settings.host}:{settings.dataset_port if port is None else port}"
     handle = await create_grpc_server(
         address,

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from tunewire.services.common.convert import to_timestamp
 from tunewire.services.common.errors import InvalidArgument
-from tunewire.services.dataset import validation
-from tunewire.services.dataset.core import DatasetManager, UploadRequest
+from tunewire.services.dataset import readers, validation
+from tunewire.services.dataset.core import DatasetManager, UploadRequest, UploadResult
+from tunewire.services.dataset.report import QualityReport
+from tunewire.services.dataset.splits import SplitSpec
 from tunewire.services.dataset.store import DatasetInfo
 from tunewire.v1 import dataset_pb2, dataset_pb2_grpc
 
 FORMAT_TO_PROTO = {
     validation.PROMPT_COMPLETION: dataset_pb2.DATASET_FORMAT_PROMPT_COMPLETION,
     validation.CHAT: dataset_pb2.DATASET_FORMAT_CHAT,
+    validation.CLASSIFICATION: dataset_pb2.DATASET_FORMAT_CLASSIFICATION,
+    validation.SUMMARIZATION: dataset_pb2.DATASET_FORMAT_SUMMARIZATION,
+    validation.TEXT: dataset_pb2.DATASET_FORMAT_TEXT,
 }
 FORMAT_FROM_PROTO = {v: k for k, v in FORMAT_TO_PROTO.items()}
+FILE_FORMAT_FROM_PROTO = {
+    dataset_pb2.FILE_FORMAT_JSONL: readers.JSONL,
+    dataset_pb2.FILE_FORMAT_CSV: readers.CSV,
+    dataset_pb2.FILE_FORMAT_PARQUET: readers.PARQUET,
+}
 
 
 def dataset_to_proto(info: DatasetInfo) -> dataset_pb2.Dataset:
@@ -28,7 +39,75 @@ def dataset_to_proto(info: DatasetInfo) -> dataset_pb2.Dataset:
         uri=info.uri,
         size_bytes=info.size_bytes,
         create_time=to_timestamp(info.created_at),
+        labels=info.labels,
     )
+
+
+def report_to_proto(report: QualityReport) -> dataset_pb2.QualityReport:
+    return dataset_pb2.QualityReport(
+        row_count=report.row_count,
+        split_row_counts=report.split_row_counts,
+        dropped_rows=report.dropped_rows,
+        dropped_examples=[dataset_pb2.RowProblem(**e) for e in report.dropped_examples],
+        exact_duplicate_rows=report.exact_duplicate_rows,
+        near_duplicate_rows=report.near_duplicate_rows,
+        rows_leaked_from_train=report.rows_leaked_from_train,
+        label_counts=report.label_counts,
+        imbalance_ratio=report.imbalance_ratio,
+        fields=[
+            dataset_pb2.FieldReport(
+                field=f["field"],
+                chars=dataset_pb2.LengthStats(**f["chars"]) if f["chars"] else None,
+                tokens=dataset_pb2.LengthStats(**f["tokens"]) if f["tokens"] else None,
+                empty_rows=f["empty_rows"],
+            )
+            for f in report.fields
+        ],
+        token_model=report.token_model,
+        token_context=report.token_context,
+        rows_over_context=report.rows_over_context,
+        warnings=report.warnings,
+    )
+
+
+def request_from_metadata(meta: dataset_pb2.UploadMetadata) -> UploadRequest:
+    split = meta.split
+
+    def optional(name):
+        return getattr(split, name) if split.HasField(name) else None
+
+    if meta.format not in FORMAT_FROM_PROTO and meta.format != dataset_pb2.DATASET_FORMAT_UNSPECIFIED:
+        raise InvalidArgument.field("metadata.format", f"unknown format {meta.format}")
+    return UploadRequest(
+        name=meta.name,
+        format=FORMAT_FROM_PROTO.get(meta.format),
+        file_format=FILE_FORMAT_FROM_PROTO.get(meta.file_format),
+        file_name=meta.file_name,
+        column_mapping=dict(meta.column_mapping),
+        labels=tuple(meta.labels),
+        split=SplitSpec(
+            validation_fraction=optional("validation_fraction"),
+            test_fraction=optional("test_fraction"),
+            validation_count=optional("validation_count"),
+            test_count=optional("test_count"),
+            seed=split.seed,
+            stratify=not split.no_stratify,
+        ),
+        drop_invalid_rows=meta.drop_invalid_rows,
+        token_stats_model=meta.token_stats_model,
+    )
+
+
+def _rows_to_proto(rows: list[tuple[int, dict]]) -> list[dataset_pb2.DatasetRow]:
+    out = []
+    for index, row in rows:
+        fields = {k: v for k, v in row.items() if k != "split"}
+        out.append(dataset_pb2.DatasetRow(index=index, split=row["split"], json=json.dumps(fields, ensure_ascii=False)))
+    return out
+
+
+def _result(kind, result: UploadResult):
+    return kind(dataset=dataset_to_proto(result.dataset), already_existed=result.already_existed, report=report_to_proto(result.report))
 
 
 class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
@@ -39,13 +118,7 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("metadata"):
             raise InvalidArgument.field("metadata", "the first message of an upload must carry the metadata")
-        meta = first.metadata
-        request = UploadRequest(
-            name=meta.name,
-            format=FORMAT_FROM_PROTO.get(meta.format),
-            validation_fraction=meta.validation_fraction if meta.HasField("validation_fraction") else None,
-            split_seed=meta.split_seed,
-        )
+        request = request_from_metadata(first.metadata)
 
         async def chunks() -> AsyncIterator[bytes]:
             async for message in request_iterator:
@@ -53,11 +126,37 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
                     raise InvalidArgument.field("metadata", "sent twice: only the first message carries metadata")
                 yield message.chunk
 
-        result = await self.manager.upload(request, chunks())
-        return dataset_pb2.UploadDatasetResponse(dataset=dataset_to_proto(result.dataset), already_existed=result.already_existed)
+        return _result(dataset_pb2.UploadDatasetResponse, await self.manager.upload(request, chunks()))
+
+    async def ImportDataset(self, request: dataset_pb2.ImportDatasetRequest, context):
+        result = await self.manager.import_from(request_from_metadata(request.metadata), request.source_uri)
+        return _result(dataset_pb2.ImportDatasetResponse, result)
 
     async def GetDataset(self, request: dataset_pb2.GetDatasetRequest, context):
         return dataset_pb2.GetDatasetResponse(dataset=dataset_to_proto(self.manager.get(request.id)))
 
     async def ListDatasets(self, request: dataset_pb2.ListDatasetsRequest, context):
         return dataset_pb2.ListDatasetsResponse(datasets=[dataset_to_proto(d) for d in self.manager.list(request.name)])
+
+    async def DeleteDataset(self, request: dataset_pb2.DeleteDatasetRequest, context):
+        self.manager.delete(request.id)
+        return dataset_pb2.DeleteDatasetResponse()
+
+    async def GetDatasetReport(self, request: dataset_pb2.GetDatasetReportRequest, context):
+        return dataset_pb2.GetDatasetReportResponse(report=report_to_proto(self.manager.report(request.id)))
+
+    async def ListRows(self, request: dataset_pb2.ListRowsRequest, context):
+        rows, token = self.manager.list_rows(request.dataset_id, request.split, request.page_size, request.page_token)
+        return dataset_pb2.ListRowsResponse(rows=_rows_to_proto(rows), next_page_token=token)
+
+    async def StreamRows(self, request: dataset_pb2.StreamRowsRequest, context):
+        for batch in self.manager.stream_rows(request.dataset_id, request.split):
+            yield dataset_pb2.StreamRowsResponse(rows=_rows_to_proto(batch))
+
+    async def PinDataset(self, request: dataset_pb2.PinDatasetRequest, context):
+        self.manager.pin(request.dataset_id, request.holder)
+        return dataset_pb2.PinDatasetResponse()
+
+    async def UnpinDataset(self, request: dataset_pb2.UnpinDatasetRequest, context):
+        self.manager.unpin(request.dataset_id, request.holder)
+        return dataset_pb2.UnpinDatasetResponse()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import JSON, BigInteger, DateTime, String, select
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, String, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tunewire.services.common.db import make_engine
@@ -19,13 +19,34 @@ class DatasetRecord(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str] = mapped_column(String(256), index=True)
+    name: Mapped[str] = mapped_column(String(256))
     format: Mapped[str] = mapped_column(String(32))
     row_count: Mapped[int] = mapped_column(BigInteger)
     split_row_counts: Mapped[dict] = mapped_column(JSON)
+    labels: Mapped[list] = mapped_column(JSON, default=list)
     uri: Mapped[str] = mapped_column(String(1024))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    report: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class NameRecord(Base):
+    """A name points at its versions; one version may carry several names."""
+
+    __tablename__ = "dataset_names"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PinRecord(Base):
+    """A holder (a training job) using the dataset: it cannot be deleted meanwhile."""
+
+    __tablename__ = "dataset_pins"
+
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256), primary_key=True)
 
 
 @dataclass(frozen=True)
@@ -38,11 +59,28 @@ class DatasetInfo:
     uri: str
     size_bytes: int
     created_at: dt.datetime
+    labels: list[str] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
 
     @classmethod
-    def from_record(cls, r: DatasetRecord) -> DatasetInfo:
+    def from_record(cls, r: DatasetRecord, name: str | None = None) -> DatasetInfo:
         created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=dt.UTC)
-        return cls(r.id, r.name, r.format, r.row_count, dict(r.split_row_counts), r.uri, r.size_bytes, created)
+        return cls(
+            r.id,
+            name or r.name,
+            r.format,
+            r.row_count,
+            dict(r.split_row_counts),
+            r.uri,
+            r.size_bytes,
+            created,
+            list(r.labels or []),
+            dict(r.report or {}),
+        )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 class DatasetStore:
@@ -55,21 +93,55 @@ class DatasetStore:
             record = session.get(DatasetRecord, dataset_id)
             return DatasetInfo.from_record(record) if record else None
 
-    def add(self, info: DatasetInfo) -> DatasetInfo:
-        """Inserts the dataset, or returns the one already stored under its id."""
+    def add(self, info: DatasetInfo) -> tuple[DatasetInfo, bool]:
+        """Inserts the dataset under its name; if the version exists, only
+        adds the name. Returns the stored dataset and whether it existed."""
         with Session(self.engine) as session, session.begin():
             existing = session.get(DatasetRecord, info.id)
+            if existing is None:
+                values = {k: v for k, v in info.__dict__.items()}
+                session.add(DatasetRecord(**values))
+            if session.get(NameRecord, (info.name, info.id)) is None:
+                session.add(NameRecord(name=info.name, dataset_id=info.id, created_at=_now()))
             if existing is not None:
-                return DatasetInfo.from_record(existing)
-            session.add(DatasetRecord(**info.__dict__))
-        return info
+                return DatasetInfo.from_record(existing, info.name), True
+        return info, False
 
     def list(self, name: str = "") -> list[DatasetInfo]:
-        query = select(DatasetRecord).order_by(DatasetRecord.created_at.desc())
-        if name:
-            query = query.where(DatasetRecord.name == name)
         with Session(self.engine) as session:
-            return [DatasetInfo.from_record(r) for r in session.scalars(query)]
+            if not name:
+                query = select(DatasetRecord).order_by(DatasetRecord.created_at.desc())
+                return [DatasetInfo.from_record(r) for r in session.scalars(query)]
+            query = (
+                select(DatasetRecord)
+                .join(NameRecord, NameRecord.dataset_id == DatasetRecord.id)
+                .where(NameRecord.name == name)
+                .order_by(NameRecord.created_at.desc())
+            )
+            return [DatasetInfo.from_record(r, name) for r in session.scalars(query)]
+
+    def pins(self, dataset_id: str) -> list[str]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(PinRecord.holder).where(PinRecord.dataset_id == dataset_id)))
+
+    def pin(self, dataset_id: str, holder: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            if session.get(PinRecord, (dataset_id, holder)) is None:
+                session.add(PinRecord(dataset_id=dataset_id, holder=holder))
+
+    def unpin(self, dataset_id: str, holder: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(delete(PinRecord).where(PinRecord.dataset_id == dataset_id, PinRecord.holder == holder))
+
+    def delete(self, dataset_id: str) -> list[str]:
+        """Deletes the dataset unless pinned; returns the holders that kept it."""
+        with Session(self.engine) as session, session.begin():
+            holders = list(session.scalars(select(PinRecord.holder).where(PinRecord.dataset_id == dataset_id)))
+            if holders:
+                return holders
+            session.execute(delete(NameRecord).where(NameRecord.dataset_id == dataset_id))
+            session.execute(delete(DatasetRecord).where(DatasetRecord.id == dataset_id))
+            return []
 
     def close(self) -> None:
         self.engine.dispose()

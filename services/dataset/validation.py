@@ -1,33 +1,46 @@
-"""Row-by-row parsing and validation of uploaded files.
+"""Row shapes (formats) and the checks each row must pass.
 
-Rows are read one line at a time from the spooled upload, so memory stays
-bounded by the row, not the file. Each bad row is recorded with its line
-number, field and reason; the first MAX_REPORTED are kept, all are counted.
+A record is a dict read from the file (after column mapping). check_row names
+the first problem of a record; normalise keeps only tunewire's fields, in a
+fixed shape, so the content hash depends on nothing else.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from tunewire.services.common.text import ROLES
 
 PROMPT_COMPLETION = "prompt_completion"
 CHAT = "chat"
-FORMATS = (PROMPT_COMPLETION, CHAT)
+CLASSIFICATION = "classification"
+SUMMARIZATION = "summarization"
+TEXT = "text"
+
+# Each format's fields, in order. Every field is a non-empty string, except
+# chat's messages (a list of {role, content}).
+FIELDS = {
+    PROMPT_COMPLETION: ("prompt", "completion"),
+    CHAT: ("messages",),
+    CLASSIFICATION: ("text", "label"),
+    SUMMARIZATION: ("document", "summary"),
+    TEXT: ("text",),
+}
+FORMATS = tuple(FIELDS)
+SPLIT_FIELD = "split"
+SPLITS = ("train", "validation", "test")
 MAX_REPORTED = 20
 
 
 @dataclass(frozen=True)
 class RowError:
-    line: int
+    row: int  # 1-based line (JSONL) or row (CSV, Parquet) number
     field: str  # "" when the whole row is at fault
     reason: str
 
     def __str__(self) -> str:
-        where = f"line {self.line}" + (f": {self.field}" if self.field else "")
+        where = f"row {self.row}" + (f": {self.field}" if self.field else "")
         return f"{where}: {self.reason}"
 
 
@@ -43,88 +56,102 @@ class ValidationReport:
             self.errors.append(error)
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
-def _check_text(row: dict, name: str, line: int, prefix: str = "") -> RowError | None:
+def _check_text(record: dict, name: str, row: int, prefix: str = "") -> RowError | None:
     label = prefix + name
-    if name not in row:
-        return RowError(line, label, "missing required field")
-    value = row[name]
+    if name not in record or record[name] is None:
+        return RowError(row, label, "missing required field")
+    value = record[name]
     if not isinstance(value, str):
-        return RowError(line, label, f"must be a string, got {_type_name(value)}")
+        return RowError(row, label, f"must be a string, got {type_name(value)}")
     if not value.strip():
-        return RowError(line, label, "must not be empty")
+        return RowError(row, label, "must not be empty")
+    if _has_invalid_utf8(value):
+        return RowError(row, label, "not valid UTF-8")
     return None
 
 
-def check_row(row, fmt: str, line: int) -> RowError | None:
-    """The first problem of one parsed row in format `fmt`, or None."""
-    if not isinstance(row, dict):
-        return RowError(line, "", f"must be a JSON object, got {_type_name(row)}")
-    if fmt == PROMPT_COMPLETION:
-        return _check_text(row, "prompt", line) or _check_text(row, "completion", line)
-    messages = row.get("messages")
+def _has_invalid_utf8(value: str) -> bool:
+    # Undecodable bytes arrive as lone surrogates (errors="surrogateescape").
+    return any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def _check_messages(record: dict, row: int) -> RowError | None:
+    messages = record.get("messages")
     if messages is None:
-        return RowError(line, "messages", "missing required field")
+        return RowError(row, "messages", "missing required field")
+    if isinstance(messages, str):  # CSV cells carry the list as JSON
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as exc:
+            return RowError(row, "messages", f"must be a JSON array of {{role, content}} objects: {exc.msg}")
+        record["messages"] = messages
     if not isinstance(messages, list) or not messages:
-        return RowError(line, "messages", "must be a non-empty array of {role, content} objects")
+        return RowError(row, "messages", "must be a non-empty array of {role, content} objects")
     for i, message in enumerate(messages):
         prefix = f"messages[{i}]."
         if not isinstance(message, dict):
-            return RowError(line, f"messages[{i}]", f"must be an object, got {_type_name(message)}")
-        if (error := _check_text(message, "role", line, prefix)) is not None:
+            return RowError(row, f"messages[{i}]", f"must be an object, got {type_name(message)}")
+        if (error := _check_text(message, "role", row, prefix)) is not None:
             return error
         if message["role"] not in ROLES:
-            return RowError(line, prefix + "role", f"unknown role {message['role']!r}: use one of {', '.join(ROLES)}")
-        if (error := _check_text(message, "content", line, prefix)) is not None:
+            return RowError(row, prefix + "role", f"unknown role {message['role']!r}: use one of {', '.join(ROLES)}")
+        if (error := _check_text(message, "content", row, prefix)) is not None:
             return error
     if not any(m["role"] == "assistant" for m in messages):
-        return RowError(line, "messages", "has no assistant message: nothing to learn from")
+        return RowError(row, "messages", "has no assistant message: nothing to learn from")
     return None
 
 
-def normalise(row: dict, fmt: str) -> dict:
-    """Only the fields tunewire uses, in a fixed shape (extra keys dropped)."""
-    if fmt == PROMPT_COMPLETION:
-        return {"prompt": row["prompt"], "completion": row["completion"]}
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+def check_row(record, fmt: str, row: int, labels: frozenset[str] = frozenset()) -> RowError | None:
+    """The first problem of one record in format `fmt`, or None. Labels that
+    are integers are accepted and become strings."""
+    if not isinstance(record, dict):
+        return RowError(row, "", f"must be a JSON object, got {type_name(record)}")
+    if fmt == CHAT:
+        error = _check_messages(record, row)
+    elif fmt == CLASSIFICATION:
+        label = record.get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            record["label"] = str(label)
+        error = _check_text(record, "text", row) or _check_text(record, "label", row)
+        if error is None and labels and record["label"] not in labels:
+            error = RowError(row, "label", f"{record['label']!r} is not one of the declared labels {sorted(labels)}")
+    else:
+        error = next((e for name in FIELDS[fmt] if (e := _check_text(record, name, row))), None)
+    if error is None and record.get(SPLIT_FIELD) not in (None, "", *SPLITS):
+        error = RowError(row, SPLIT_FIELD, f"{record[SPLIT_FIELD]!r} is not a split: use one of {', '.join(SPLITS)}")
+    return error
 
 
-def detect_format(row) -> str | None:
-    if isinstance(row, dict):
-        if "messages" in row:
-            return CHAT
-        if "prompt" in row or "completion" in row:
-            return PROMPT_COMPLETION
+def normalise(record: dict, fmt: str) -> dict:
+    """Only the fields tunewire uses (extra keys dropped)."""
+    if fmt == CHAT:
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
+    return {name: record[name] for name in FIELDS[fmt]}
+
+
+def detect_format(record) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return CHAT
+    if "prompt" in record or "completion" in record:
+        return PROMPT_COMPLETION
+    if "document" in record or "summary" in record:
+        return SUMMARIZATION
+    if "label" in record:
+        return CLASSIFICATION
+    if "text" in record:
+        return TEXT
     return None
 
 
-def iter_jsonl(stream: BinaryIO, fmt: str | None, report: ValidationReport) -> Iterator[tuple[str, dict]]:
-    """Yields (format, normalised row) for each good row; records bad ones in
-    `report`. `fmt` None detects the format from the first JSON object."""
-    for line_number, raw in enumerate(stream, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            report.add(RowError(line_number, "", f"not valid UTF-8 (byte {exc.start})"))
-            continue
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            report.add(RowError(line_number, "", f"invalid JSON: {exc.msg} at column {exc.colno}"))
-            continue
-        if fmt is None:
-            fmt = detect_format(row)
-            if fmt is None:
-                report.add(RowError(line_number, "", "cannot tell the format: expected 'prompt'/'completion' or 'messages' fields"))
-                continue
-        error = check_row(row, fmt, line_number)
-        if error is not None:
-            report.add(error)
-            continue
-        report.row_count += 1
-        yield fmt, normalise(row, fmt)
+def field_texts(row: dict, fmt: str) -> dict[str, str]:
+    """Each field's text, for length statistics (chat: all message contents)."""
+    if fmt == CHAT:
+        return {"messages": "\n".join(m["content"] for m in row["messages"])}
+    return {name: row[name] for name in FIELDS[fmt]}

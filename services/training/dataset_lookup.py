@@ -9,7 +9,13 @@ from tunewire.services.common.errors import InvalidArgument, NotFound, Unavailab
 from tunewire.services.training.jobs import DatasetRef
 from tunewire.v1 import dataset_pb2, dataset_pb2_grpc
 
-FORMATS = {dataset_pb2.DATASET_FORMAT_PROMPT_COMPLETION: "prompt_completion", dataset_pb2.DATASET_FORMAT_CHAT: "chat"}
+FORMATS = {
+    dataset_pb2.DATASET_FORMAT_PROMPT_COMPLETION: "prompt_completion",
+    dataset_pb2.DATASET_FORMAT_CHAT: "chat",
+    dataset_pb2.DATASET_FORMAT_CLASSIFICATION: "classification",
+    dataset_pb2.DATASET_FORMAT_SUMMARIZATION: "summarization",
+    dataset_pb2.DATASET_FORMAT_TEXT: "text",
+}
 
 
 class GrpcDatasetLookup:
@@ -19,8 +25,10 @@ class GrpcDatasetLookup:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = dataset_pb2_grpc.DatasetServiceStub(self._channel)
 
-    async def get(self, dataset_id: str) -> DatasetRef:
+    async def acquire(self, dataset_id: str, holder: str) -> DatasetRef:
         try:
+            # Pinned first: from here on the dataset cannot be deleted under the job.
+            await self._stub.PinDataset(dataset_pb2.PinDatasetRequest(dataset_id=dataset_id, holder=holder), timeout=self.timeout)
             response = await self._stub.GetDataset(dataset_pb2.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:

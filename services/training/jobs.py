@@ -24,6 +24,8 @@ from tunewire.services.training.store import (
     JobStore,
 )
 
+TRAINABLE_FORMATS = ("prompt_completion", "chat")
+
 
 @dataclass(frozen=True)
 class DatasetRef:
@@ -38,8 +40,9 @@ class DatasetRef:
 
 
 class DatasetLookup(Protocol):
-    async def get(self, dataset_id: str) -> DatasetRef:
-        """Raises NotFound for an unknown id, Unavailable if the service is down."""
+    async def acquire(self, dataset_id: str, holder: str) -> DatasetRef:
+        """The dataset, pinned for `holder` so it is not deleted under it.
+        Raises NotFound for an unknown id, Unavailable if the service is down."""
 
 
 @dataclass(frozen=True)
@@ -84,14 +87,19 @@ class JobManager:
         workers = training_config.check_compute(spec.num_workers, spec.use_gpu)
         if not spec.dataset_id:
             raise InvalidArgument.field("spec.dataset_id", "required: the id UploadDataset returned")
-        dataset = await self.datasets.get(spec.dataset_id)
+        job_id = "job-" + uuid.uuid4().hex[:16]
+        dataset = await self.datasets.acquire(spec.dataset_id, job_id)
+        if dataset.format not in TRAINABLE_FORMATS:
+            raise FailedPrecondition(
+                f"dataset {dataset.id} is {dataset.format} data; LoRA jobs train on {', '.join(TRAINABLE_FORMATS)} datasets"
+            )
         if dataset.train_rows < workers:
             raise FailedPrecondition(
                 f"dataset {dataset.id} has {dataset.train_rows} training rows, fewer than the {workers} workers: add rows or use fewer workers"
             )
         resolved = training_config.resolve_config(spec.hyperparameters, dataset.train_rows)
         job = self.store.create(
-            job_id="job-" + uuid.uuid4().hex[:16],
+            job_id=job_id,
             spec={**asdict(spec), "num_workers": workers},
             config=resolved.to_dict(),
             dataset=asdict(dataset),

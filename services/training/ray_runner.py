@@ -29,15 +29,26 @@ class RayTrainRunner:
         self.model_cache = model_cache
 
     def start(self) -> None:
-        """Connects to Ray (blocking, seconds): call before serving."""
+        """Connects to Ray (blocking, seconds): call before serving. A local
+        cluster's start-up can time out on a loaded machine: it is retried."""
         import ray
+        from tenacity import before_sleep_log, retry, stop_after_attempt, wait_fixed
 
         if ray.is_initialized():
             return
-        if self.ray_address:
-            ray.init(address=self.ray_address, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+        @retry(stop=stop_after_attempt(3), wait=wait_fixed(2), reraise=True, before_sleep=before_sleep_log(log, logging.WARNING))
+        def connect() -> None:
+            try:
+                if self.ray_address:
+                    ray.init(address=self.ray_address, logging_level=logging.WARNING)
+                else:
+                    ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            except Exception:
+                ray.shutdown()
+                raise
+
+        connect()
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,54 @@
+"""The `tunewire` command against a real dataset service."""
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ServerThread, prompt_completion_jsonl
+from tunewire.clients.cli import app
+from tunewire.services.common.settings import load_settings
+from tunewire.services.dataset.server import DatasetDeps, create_server
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def dataset_address(tmp_path):
+    settings = load_settings(home=tmp_path / "home")
+
+    async def make():
+        return await create_server(settings, DatasetDeps.from_settings(settings), port=0)
+
+    with ServerThread(make) as server:
+        yield server.address
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["serve"], ["demo"], ["generate"], ["datasets", "upload"], ["datasets", "import"], ["jobs", "create"], ["jobs", "watch"]],
+)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_upload_report_rows_and_delete(dataset_address, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(prompt_completion_jsonl(30))
+    address = ["--dataset-address", dataset_address]
+    result = runner.invoke(app, ["datasets", "upload", str(path), "--name", "sums", "--validation", "5", "--test", "0.1", *address])
+    assert result.exit_code == 0, result.output
+    dataset_id = result.output.split()[1].rstrip(":")
+    assert "'validation': 5" in result.output and "'test': 3" in result.output and "quality report" in result.output
+    rows = runner.invoke(app, ["datasets", "rows", dataset_id, "--limit", "2", "--split", "validation", *address])
+    assert rows.exit_code == 0 and rows.output.count('"split": "validation"') == 2
+    assert dataset_id in runner.invoke(app, ["datasets", "list", *address]).output
+    assert runner.invoke(app, ["datasets", "delete", dataset_id, *address]).exit_code == 0
+
+
+def test_a_rejected_upload_exits_1_naming_the_rows(dataset_address, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n')
+    result = runner.invoke(app, ["datasets", "upload", str(path), "--name", "bad", "--dataset-address", dataset_address])
+    assert result.exit_code == 1
+    assert "INVALID_ARGUMENT" in result.output and "row 1.completion: missing required field" in result.output
