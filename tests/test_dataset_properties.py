@@ -11,11 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ServerThread
 from tunewire.clients.local_stack import LocalStack
 from tunewire.clients.sdk import ApiError, DatasetClient
 from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
+
+from conftest import ServerThread
 
 
 @pytest.fixture(scope="module")

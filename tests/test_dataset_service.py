@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ServerThread, prompt_completion_jsonl
 from tunewire.clients.sdk import ApiError, DatasetClient
 from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
 from tunewire.v1 import dataset_pb2
+
+from conftest import ServerThread, prompt_completion_jsonl
 
 F = dataset_pb2
 

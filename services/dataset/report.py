@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from array import array
 import string
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 

@@ -8,6 +8,7 @@ fixed shape, so the content hash depends on nothing else.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from tunewire.services.common.text import ROLES
@@ -74,9 +75,12 @@ def _check_text(record: dict, name: str, row: int, prefix: str = "") -> RowError
     return None
 
 
+# Undecodable bytes arrive as lone surrogates (errors="surrogateescape").
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _has_invalid_utf8(value: str) -> bool:
-    # Undecodable bytes arrive as lone surrogates (errors="surrogateescape").
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
+    return _ESCAPED_BYTE.search(value) is not None
 
 
 def _check_messages(record: dict, row: int) -> RowError | None:

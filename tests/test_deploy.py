@@ -1,0 +1,221 @@
+"""Offline checks of everything under deploy/ and of the API definition:
+rendered Kubernetes manifests against the Kubernetes schemas (strict), KubeRay
+objects against the CRD schemas with unknown fields refused, Dockerfiles
+through hadolint, protos through buf lint, and manifests consistent with the
+code (settings, ports, service names, images)."""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tunewire.services.common.settings import Settings
+from tunewire.v1 import dataset_pb2, inference_pb2, training_pb2
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+OVERLAYS = ["cpu", "gpu"]
+KUBERNETES_VERSION = "1.37.0"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    for candidate in (BIN / name, REPO / ".tools" / "node_modules" / ".bin" / name):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which(name)
+    assert found, f"{name} is not installed: run `make install`"
+    return found
+
+
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def objects(request) -> list[dict]:
+    return render(request.param)
+
+
+def test_overlays_render_every_kind_needed(objects):
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    for service in ("dataset", "training", "inference"):
+        for kind in ("Deployment", "Service", "ServiceAccount"):
+            assert (kind, f"tunewire-{service}") in kinds
+    assert {
+        ("ConfigMap", "tunewire-config"),
+        ("Secret", "tunewire-db"),
+        ("PersistentVolumeClaim", "tunewire-artifacts"),
+        ("RayCluster", "tunewire-ray"),
+    } <= kinds
+
+
+def test_kubernetes_objects_pass_strict_schema_validation(objects):
+    deployments = []
+    for obj in objects:
+        if obj["apiVersion"].startswith("ray.io/"):
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        deployments += [obj] if obj["kind"] == "Deployment" else []
+    typo = copy.deepcopy(deployments[0])
+    typo["spec"]["replica"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, KUBERNETES_VERSION, strict=True)
+
+
+def closed_schema(schema):
+    """The CRD schema with additionalProperties: false wherever properties are
+    listed, so a misspelt field fails as it would not in the cluster."""
+    schema = copy.deepcopy(schema)
+
+    def close(node):
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema
+
+
+def crd_validator(kind_file: str, version: str = "v1") -> jsonschema.Validator:
+    crd = yaml.safe_load((DEPLOY / "kuberay" / "crds" / kind_file).read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(closed_schema(schema))
+
+
+def test_raycluster_matches_the_kuberay_crd_with_unknown_fields_refused(objects):
+    validator = crd_validator("ray.io_rayclusters.yaml")
+    [cluster] = [o for o in objects if o["kind"] == "RayCluster"]
+    errors = sorted(validator.iter_errors(cluster), key=str)
+    assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+    typo = copy.deepcopy(cluster)
+    typo["spec"]["workerGroupSpecs"][0]["replica"] = 2
+    assert not validator.is_valid(typo)
+
+
+def test_gpu_overlay_asks_for_gpus():
+    objects = render("gpu")
+    [cluster] = [o for o in objects if o["kind"] == "RayCluster"]
+    gpu_group = next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    [inference] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "tunewire-inference"]
+    container = inference["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and container["image"].startswith("tunewire-cuda:")
+    assert not any("nvidia.com/gpu" in str(o) for o in render("cpu"))
+
+
+def test_containers_are_hardened(objects):
+    for obj in objects:
+        if obj["kind"] != "Deployment":
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]
+
+
+SETTINGS_ENV = {("RAY_ADDRESS" if name == "ray_address" else f"TUNEWIRE_{name.upper()}") for name in Settings.model_fields}
+SERVICES = {
+    "dataset": (dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name, Settings.model_fields["dataset_port"].default),
+    "training": (training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name, Settings.model_fields["training_port"].default),
+    "inference": (inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name, Settings.model_fields["inference_port"].default),
+}
+# What each service cannot do without in a cluster (its default only works on one machine).
+REQUIRED = {
+    "dataset": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_DATASET_DATABASE_URL"},
+    "training": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_DATABASE_URL", "TUNEWIRE_DATASET_ADDRESS", "RAY_ADDRESS"},
+    "inference": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_ADDRESS", "TUNEWIRE_BASE_MODEL"},
+}
+
+
+def container_env(container: dict, objects: list[dict]) -> set[str]:
+    names = {e["name"] for e in container.get("env", [])}
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            names |= set(by_name[("ConfigMap", source["configMapRef"]["name"])]["data"])
+        if "secretRef" in source:
+            secret = by_name[("Secret", source["secretRef"]["name"])]
+            names |= set(secret.get("stringData", {})) | set(secret.get("data", {}))
+    return names
+
+
+def test_manifests_and_code_agree(objects):
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    for name, (grpc_service, port) in SERVICES.items():
+        pod = deployments[f"tunewire-{name}"]["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        env = container_env(container, objects)
+        assert env <= SETTINGS_ENV, f"{name} sets variables no service reads: {env - SETTINGS_ENV}"
+        assert REQUIRED[name] <= env, f"{name} lacks {REQUIRED[name] - env}"
+        assert container["command"] == ["python", "-m", f"tunewire.services.{name}"]
+        assert container["ports"][0]["containerPort"] == port
+        assert services[f"tunewire-{name}"]["spec"]["ports"][0]["port"] == port
+        assert container["readinessProbe"]["grpc"] == {"port": port, "service": grpc_service}
+    config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
+    assert config["TUNEWIRE_DATASET_ADDRESS"] == f"tunewire-dataset:{SERVICES['dataset'][1]}"
+    assert config["TUNEWIRE_TRAINING_ADDRESS"] == f"tunewire-training:{SERVICES['training'][1]}"
+    assert config["RAY_ADDRESS"].startswith("ray://tunewire-ray-head-svc:")
+    for obj in objects:
+        for container in _containers(obj):
+            assert container_env(container, objects) <= SETTINGS_ENV
+            image, tag = container["image"].rsplit(":", 1)
+            assert image in ("tunewire", "tunewire-cuda") and tag == _version()
+
+
+def _containers(obj: dict) -> list[dict]:
+    if obj["kind"] == "Deployment":
+        return obj["spec"]["template"]["spec"]["containers"]
+    if obj["kind"] == "RayCluster":
+        groups = [obj["spec"]["headGroupSpec"], *obj["spec"]["workerGroupSpecs"]]
+        return [c for g in groups for c in g["template"]["spec"]["containers"]]
+    return []
+
+
+def _version() -> str:
+    import tunewire
+
+    return tunewire.__version__
+
+
+def test_ray_version_matches_the_installed_ray():
+    import ray
+
+    [cluster] = [o for o in render("cpu") if o["kind"] == "RayCluster"]
+    assert cluster["spec"]["rayVersion"] == ray.__version__
+
+
+@pytest.mark.parametrize("dockerfile", sorted((DEPLOY / "docker").glob("Dockerfile.*")), ids=lambda p: p.name)
+def test_dockerfiles_pass_hadolint(dockerfile):
+    out = subprocess.run([tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = dockerfile.read_text()
+    assert "USER 10001" in text and "tunewire.services." in text
+
+
+def test_protos_pass_buf_lint():
+    out = subprocess.run(
+        [tool("buf"), "lint"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BUF_CACHE_DIR": str(REPO / ".tools" / "buf-cache")},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
