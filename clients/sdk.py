@@ -222,21 +222,57 @@ class TrainingClient(_Client):
         hyperparameters: dict | None = None,
         num_workers: int = 1,
         use_gpu: bool = False,
+        method: int = training_pb2.TRAINING_METHOD_LORA,
+        idempotency_key: str = "",
     ) -> training_pb2.Job:
-        spec = training_pb2.JobSpec(
+        """Queues a job; a retry with the same idempotency_key returns the same job."""
+        spec = self.spec(base_model, dataset_id, hyperparameters, num_workers, use_gpu, method)
+        return self._call(self.stub.CreateJob, training_pb2.CreateJobRequest(spec=spec, idempotency_key=idempotency_key)).job
+
+    @staticmethod
+    def spec(
+        base_model, dataset_id, hyperparameters=None, num_workers=1, use_gpu=False, method=training_pb2.TRAINING_METHOD_LORA
+    ) -> training_pb2.JobSpec:
+        return training_pb2.JobSpec(
             base_model=base_model,
             dataset_id=dataset_id,
-            method=training_pb2.TRAINING_METHOD_LORA,
+            method=method,
             hyperparameters=training_pb2.Hyperparameters(**(hyperparameters or {})),
             compute=training_pb2.ComputeConfig(num_workers=num_workers, use_gpu=use_gpu),
         )
-        return self._call(self.stub.CreateJob, training_pb2.CreateJobRequest(spec=spec)).job
+
+    def estimate(
+        self,
+        base_model: str,
+        dataset_id: str,
+        hyperparameters: dict | None = None,
+        num_workers: int = 1,
+        use_gpu: bool = False,
+        method: int = training_pb2.TRAINING_METHOD_LORA,
+        timeout: float | None = 300,
+    ) -> training_pb2.EstimateJobResponse:
+        """Tokens, steps, parameters, memory and ETA of a job, before running it."""
+        spec = self.spec(base_model, dataset_id, hyperparameters, num_workers, use_gpu, method)
+        return self._call(self.stub.EstimateJob, training_pb2.EstimateJobRequest(spec=spec), timeout)
+
+    def cancel_job(self, job_id: str) -> training_pb2.Job:
+        return self._call(self.stub.CancelJob, training_pb2.CancelJobRequest(id=job_id)).job
+
+    def list_checkpoints(self, job_id: str) -> list[training_pb2.Checkpoint]:
+        return list(self._call(self.stub.ListCheckpoints, training_pb2.ListCheckpointsRequest(job_id=job_id)).checkpoints)
 
     def get_job(self, job_id: str) -> training_pb2.Job:
         return self._call(self.stub.GetJob, training_pb2.GetJobRequest(id=job_id)).job
 
     def list_jobs(self, state: int = training_pb2.JOB_STATE_UNSPECIFIED) -> list[training_pb2.Job]:
-        return list(self._call(self.stub.ListJobs, training_pb2.ListJobsRequest(state=state)).jobs)
+        """Every job (all pages), newest first."""
+        jobs, token = [], ""
+        while True:
+            response = self._call(self.stub.ListJobs, training_pb2.ListJobsRequest(state=state, page_size=500, page_token=token))
+            jobs += response.jobs
+            token = response.next_page_token
+            if not token:
+                return jobs
 
     def stream_events(
         self, job_id: str, after_sequence: int = 0, timeout: float | None = None

@@ -27,8 +27,11 @@ from conftest import ServerThread, write_lora_adapter
 
 
 class OneDataset:
-    async def acquire(self, dataset_id, holder):
+    async def get(self, dataset_id):
         return DatasetRef(id=dataset_id, format="prompt_completion", uri="unused", train_rows=10, validation_rows=0)
+
+    async def acquire(self, dataset_id, holder):
+        return await self.get(dataset_id)
 
 
 class CopyAdapterRunner:
@@ -37,8 +40,11 @@ class CopyAdapterRunner:
     def __init__(self, adapter_dir: Path):
         self.adapter_dir = adapter_dir
 
+    def checkpoints(self, job_id):
+        return []
+
     @contextlib.asynccontextmanager
-    async def run(self, job, emit):
+    async def run(self, job, emit, cancel):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "adapter"
             shutil.copytree(self.adapter_dir, out)

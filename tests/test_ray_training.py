@@ -1,71 +1,91 @@
-"""Real Ray Train runs of the training loop on a tiny model: two CPU workers,
-Ray Data shards from Parquet, a PEFT adapter at the end."""
+"""Real Ray Train runs of the training loop on tiny models: two CPU workers,
+Ray Data shards from Parquet, evaluation, checkpoints, early stopping,
+cancellation, resumption, a killed worker, every task and method."""
 
 import asyncio
 import json
+import threading
+import time
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.training.config import resolve_config
 from tunewire.services.training.ray_runner import RayTrainRunner
-from tunewire.services.training.scheduler import JobFailed
+from tunewire.services.training.scheduler import JobCancelled, JobFailed
 from tunewire.services.training.store import Job
+
+from conftest import build_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
-    runner = RayTrainRunner(ray_address="", num_cpus=4, storage_path=str(root / "runs"), model_cache=root / "models")
+    runner = RayTrainRunner(ray_address="", num_cpus=4, artifacts=ArtifactStore(str(root / "artifacts")), model_cache=root / "models")
     runner.start()
     yield runner
     runner.shutdown()
 
 
-def make_job(tmp_path, model_dir, rows: int, workers: int, **hyperparameters) -> Job:
-    table = pa.table(
-        {
-            "prompt": [f"What is {i} plus {i}?" for i in range(rows)],
-            "completion": [f"Arr, {2 * i}." for i in range(rows)],
-            "split": ["validation" if i % 5 == 0 else "train" for i in range(rows)],
-        }
-    )
+def sums(n: int) -> list[dict]:
+    return [{"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."} for i in range(n)]
+
+
+def make_job(tmp_path, model_dir, rows: list[dict], fmt: str = "prompt_completion", workers: int = 2, method: str = "lora", labels=(), **hyperparameters) -> Job:
+    splits = ["validation" if i % 5 == 0 else "test" if i % 5 == 1 else "train" for i in range(len(rows))]
+    table = pa.Table.from_pylist([{**r, "split": s} for r, s in zip(rows, splits, strict=True)])
     pq.write_table(table, tmp_path / "data.parquet")
-    train = sum(1 for s in table.column("split").to_pylist() if s == "train")
-    config = resolve_config({"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, **hyperparameters}, train)
+    count = {s: splits.count(s) for s in ("train", "validation", "test")}
+    config = resolve_config({"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, **hyperparameters}, count["train"], method)
     return Job(
-        id="job-test",
+        id=f"job-{tmp_path.name}",  # one per test: checkpoints are found by job id
         state="RUNNING",
-        spec={"base_model": str(model_dir), "num_workers": workers, "use_gpu": False, "method": "lora"},
+        spec={"base_model": str(model_dir), "num_workers": workers, "use_gpu": False, "method": method},
         config=config.to_dict(),
-        dataset={"uri": str(tmp_path / "data.parquet"), "train_rows": train, "validation_rows": rows - train},
+        dataset={"uri": str(tmp_path / "data.parquet"), "format": fmt, "labels": list(labels), "train_rows": count["train"], "validation_rows": count["validation"], "test_rows": count["test"]},
     )
 
 
-async def train(runner, job):
-    events = []
-    async with runner.run(job, lambda kind, data: events.append((kind, data))) as adapter_dir:
-        files = {p.name: p.read_bytes() for p in adapter_dir.iterdir()}
+async def train(runner, job, cancel_when=None):
+    events, cancel = [], asyncio.Event()
+
+    def emit(kind, data):
+        events.append((kind, data))
+        if cancel_when and cancel_when(kind, data):
+            cancel.set()
+
+    async with runner.run(job, emit, cancel) as out:
+        files = {p.name: p.read_bytes() for p in out.iterdir()}
     return events, files
 
 
-def test_two_workers_train_a_loadable_lora_adapter(runner, tiny_model_dir, tmp_path):
+def of(events, kind):
+    return [d for k, d in events if k == kind]
+
+
+def test_two_workers_train_evaluate_and_checkpoint_a_lora_adapter(runner, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    job = make_job(tmp_path, tiny_model_dir, rows=40, workers=2)
+    job = make_job(tmp_path, tiny_model_dir, sums(60))
     events, files = asyncio.run(train(runner, job))
-
-    steps = [d for kind, d in events if kind == "step"]
-    # 32 training rows, 16 per worker, batches of 4: 4 steps an epoch.
-    assert [s["step"] for s in steps] == list(range(1, 9))
-    assert all(s["total_steps"] == 8 and s["tokens_per_second"] > 0 for s in steps)
+    steps = of(events, "step")
+    # 36 training rows, 18 per worker, batches of 4: 5 steps an epoch.
+    assert [s["step"] for s in steps] == list(range(1, 11))
+    assert all(s["total_steps"] == 10 and s["tokens_per_second"] > 0 for s in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
-    evals = [d for kind, d in events if kind == "eval"]
-    assert [e["step"] for e in evals] == [4, 8] and evals[-1]["loss"] > 0
+    assert [e["step"] for e in of(events, "eval")] == [5, 10]
+    assert of(events, "checkpoint") and len(runner.checkpoints(job.id)) >= 1
+    [evaluation] = of(events, "evaluation")
+    assert evaluation["test_rows"] == 12 and evaluation["task"] == "sft"
+    assert {"loss", "perplexity", "exact_match"} <= set(evaluation["tuned_metrics"]) == set(evaluation["base_metrics"])
+    assert evaluation["tuned_metrics"]["loss"] < evaluation["base_metrics"]["loss"]
+    assert evaluation["reference_perplexity_before"] > 0 and evaluation["reference_perplexity_after"] > 0
+    assert json.loads(files["evaluation.json"]) == evaluation
 
-    assert {"adapter_config.json", "adapter_model.safetensors", "tunewire_adapter.json"} <= set(files)
     config = json.loads(files["adapter_config.json"])
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_model_dir)
     adapter_dir = tmp_path / "adapter"
@@ -73,12 +93,93 @@ def test_two_workers_train_a_loadable_lora_adapter(runner, tiny_model_dir, tmp_p
     for name, data in files.items():
         (adapter_dir / name).write_bytes(data)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir))
-    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # trained, not the zero init
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # trained, not the zero init
+
+
+def test_early_stopping_publishes_the_best_checkpoint(runner, tiny_model_dir, tmp_path):
+    # Validation answers contradict training answers: the better the model
+    # fits train, the worse validation gets.
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": "Arr, yes." if i % 5 else "No, never, nothing."} for i in range(60)]
+    job = make_job(tmp_path, tiny_model_dir, rows, epochs=6, eval_every_steps=1, early_stopping_patience=2, learning_rate=2e-2)
+    events, files = asyncio.run(train(runner, job))
+    evals = of(events, "eval")
+    [evaluation] = of(events, "evaluation")
+    best = min(evals, key=lambda e: e["loss"])
+    assert evaluation["stopped_early"] and len(evals) < 30
+    assert evaluation["best_step"] == best["step"] < evals[-1]["step"]
+    assert evaluation["best_validation_loss"] == pytest.approx(best["loss"])
+
+
+def test_classification_on_an_encoder(runner, tmp_path):
+    bert = build_tiny_bert(tmp_path / "bert")
+    rows = [{"text": f"review number {i} was {'great good' if i % 2 else 'awful bad'}", "label": "pos" if i % 2 else "neg"} for i in range(80)]
+    job = make_job(tmp_path, bert, rows, fmt="classification", labels=["neg", "pos"], epochs=4, learning_rate=1e-2)
+    events, files = asyncio.run(train(runner, job))
+    [evaluation] = of(events, "evaluation")
+    assert evaluation["task"] == "classification"
+    assert evaluation["tuned_metrics"]["accuracy"] == 1.0 and evaluation["tuned_metrics"]["macro_f1"] == 1.0
+    assert set(evaluation["base_metrics"]) == {"accuracy", "macro_f1"}
+    assert json.loads(files["adapter_config.json"])["task_type"] == "SEQ_CLS"
+
+
+def test_full_fine_tuning_publishes_a_whole_model(runner, tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, sums(40), workers=1, method="full", learning_rate=1e-3)
+    events, files = asyncio.run(train(runner, job))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files) and "adapter_config.json" not in files
+    [evaluation] = of(events, "evaluation")
+    assert evaluation["tuned_metrics"]["loss"] < evaluation["base_metrics"]["loss"]
+
+
+@pytest.mark.parametrize(
+    "fmt, rows, metric",
+    [
+        ("text", [{"text": f"the quick brown fox number {i} jumps over the lazy dog"} for i in range(40)], "perplexity"),
+        ("summarization", [{"document": f"the quick brown fox number {i} jumps over the lazy dog", "summary": f"fox {i} jumps"} for i in range(40)], "rougeL"),
+        ("chat", [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "Arr!"}]} for i in range(40)], "exact_match"),
+    ],
+)
+def test_each_causal_task(runner, tiny_model_dir, tmp_path, fmt, rows, metric):
+    job = make_job(tmp_path, tiny_model_dir, rows, fmt=fmt, workers=1)
+    events, _ = asyncio.run(train(runner, job))
+    [evaluation] = of(events, "evaluation")
+    assert metric in evaluation["tuned_metrics"] and evaluation["tuned_metrics"]["loss"] < evaluation["base_metrics"]["loss"]
+
+
+def test_cancel_then_resume_from_the_checkpoint(runner, tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, sums(60), epochs=4)
+    with pytest.raises(JobCancelled):
+        asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint"))
+    [saved] = runner.checkpoints(job.id)
+    assert saved["step"] == 5
+    # The orchestrator runs the job again (as after a restart): it resumes.
+    events, _ = asyncio.run(train(runner, job))
+    assert any("resuming from the checkpoint of step 5" in d["message"] for d in of(events, "log"))
+    assert of(events, "step")[0]["step"] == 6 and of(events, "step")[-1]["step"] == 20
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(runner, tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, sums(60), epochs=4)
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(c["step"] >= 5 for c in runner.checkpoints(job.id)):
+            time.sleep(0.2)
+        for process in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.pid)
+                return
+
+    threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True).start()
+    events, files = asyncio.run(train(runner, job))
+    assert killed
+    assert any("resumed from the checkpoint" in d["message"] for d in of(events, "log"))
+    assert of(events, "step")[-1]["step"] == 20 and "adapter_model.safetensors" in files
 
 
 def test_gpu_job_without_gpus_fails_clearly(runner, tiny_model_dir, tmp_path):
-    job = make_job(tmp_path, tiny_model_dir, rows=10, workers=1)
+    job = make_job(tmp_path, tiny_model_dir, sums(10), workers=1)
     job = Job(**{**job.__dict__, "spec": {**job.spec, "use_gpu": True}})
     with pytest.raises(JobFailed) as caught:
         asyncio.run(train(runner, job))
@@ -86,7 +187,7 @@ def test_gpu_job_without_gpus_fails_clearly(runner, tiny_model_dir, tmp_path):
 
 
 def test_a_worker_error_fails_the_job_with_its_message(runner, tmp_path):
-    job = make_job(tmp_path, tmp_path / "missing-model", rows=10, workers=1)
+    job = make_job(tmp_path, tmp_path / "missing-model", sums(10), workers=1)
     with pytest.raises(JobFailed) as caught:
         asyncio.run(train(runner, job))
     assert "missing-model" in str(caught.value)

@@ -1,8 +1,8 @@
 """TrainingService over a real gRPC server on port 0, with a fake runner and
 dataset lookup (Ray Train itself is tested in test_ray_training.py)."""
 
-import asyncio
 import contextlib
+import datetime
 import tempfile
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.errors import NotFound
 from tunewire.services.common.settings import load_settings
 from tunewire.services.training.jobs import DatasetRef
-from tunewire.services.training.scheduler import JobFailed
+from tunewire.services.training.scheduler import JobCancelled, JobFailed
 from tunewire.services.training.server import TrainingDeps, create_server
 from tunewire.services.training.store import RUNNING, JobStore
 from tunewire.v1 import training_pb2
@@ -25,28 +25,47 @@ DATASET = DatasetRef(id="ds-1", format="prompt_completion", uri="unused", train_
 
 
 class FakeDatasets:
-    async def acquire(self, dataset_id, holder):
+    def __init__(self):
+        self.pins = []
+
+    async def get(self, dataset_id):
         if dataset_id != DATASET.id:
             raise NotFound(f"dataset {dataset_id!r} not found")
         return DATASET
+
+    async def acquire(self, dataset_id, holder):
+        dataset = await self.get(dataset_id)
+        self.pins.append((dataset_id, holder))
+        return dataset
 
 
 class FakeRunner:
     """Emits two steps, then yields a directory with adapter files (or fails)."""
 
-    def __init__(self, fail: JobFailed | None = None):
+    def __init__(self, fail: JobFailed | None = None, hold: bool = False):
         self.fail = fail
-        self.release = asyncio.Event()
-        self.hold = False
+        self.hold = hold
         self.ran: list[str] = []
 
+    def checkpoints(self, job_id):
+        return [
+            {
+                "step": 2,
+                "validation_loss": 0.5,
+                "uri": f"/store/ray/{job_id}.1/checkpoint_0",
+                "modified": datetime.datetime.now(datetime.UTC),
+            }
+        ]
+
     @contextlib.asynccontextmanager
-    async def run(self, job, emit):
+    async def run(self, job, emit, cancel):
         self.ran.append(job.id)
         for step in (1, 2):
             emit("step", {"step": step, "total_steps": 2, "loss": 1.0 / step})
         if self.hold:
-            await self.release.wait()
+            # Stands for a long run: only a cancellation ends it.
+            await cancel.wait()
+            raise JobCancelled()
         if self.fail:
             raise self.fail
         emit("eval", {"split": "validation", "loss": 0.5, "perplexity": 1.6, "step": 2})
@@ -121,6 +140,12 @@ def test_invalid_jobs_are_refused_naming_the_field(tmp_path):
             client.get_job("job-missing")
         assert caught.value.code == grpc.StatusCode.NOT_FOUND
         assert client.list_jobs() == []
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", method=training_pb2.TRAINING_METHOD_QLORA)
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION and "CUDA" in caught.value.message
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", {"lora_rank": 8}, method=training_pb2.TRAINING_METHOD_FULL)
+        assert caught.value.violations[0].field == "spec.hyperparameters.lora_rank"
 
 
 def test_failed_job_carries_its_reason(tmp_path):
@@ -138,7 +163,7 @@ def test_jobs_left_running_by_a_dead_orchestrator_run_again(tmp_path):
     runner = FakeRunner()
     settings = load_settings(home=tmp_path / "home")
     store = JobStore(settings.training_database_url)
-    job = store.create(
+    job, _ = store.create(
         "job-interrupted",
         {"base_model": "m", "dataset_id": "ds-1", "method": "lora", "hyperparameters": {}, "num_workers": 1, "use_gpu": False},
         {"seed": 0},
@@ -152,3 +177,51 @@ def test_jobs_left_running_by_a_dead_orchestrator_run_again(tmp_path):
         assert states(events) == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
         assert any("restarted" in e.log for e in events)
         assert runner.ran == [job.id]
+
+
+def test_cancel_a_queued_and_a_running_job(tmp_path):
+    server, _ = make_service(tmp_path, FakeRunner(hold=True))
+    with server, TrainingClient(server.address) as client:
+        running = client.create_job("smollm2-135m-instruct", "ds-1")
+        stream = client.stream_events(running.id, timeout=30)
+        assert [next(stream).state for _ in range(2)] == [training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING]
+        queued = client.create_job("smollm2-135m-instruct", "ds-1")  # waits: one job at a time
+        assert client.cancel_job(queued.id).state == training_pb2.JOB_STATE_CANCELLED
+        client.cancel_job(running.id)
+        assert states(list(stream))[-1] == "JOB_STATE_CANCELLED"
+        assert client.get_job(running.id).state == training_pb2.JOB_STATE_CANCELLED
+        with pytest.raises(ApiError) as caught:
+            client.cancel_job(running.id)
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_retried_create_returns_the_same_job(tmp_path):
+    server, _ = make_service(tmp_path, FakeRunner())
+    with server, TrainingClient(server.address) as client:
+        first = client.create_job("smollm2-135m-instruct", "ds-1", {"epochs": 2}, idempotency_key="k-1")
+        again = client.create_job("smollm2-135m-instruct", "ds-1", {"epochs": 2}, idempotency_key="k-1")
+        assert again.id == first.id and len(client.list_jobs()) == 1
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", {"epochs": 3}, idempotency_key="k-1")
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert client.create_job("smollm2-135m-instruct", "ds-1", idempotency_key="k-2").id != first.id
+
+
+def test_jobs_list_by_state_and_page(tmp_path):
+    server, _ = make_service(tmp_path, FakeRunner())
+    with server, TrainingClient(server.address) as client:
+        ids = [client.create_job("smollm2-135m-instruct", "ds-1").id for _ in range(5)]
+        for job_id in ids:
+            list(client.stream_events(job_id, timeout=30))
+        seen, token = [], ""
+        while True:
+            response = client.stub.ListJobs(training_pb2.ListJobsRequest(page_size=2, page_token=token))
+            seen += [j.id for j in response.jobs]
+            token = response.next_page_token
+            if not token:
+                break
+        assert seen == ids[::-1]
+        assert len(client.list_jobs(training_pb2.JOB_STATE_SUCCEEDED)) == 5
+        assert client.list_jobs(training_pb2.JOB_STATE_RUNNING) == []
+        [checkpoint] = client.stub.ListCheckpoints(training_pb2.ListCheckpointsRequest(job_id=ids[0])).checkpoints
+        assert checkpoint.step == 2 and checkpoint.validation_loss == 0.5

@@ -31,11 +31,12 @@ class ArtifactStore:
         """The address of a path inside the store, as workers should open it."""
         return "/".join([self.root, *parts])
 
-    def _path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
+        """The path inside the store's filesystem (no protocol)."""
         return "/".join([self._root_path, *parts])
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self._path(*parts))
+        return self.fs.exists(self.path(*parts))
 
     @contextlib.contextmanager
     def staged_dir(self) -> Iterator[Path]:
@@ -48,10 +49,10 @@ class ArtifactStore:
         filesystem allows it (a rename on local disks), and returns its URI.
         An existing artifact at that path is left as it is (content-addressed
         artifacts are identical)."""
-        final = self._path(*parts)
+        final = self.path(*parts)
         if self.fs.exists(final):
             return self.uri(*parts)
-        staging = self._path(".staging", uuid.uuid4().hex)
+        staging = self.path(".staging", uuid.uuid4().hex)
         self.fs.makedirs(staging.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
             shutil.copytree(local_dir, staging)
@@ -82,6 +83,6 @@ class ArtifactStore:
         return target
 
     def delete(self, *parts: str) -> None:
-        path = self._path(*parts)
+        path = self.path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)

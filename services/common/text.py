@@ -23,10 +23,18 @@ class TokenizedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+SUMMARIZE_INSTRUCTION = "Summarize the following text.\n\n"
+
+
 def row_to_messages(row: dict) -> list[dict]:
-    """A dataset row (prompt/completion or chat) as a list of chat messages."""
+    """A dataset row (prompt/completion, chat or summarization) as chat messages."""
     if row.get("messages") is not None:
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if row.get("document") is not None:
+        return [
+            {"role": "user", "content": SUMMARIZE_INSTRUCTION + row["document"]},
+            {"role": "assistant", "content": row["summary"]},
+        ]
     return [
         {"role": "user", "content": row["prompt"]},
         {"role": "assistant", "content": row["completion"]},

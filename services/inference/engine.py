@@ -133,6 +133,8 @@ class GenerationEngine:
         config = json.loads(config_path.read_text())
         if config.get("peft_type") != "LORA":
             raise InvalidArgument.field("source", f"adapter type {config.get('peft_type')!r} is not LORA")
+        if config.get("task_type") not in (None, "CAUSAL_LM"):
+            raise InvalidArgument.field("source", f"a {config['task_type']} adapter: this service generates text with CAUSAL_LM adapters")
         base = config.get("base_model_name_or_path")
         if base and base not in (self.base_model_name, self.model_path):
             raise InvalidArgument.field("source", f"adapter was trained on {base!r}, this service serves {self.base_model_name!r}")

@@ -8,9 +8,13 @@ from dataclasses import asdict, dataclass, field
 
 from tunewire.services.common.errors import FieldViolation, InvalidArgument
 
-LORA = "lora"
-METHODS = (LORA,)
+LORA, FULL, QLORA = "lora", "full", "qlora"
+METHODS = (LORA, FULL, QLORA)
 MAX_WORKERS = 64
+
+# The task follows from the dataset's format.
+SFT, PRETRAIN, CLASSIFY, SUMMARIZE = "sft", "continued_pretraining", "classification", "summarization"
+TASK_OF_FORMAT = {"prompt_completion": SFT, "chat": SFT, "text": PRETRAIN, "classification": CLASSIFY, "summarization": SUMMARIZE}
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,13 @@ class TrainingConfig:
     seed: int
     warmup_fraction: float
     weight_decay: float
+    gradient_accumulation_steps: int = 1
+    # Validation every this many optimizer steps; 0: at the end of each epoch.
+    eval_every_steps: int = 0
+    # Stop after this many evaluations without a better validation loss; 0: never.
+    early_stopping_patience: int = 3
+    gradient_checkpointing: bool = False
+    keep_checkpoints: int = 2
     auto: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -38,8 +49,10 @@ class TrainingConfig:
         return cls(**data)
 
     def steps_per_epoch(self, train_rows: int, num_workers: int) -> int:
-        """Optimizer steps per epoch: each worker sees train_rows / num_workers rows."""
-        return max(1, math.ceil((train_rows // num_workers) / self.batch_size))
+        """Optimizer steps per epoch: each worker sees train_rows / num_workers
+        rows, batch_size at a time, gradient_accumulation_steps batches a step."""
+        batches = math.ceil((train_rows // num_workers) / self.batch_size)
+        return max(1, math.ceil(batches / self.gradient_accumulation_steps))
 
 
 DEFAULTS = dict(
@@ -53,9 +66,21 @@ DEFAULTS = dict(
     seed=0,
     warmup_fraction=0.05,
     weight_decay=0.0,
+    gradient_accumulation_steps=1,
+    eval_every_steps=0,
+    early_stopping_patience=3,
+    gradient_checkpointing=False,
+    keep_checkpoints=2,
 )
+# Full fine-tuning moves every weight: a far smaller step than LoRA's.
+FULL_LEARNING_RATE = 2e-5
 
-# (field, check, what a valid value is)
+
+def _module_names(value) -> bool:
+    return all(isinstance(m, str) and (m == "all-linear" or (m and m.replace(".", "").replace("_", "").isalnum())) for m in value)
+
+
+# field -> (check, what a valid value is)
 _CHECKS = {
     "learning_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "epochs": (lambda v: 1 <= v <= 100, "must be in [1, 100]"),
@@ -67,11 +92,14 @@ _CHECKS = {
     "seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2^63)"),
     "warmup_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "weight_decay": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "lora_target_modules": (
-        lambda v: all(isinstance(m, str) and m.strip() and m.replace(".", "").replace("_", "").isalnum() or m == "all-linear" for m in v),
-        "module names (letters, digits, '_', '.') or 'all-linear'",
-    ),
+    "lora_target_modules": (_module_names, "module names (letters, digits, '_', '.') or 'all-linear'"),
+    "gradient_accumulation_steps": (lambda v: 1 <= v <= 1024, "must be in [1, 1024]"),
+    "eval_every_steps": (lambda v: 0 <= v <= 10**6, "must be in [0, 1000000] (0: each epoch)"),
+    "early_stopping_patience": (lambda v: 0 <= v <= 1000, "must be in [0, 1000] (0: never stop early)"),
+    "gradient_checkpointing": (lambda v: isinstance(v, bool), "must be true or false"),
+    "keep_checkpoints": (lambda v: 1 <= v <= 100, "must be in [1, 100]"),
 }
+LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 def auto_epochs(train_rows: int) -> int:
@@ -84,7 +112,7 @@ def auto_epochs(train_rows: int) -> int:
     return max(1, min(10, math.ceil(2000 / max(train_rows, 1))))
 
 
-def resolve_config(given: dict, train_rows: int) -> TrainingConfig:
+def resolve_config(given: dict, train_rows: int, method: str = LORA) -> TrainingConfig:
     """Checks every hyperparameter the job set (InvalidArgument names each bad
     field at once) and fills the rest with defaults."""
     violations = []
@@ -92,10 +120,13 @@ def resolve_config(given: dict, train_rows: int) -> TrainingConfig:
         check, rule = _CHECKS[name]
         if not check(value):
             violations.append(FieldViolation(f"spec.hyperparameters.{name}", f"{rule}, got {value!r}"))
+        elif method == FULL and name in LORA_ONLY:
+            violations.append(FieldViolation(f"spec.hyperparameters.{name}", "applies to LoRA only; the job's method is full fine-tuning"))
     if violations:
         raise InvalidArgument("invalid hyperparameters: " + "; ".join(f"{v.field} {v.description}" for v in violations), violations)
-    values = {**DEFAULTS, **{k: v for k, v in given.items() if k != "epochs"}}
-    auto = sorted(k for k in [*DEFAULTS, "epochs"] if k not in given)
+    defaults = {**DEFAULTS, "learning_rate": FULL_LEARNING_RATE if method == FULL else DEFAULTS["learning_rate"]}
+    values = {**defaults, **{k: v for k, v in given.items() if k != "epochs"}}
+    auto = sorted(k for k in [*defaults, "epochs"] if k not in given)
     values["epochs"] = given.get("epochs") or auto_epochs(train_rows)
     return TrainingConfig(**values, auto=auto)
 

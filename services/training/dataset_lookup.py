@@ -25,25 +25,39 @@ class GrpcDatasetLookup:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = dataset_pb2_grpc.DatasetServiceStub(self._channel)
 
+    async def get(self, dataset_id: str) -> DatasetRef:
+        return await self._call(self._get, dataset_id)
+
     async def acquire(self, dataset_id: str, holder: str) -> DatasetRef:
-        try:
+        async def pin_then_get(dataset_id: str) -> DatasetRef:
             # Pinned first: from here on the dataset cannot be deleted under the job.
             await self._stub.PinDataset(dataset_pb2.PinDatasetRequest(dataset_id=dataset_id, holder=holder), timeout=self.timeout)
-            response = await self._stub.GetDataset(dataset_pb2.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
+            return await self._get(dataset_id)
+
+        return await self._call(pin_then_get, dataset_id)
+
+    async def _get(self, dataset_id: str) -> DatasetRef:
+        d = (await self._stub.GetDataset(dataset_pb2.GetDatasetRequest(id=dataset_id), timeout=self.timeout)).dataset
+        splits = d.split_row_counts
+        return DatasetRef(
+            id=d.id,
+            format=FORMATS[d.format],
+            uri=d.uri,
+            train_rows=splits.get("train", 0),
+            validation_rows=splits.get("validation", 0),
+            test_rows=splits.get("test", 0),
+            labels=tuple(d.labels),
+        )
+
+    async def _call(self, fn, dataset_id: str) -> DatasetRef:
+        try:
+            return await fn(dataset_id)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"spec.dataset_id: {exc.details()}") from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument.field("spec.dataset_id", exc.details() or "invalid") from None
             raise Unavailable(f"dataset service at {self.address}: {exc.code().name}: {exc.details()}; retry when it is up") from None
-        d = response.dataset
-        return DatasetRef(
-            id=d.id,
-            format=FORMATS[d.format],
-            uri=d.uri,
-            train_rows=d.split_row_counts.get("train", 0),
-            validation_rows=d.split_row_counts.get("validation", 0),
-        )
 
     async def close(self) -> None:
         await self._channel.close()

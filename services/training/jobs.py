@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tunewire.services.common.models import check_model_name
 from tunewire.services.training import config as training_config
+from tunewire.services.training.config import TrainingConfig
 from tunewire.services.training.store import (
+    CANCELLED,
     FINAL_STATES,
     QUEUED,
+    SUCCEEDED,
     Adapter,
     Job,
     JobEvent,
     JobStore,
 )
 
-TRAINABLE_FORMATS = ("prompt_completion", "chat")
+MAX_PAGE_SIZE = 500
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,16 @@ class DatasetRef:
     uri: str
     train_rows: int
     validation_rows: int
+    test_rows: int = 0
+    labels: tuple[str, ...] = ()
 
 
 class DatasetLookup(Protocol):
+    async def get(self, dataset_id: str) -> DatasetRef:
+        """Raises NotFound for an unknown id, Unavailable if the service is down."""
+
     async def acquire(self, dataset_id: str, holder: str) -> DatasetRef:
-        """The dataset, pinned for `holder` so it is not deleted under it.
-        Raises NotFound for an unknown id, Unavailable if the service is down."""
+        """The dataset, pinned for `holder` so it is not deleted under it."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class JobSpec:
     hyperparameters: dict = field(default_factory=dict)  # only the fields the caller set
     num_workers: int = 1
     use_gpu: bool = False
+    idempotency_key: str = ""
 
 
 class ChangeNotifier:
@@ -74,38 +83,109 @@ class ChangeNotifier:
 
 
 class JobManager:
-    def __init__(self, store: JobStore, datasets: DatasetLookup, notifier: ChangeNotifier | None = None, poll_seconds: float = 1.0):
+    def __init__(
+        self,
+        store: JobStore,
+        datasets: DatasetLookup,
+        notifier: ChangeNotifier | None = None,
+        poll_seconds: float = 1.0,
+        checkpoints: Callable[[str], list[dict]] | None = None,
+        model_cache: Path | None = None,
+    ):
         self.store = store
         self.datasets = datasets
         self.notifier = notifier or ChangeNotifier()
         self.poll_seconds = poll_seconds
+        self._checkpoints = checkpoints or (lambda job_id: [])
+        self._cancel_events: dict[str, asyncio.Event] = {}
+        self.model_cache = model_cache
 
-    async def create(self, spec: JobSpec) -> Job:
+    async def _checked(self, spec: JobSpec, dataset: DatasetRef | None = None) -> tuple[int, TrainingConfig]:
+        """Workers and resolved config of a valid spec; InvalidArgument or
+        FailedPrecondition naming what is wrong otherwise."""
         check_model_name(spec.base_model, "spec.base_model")
         if spec.method not in training_config.METHODS:
             raise InvalidArgument.field("spec.method", f"unsupported method {spec.method!r}: use one of {training_config.METHODS}")
+        if spec.method == training_config.QLORA and not spec.use_gpu:
+            raise FailedPrecondition(
+                "QLoRA quantises the base model to 4 bits on CUDA GPUs: set compute.use_gpu, or use method lora on CPUs"
+            )
         workers = training_config.check_compute(spec.num_workers, spec.use_gpu)
         if not spec.dataset_id:
             raise InvalidArgument.field("spec.dataset_id", "required: the id UploadDataset returned")
-        job_id = "job-" + uuid.uuid4().hex[:16]
-        dataset = await self.datasets.acquire(spec.dataset_id, job_id)
-        if dataset.format not in TRAINABLE_FORMATS:
-            raise FailedPrecondition(
-                f"dataset {dataset.id} is {dataset.format} data; LoRA jobs train on {', '.join(TRAINABLE_FORMATS)} datasets"
-            )
+        dataset = dataset or await self.datasets.get(spec.dataset_id)
         if dataset.train_rows < workers:
             raise FailedPrecondition(
                 f"dataset {dataset.id} has {dataset.train_rows} training rows, fewer than the {workers} workers: add rows or use fewer workers"
             )
-        resolved = training_config.resolve_config(spec.hyperparameters, dataset.train_rows)
-        job = self.store.create(
+        return workers, training_config.resolve_config(spec.hyperparameters, dataset.train_rows, spec.method)
+
+    async def create(self, spec: JobSpec) -> Job:
+        existing = self.store.by_idempotency_key(spec.idempotency_key)
+        if existing is not None:
+            return self._same_request(existing, spec)
+        await self._checked(spec)
+        job_id = "job-" + uuid.uuid4().hex[:16]
+        dataset = await self.datasets.acquire(spec.dataset_id, job_id)
+        workers, resolved = await self._checked(spec, dataset)
+        job, created = self.store.create(
             job_id=job_id,
             spec={**asdict(spec), "num_workers": workers},
             config=resolved.to_dict(),
-            dataset=asdict(dataset),
+            dataset={**asdict(dataset), "labels": list(dataset.labels)},
+            idempotency_key=spec.idempotency_key,
         )
+        if not created:  # a concurrent retry won the race
+            return self._same_request(job, spec)
         self.notifier.notify()
         return job
+
+    @staticmethod
+    def _same_request(job: Job, spec: JobSpec) -> Job:
+        if {k: v for k, v in job.spec.items() if k != "num_workers"} != {k: v for k, v in asdict(spec).items() if k != "num_workers"}:
+            raise FailedPrecondition(f"idempotency key {spec.idempotency_key!r} was used for job {job.id} with another spec: use a new key")
+        return job
+
+    async def estimate(self, spec: JobSpec) -> tuple[dict, TrainingConfig]:
+        """The estimate, and the hyperparameters it assumed."""
+        from tunewire.services.training.estimate import estimate_job
+
+        dataset = await self.datasets.get(spec.dataset_id) if spec.dataset_id else None
+        workers, config = await self._checked(spec, dataset)
+        return await asyncio.to_thread(
+            estimate_job, spec, dataset, workers, config, self.measured_throughput(spec, workers), self.model_cache
+        ), config
+
+    def measured_throughput(self, spec: JobSpec, workers: int) -> float:
+        """Mean tokens/s of earlier succeeded jobs on the same model, method and workers."""
+        rates = [
+            j.latest_step.get("tokens_per_second", 0.0)
+            for j in self.store.list(SUCCEEDED, limit=50)
+            if (j.spec["base_model"], j.spec["method"], j.spec["num_workers"]) == (spec.base_model, spec.method, workers)
+        ]
+        rates = [r for r in rates if r > 0]
+        return sum(rates) / len(rates) if rates else 0.0
+
+    async def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.is_final:
+            raise FailedPrecondition(f"job {job_id} is already {job.state}: only queued or running jobs can be cancelled")
+        if not self.store.transition(job_id, CANCELLED, from_states=(QUEUED,)):
+            # Running: the scheduler's runner stops the workers at their next step.
+            self.cancel_event(job_id).set()
+            self.record(job_id, "log", {"message": "cancellation requested: the workers stop at their next step"})
+        self.notifier.notify()
+        return self.get(job_id)
+
+    def cancel_event(self, job_id: str) -> asyncio.Event:
+        return self._cancel_events.setdefault(job_id, asyncio.Event())
+
+    def forget_cancel_event(self, job_id: str) -> None:
+        self._cancel_events.pop(job_id, None)
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        self.get(job_id)
+        return self._checkpoints(job_id)
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -113,8 +193,17 @@ class JobManager:
             raise NotFound(f"job {job_id!r} not found: list jobs to see the ids")
         return job
 
-    def list(self, state: str = "") -> list[Job]:
-        return self.store.list(state)
+    def list(self, state: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[Job], str]:
+        """A page of jobs, newest first, and the next page's token ('' at the end)."""
+        if not 0 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument.field("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")
+        size = page_size or 50
+        try:
+            offset = int(page_token) if page_token else 0
+        except ValueError:
+            raise InvalidArgument.field("page_token", "not a token this service returned") from None
+        jobs = self.store.list(state, limit=size + 1, offset=offset)
+        return jobs[:size], (str(offset + size) if len(jobs) > size else "")
 
     def queued(self) -> list[Job]:
         return sorted(self.store.list(QUEUED), key=lambda j: j.created_at)

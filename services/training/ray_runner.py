@@ -1,9 +1,12 @@
 """Runs a job as a Ray Train TorchTrainer and relays its progress.
 
 Ray is started by the orchestrator (a local cluster) unless RAY_ADDRESS names
-one. Workers read the dataset's Parquet file from the artifact store through
-Ray Data shards; rank 0 sends progress through a Ray queue, which this runner
-drains into job events while fit() runs in a thread.
+one. Workers read the train and validation splits from the artifact store
+through Ray Data shards; rank 0 sends progress through a Ray queue, which this
+runner drains into job events while fit() runs in a thread, and watches a
+second queue for cancellation. Checkpoints go to <artifact root>/ray/<job>.<attempt>/;
+a job that runs again after the orchestrator restarted resumes from the
+latest one.
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from tunewire.services.training.config import TrainingConfig
-from tunewire.services.training.scheduler import EmitEvent, JobFailed
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.training.config import TASK_OF_FORMAT, TrainingConfig
+from tunewire.services.training.scheduler import EmitEvent, JobCancelled, JobFailed
 from tunewire.services.training.store import Job
+from tunewire.services.training.train_loop import list_checkpoints
 
 log = logging.getLogger(__name__)
 
 
 class RayTrainRunner:
-    def __init__(self, ray_address: str, num_cpus: int, storage_path: str, model_cache: Path):
+    def __init__(self, ray_address: str, num_cpus: int, artifacts: ArtifactStore, model_cache: Path):
         self.ray_address = ray_address
         self.num_cpus = num_cpus
-        self.storage_path = storage_path
+        self.artifacts = artifacts
+        self.storage_path = artifacts.uri("ray")
         self.model_cache = model_cache
 
     def start(self) -> None:
@@ -60,8 +66,12 @@ class RayTrainRunner:
         if ray.is_initialized():
             ray.shutdown()
 
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """The job's checkpoints on storage, oldest first: step, loss, uri, time."""
+        return list_checkpoints(self.artifacts, job_id)
+
     @contextlib.asynccontextmanager
-    async def run(self, job: Job, emit: EmitEvent) -> AsyncIterator[Path]:
+    async def run(self, job: Job, emit: EmitEvent, cancel: asyncio.Event) -> AsyncIterator[Path]:
         import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -71,45 +81,65 @@ class RayTrainRunner:
 
         workers = job.spec["num_workers"]
         use_gpu = job.spec["use_gpu"]
-        if use_gpu and ray.cluster_resources().get("GPU", 0) < workers:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if use_gpu and gpus < workers:
             raise JobFailed(
-                f"the job asks for {workers} GPU worker(s) but the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs: "
+                f"the job asks for {workers} GPU worker(s) but the Ray cluster has {gpus:g} GPUs: "
                 "set use_gpu=false or point RAY_ADDRESS at a cluster with GPUs",
                 user_error=True,
             )
         config = TrainingConfig.from_dict(job.config)
         dataset = job.dataset
         steps_per_epoch = config.steps_per_epoch(dataset["train_rows"], workers)
-        progress = Queue()
+        progress, control = Queue(), Queue()
+        datasets = {"train": _split(dataset["uri"], "train")}
+        if dataset["validation_rows"] >= workers:
+            datasets["validation"] = _split(dataset["uri"], "validation")
         loop_config = {
             "job_id": job.id,
             "base_model": job.spec["base_model"],
+            "method": job.spec["method"],
+            "task": TASK_OF_FORMAT[dataset["format"]],
+            "labels": dataset.get("labels", []),
+            "dataset_uri": dataset["uri"],
+            "use_gpu": use_gpu,
             "model_cache": str(self.model_cache),
             "training": config.to_dict(),
             "steps_per_epoch": steps_per_epoch,
             "total_steps": steps_per_epoch * config.epochs,
+            "has_validation": "validation" in datasets,
             "progress": progress,
+            "control": control,
         }
-        datasets = {"train": _split(dataset["uri"], "train")}
-        if dataset["validation_rows"] >= workers:
-            datasets["validation"] = _split(dataset["uri"], "validation")
-        loop_config["has_validation"] = "validation" in datasets
+        earlier = self.checkpoints(job.id)
+        # Workers resume from the job's latest checkpoint, whether Ray replaced
+        # them mid-run or the orchestrator restarted and runs the job again.
+        loop_config["artifact_root"] = self.artifacts.root
+        attempt = len({c["uri"].rsplit("/", 2)[-2] for c in earlier}) + 1
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
             datasets=datasets,
             run_config=RunConfig(
-                name=job.id,
+                name=f"{job.id}.{attempt}",
                 storage_path=self.storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=1),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=config.keep_checkpoints + 1,  # + the final one
+                    checkpoint_score_attribute="val_loss" if loop_config["has_validation"] else None,
+                    checkpoint_score_order="min",
+                ),
+                # A worker that dies is replaced and training resumes from the latest checkpoint.
+                failure_config=FailureConfig(max_failures=2),
             ),
         )
-        emit("log", {"message": f"starting Ray Train: {workers} worker(s), {steps_per_epoch * config.epochs} steps"})
+        how = f"resuming from the checkpoint of step {earlier[-1]['step']}" if earlier else "from the start"
+        emit("log", {"message": f"starting Ray Train ({how}): {workers} worker(s), {steps_per_epoch * config.epochs} steps"})
         fit = asyncio.create_task(asyncio.to_thread(trainer.fit))
         try:
             while not fit.done():
+                if cancel.is_set() and control.empty():
+                    control.put("cancel")
                 await _relay(progress, emit, timeout=0.5)
             await _relay(progress, emit, timeout=0)
             result = fit.result()
@@ -118,12 +148,15 @@ class RayTrainRunner:
         except Exception as exc:  # Ray wraps the worker's exception
             raise JobFailed(_worker_error(exc)) from exc
         finally:
-            with contextlib.suppress(Exception):
-                progress.shutdown()
+            for queue in (progress, control):
+                with contextlib.suppress(Exception):
+                    queue.shutdown()
         if result.error is not None:
             raise JobFailed(_worker_error(result.error))
+        if cancel.is_set() or (result.metrics or {}).get("cancelled"):
+            raise JobCancelled()
         if result.checkpoint is None:
-            raise JobFailed("training finished without reporting an adapter checkpoint")
+            raise JobFailed("training finished without reporting a checkpoint")
         with result.checkpoint.as_directory() as adapter_dir:
             yield Path(adapter_dir)
 

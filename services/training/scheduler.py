@@ -13,7 +13,7 @@ from typing import Protocol
 
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.training.jobs import JobManager
-from tunewire.services.training.store import FAILED, QUEUED, RUNNING, Job
+from tunewire.services.training.store import CANCELLED, FAILED, QUEUED, RUNNING, Job
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,18 @@ class JobFailed(Exception):
         self.user_error = user_error
 
 
+class JobCancelled(Exception):
+    """The job stopped because it was cancelled."""
+
+
 class TrainingRunner(Protocol):
-    def run(self, job: Job, emit: EmitEvent) -> AbstractAsyncContextManager[Path]:
+    def run(self, job: Job, emit: EmitEvent, cancel: asyncio.Event) -> AbstractAsyncContextManager[Path]:
         """Trains the job; yields a local directory holding the finished
-        adapter (PEFT files). Raises JobFailed."""
+        adapter (PEFT files) or model. Raises JobFailed, or JobCancelled once
+        `cancel` is set."""
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """The job's checkpoints: step, validation_loss, uri, oldest first."""
 
 
 class Scheduler:
@@ -67,14 +75,18 @@ class Scheduler:
         if not self.jobs.transition(job.id, RUNNING, from_states=(QUEUED,)):
             return
         log.info("job %s running", job.id)
+        cancel = self.jobs.cancel_event(job.id)
         try:
-            async with self.runner.run(job, lambda kind, data: self.jobs.record(job.id, kind, data)) as adapter_dir:
+            async with self.runner.run(job, lambda kind, data: self.jobs.record(job.id, kind, data), cancel) as adapter_dir:
                 adapter_id = "ad-" + uuid.uuid4().hex[:16]
                 uri = await asyncio.to_thread(self.artifacts.publish_dir, adapter_dir, "adapters", adapter_id)
             if self.jobs.publish_adapter(job, adapter_id, uri) is None:
                 log.info("job %s left RUNNING before its adapter was published; adapter %s not published", job.id, adapter_id)
                 return
             log.info("job %s succeeded: adapter %s at %s", job.id, adapter_id, uri)
+        except JobCancelled:
+            self.jobs.transition(job.id, CANCELLED, from_states=(RUNNING,))
+            log.info("job %s cancelled", job.id)
         except JobFailed as exc:
             kind = "user error" if exc.user_error else "system error"
             self._fail(job, f"{kind}: {exc}")
@@ -85,6 +97,8 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - any failure must end the job, not the scheduler
             log.exception("job %s failed", job.id)
             self._fail(job, f"system error: {type(exc).__name__}: {exc}")
+        finally:
+            self.jobs.forget_cancel_event(job.id)
 
     def _fail(self, job: Job, error: str) -> None:
         log.warning("job %s failed: %s", job.id, error)

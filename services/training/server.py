@@ -37,7 +37,7 @@ class TrainingDeps:
             runner=RayTrainRunner(
                 ray_address=settings.ray_address,
                 num_cpus=settings.ray_num_cpus,
-                storage_path=artifacts.uri("ray"),
+                artifacts=artifacts,
                 model_cache=settings.model_cache,
             ),
         )
@@ -47,7 +47,7 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
     """The server bound to settings.host and `port` (default
     settings.training_port; 0 picks one). Its start() starts Ray and the
     scheduler before health says SERVING."""
-    jobs = JobManager(deps.store, deps.datasets)
+    jobs = JobManager(deps.store, deps.datasets, checkpoints=deps.runner.checkpoints, model_cache=settings.model_cache)
     scheduler = Scheduler(jobs, deps.runner, deps.artifacts, settings.max_concurrent_jobs)
     address = f"{settings.host}:{settings.training_port if port is None else port}"
     handle = await create_grpc_server(

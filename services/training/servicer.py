@@ -11,8 +11,10 @@ from tunewire.v1 import training_pb2, training_pb2_grpc
 METHOD_FROM_PROTO = {
     training_pb2.TRAINING_METHOD_UNSPECIFIED: training_config.LORA,
     training_pb2.TRAINING_METHOD_LORA: training_config.LORA,
+    training_pb2.TRAINING_METHOD_FULL: training_config.FULL,
+    training_pb2.TRAINING_METHOD_QLORA: training_config.QLORA,
 }
-METHOD_TO_PROTO = {training_config.LORA: training_pb2.TRAINING_METHOD_LORA}
+METHOD_TO_PROTO = {v: k for k, v in METHOD_FROM_PROTO.items() if k}
 
 
 def state_to_proto(state: str) -> int:
@@ -23,7 +25,7 @@ def state_from_proto(state: int) -> str:
     return "" if state == training_pb2.JOB_STATE_UNSPECIFIED else training_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
-def spec_from_proto(spec: training_pb2.JobSpec) -> JobSpec:
+def spec_from_proto(spec: training_pb2.JobSpec, idempotency_key: str = "") -> JobSpec:
     hyperparameters = {f.name: (list(v) if f.is_repeated else v) for f, v in spec.hyperparameters.ListFields()}
     method = METHOD_FROM_PROTO.get(spec.method, training_pb2.TrainingMethod.Name(spec.method))
     return JobSpec(
@@ -33,6 +35,7 @@ def spec_from_proto(spec: training_pb2.JobSpec) -> JobSpec:
         hyperparameters=hyperparameters,
         num_workers=spec.compute.num_workers,
         use_gpu=spec.compute.use_gpu,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -57,6 +60,8 @@ def job_to_proto(job: Job) -> training_pb2.Job:
         create_time=to_timestamp(job.created_at),
         start_time=to_timestamp(job.started_at),
         end_time=to_timestamp(job.ended_at),
+        evaluation=training_pb2.EvaluationReport(**job.evaluation) if job.evaluation else None,
+        task=training_config.TASK_OF_FORMAT.get(job.dataset.get("format", ""), ""),
     )
 
 
@@ -70,6 +75,10 @@ def event_to_proto(event: JobEvent) -> training_pb2.StreamJobEventsResponse:
         message.step.CopyFrom(training_pb2.StepMetrics(**data))
     elif event.kind == "eval":
         message.eval.CopyFrom(training_pb2.EvalMetrics(**data))
+    elif event.kind == "checkpoint":
+        message.checkpoint.CopyFrom(training_pb2.Checkpoint(step=data["step"], validation_loss=data["validation_loss"]))
+    elif event.kind == "evaluation":
+        message.evaluation.CopyFrom(training_pb2.EvaluationReport(**data))
     else:
         message.log = data.get("message", "")
     return message
@@ -91,15 +100,32 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self.jobs = jobs
 
     async def CreateJob(self, request: training_pb2.CreateJobRequest, context):
-        job = await self.jobs.create(spec_from_proto(request.spec))
+        job = await self.jobs.create(spec_from_proto(request.spec, request.idempotency_key))
         return training_pb2.CreateJobResponse(job=job_to_proto(job))
+
+    async def CancelJob(self, request: training_pb2.CancelJobRequest, context):
+        return training_pb2.CancelJobResponse(job=job_to_proto(await self.jobs.cancel(request.id)))
+
+    async def ListCheckpoints(self, request: training_pb2.ListCheckpointsRequest, context):
+        checkpoints = [
+            training_pb2.Checkpoint(
+                step=c["step"], validation_loss=c["validation_loss"], uri=c["uri"], create_time=to_timestamp(c["modified"])
+            )
+            for c in self.jobs.checkpoints(request.job_id)
+        ]
+        return training_pb2.ListCheckpointsResponse(checkpoints=checkpoints)
+
+    async def EstimateJob(self, request: training_pb2.EstimateJobRequest, context):
+        estimate, config = await self.jobs.estimate(spec_from_proto(request.spec))
+        resolved = {k: v for k, v in config.to_dict().items() if k != "auto"}
+        return training_pb2.EstimateJobResponse(resolved_hyperparameters=training_pb2.Hyperparameters(**resolved), **estimate)
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context):
         return training_pb2.GetJobResponse(job=job_to_proto(self.jobs.get(request.id)))
 
     async def ListJobs(self, request: training_pb2.ListJobsRequest, context):
-        jobs = self.jobs.list(state_from_proto(request.state))
-        return training_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+        jobs, token = self.jobs.list(state_from_proto(request.state), request.page_size, request.page_token)
+        return training_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def StreamJobEvents(self, request: training_pb2.StreamJobEventsRequest, context):
         async for event in self.jobs.events(request.job_id, request.after_sequence):

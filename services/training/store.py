@@ -11,6 +11,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tunewire.services.common.db import make_engine
@@ -44,6 +45,9 @@ class JobRecord(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     adapter_id: Mapped[str] = mapped_column(String(64), default="")
     latest_step: Mapped[dict] = mapped_column(JSON, default=dict)
+    evaluation: Mapped[dict] = mapped_column(JSON, default=dict)
+    # A retried CreateJob with the same key finds this job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(256), unique=True, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -80,6 +84,7 @@ class Job:
     error: str = ""
     adapter_id: str = ""
     latest_step: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
     created_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
@@ -91,17 +96,18 @@ class Job:
     @classmethod
     def from_record(cls, r: JobRecord) -> Job:
         return cls(
-            r.id,
-            r.state,
-            dict(r.spec),
-            dict(r.config),
-            dict(r.dataset),
-            r.error or "",
-            r.adapter_id or "",
-            dict(r.latest_step or {}),
-            _utc(r.created_at),
-            _utc(r.started_at),
-            _utc(r.ended_at),
+            id=r.id,
+            state=r.state,
+            spec=dict(r.spec),
+            config=dict(r.config),
+            dataset=dict(r.dataset),
+            error=r.error or "",
+            adapter_id=r.adapter_id or "",
+            latest_step=dict(r.latest_step or {}),
+            evaluation=dict(r.evaluation or {}),
+            created_at=_utc(r.created_at),
+            started_at=_utc(r.started_at),
+            ended_at=_utc(r.ended_at),
         )
 
 
@@ -110,7 +116,7 @@ class JobEvent:
     job_id: str
     sequence: int
     time: dt.datetime
-    kind: str  # "state" | "step" | "eval" | "log"
+    kind: str  # "state" | "step" | "eval" | "checkpoint" | "evaluation" | "log"
     data: dict
 
 
@@ -138,21 +144,44 @@ class JobStore:
 
     # Jobs
 
-    def create(self, job_id: str, spec: dict, config: dict, dataset: dict) -> Job:
-        with Session(self.engine) as session, session.begin():
-            record = JobRecord(id=job_id, state=QUEUED, spec=spec, config=config, dataset=dataset, created_at=_now())
-            session.add(record)
-            session.flush()
-            self._append(session, job_id, "state", {"state": QUEUED})
-            return Job.from_record(record)
+    def create(self, job_id: str, spec: dict, config: dict, dataset: dict, idempotency_key: str = "") -> tuple[Job, bool]:
+        """The new job, or the one created earlier with the same key; and
+        whether it was created now."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                record = JobRecord(
+                    id=job_id,
+                    state=QUEUED,
+                    spec=spec,
+                    config=config,
+                    dataset=dataset,
+                    idempotency_key=idempotency_key or None,
+                    created_at=_now(),
+                )
+                session.add(record)
+                session.flush()
+                self._append(session, job_id, "state", {"state": QUEUED})
+                return Job.from_record(record), True
+        except IntegrityError:
+            existing = self.by_idempotency_key(idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+
+    def by_idempotency_key(self, key: str) -> Job | None:
+        if not key:
+            return None
+        with Session(self.engine) as session:
+            record = session.scalar(select(JobRecord).where(JobRecord.idempotency_key == key))
+            return Job.from_record(record) if record else None
 
     def get(self, job_id: str) -> Job | None:
         with Session(self.engine) as session:
             record = session.get(JobRecord, job_id)
             return Job.from_record(record) if record else None
 
-    def list(self, state: str = "") -> list[Job]:
-        query = select(JobRecord).order_by(JobRecord.created_at.desc())
+    def list(self, state: str = "", limit: int | None = None, offset: int = 0) -> list[Job]:
+        query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).offset(offset).limit(limit)
         if state:
             query = query.where(JobRecord.state == state)
         with Session(self.engine) as session:
@@ -186,6 +215,8 @@ class JobStore:
         with Session(self.engine) as session, session.begin():
             if kind == "step":
                 session.execute(update(JobRecord).where(JobRecord.id == job_id).values(latest_step=data))
+            if kind == "evaluation":
+                session.execute(update(JobRecord).where(JobRecord.id == job_id).values(evaluation=data))
             return self._append(session, job_id, kind, data)
 
     def _append(self, session: Session, job_id: str, kind: str, data: dict) -> JobEvent:

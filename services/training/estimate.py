@@ -1,0 +1,77 @@
+"""What a job would take, before any training: tokens, steps, parameters,
+memory per worker and, from earlier jobs' measured throughput, time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunewire.services.training.config import CLASSIFY, FULL, TASK_OF_FORMAT, TrainingConfig
+
+SAMPLE_ROWS = 2000
+BYTES_PER_PARAMETER = 4  # float32 weights
+
+
+def estimate_job(
+    spec, dataset, workers: int, config: TrainingConfig, measured_tokens_per_second: float, model_cache: Path | None = None
+) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tunewire.services.common.models import resolve_model
+    from tunewire.services.training import tasks
+    from tunewire.services.training.train_loop import read_split
+
+    task = TASK_OF_FORMAT[dataset.format]
+    path = resolve_model(spec.base_model, model_cache or Path.home() / ".cache" / "tunewire" / "models")
+    tokenizer = tasks.load_tokenizer(path)
+    rows = read_split(dataset.uri, "train", SAMPLE_ROWS)
+    sample_tokens = 0
+    for start in range(0, len(rows), 64):
+        batch = tasks.collate(
+            task, rows[start : start + 64], tokenizer, config.max_seq_length, {label: i for i, label in enumerate(dataset.labels)}, "cpu"
+        )
+        sample_tokens += int(batch["attention_mask"].sum())
+    train_tokens = round(sample_tokens * dataset.train_rows / max(len(rows), 1))
+
+    # Parameters without allocating weights: the model built on the meta device.
+    model_config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        if task == CLASSIFY:
+            model_config.num_labels = max(2, len(dataset.labels))
+            model = AutoModelForSequenceClassification.from_config(model_config)
+        else:
+            model = AutoModelForCausalLM.from_config(model_config)
+        parameters = sum(p.numel() for p in model.parameters())
+        if spec.method == FULL:
+            trainable = parameters
+        else:
+            model = tasks.load_peft(model, task, config)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    steps = config.steps_per_epoch(dataset.train_rows, workers) * config.epochs
+    hidden = getattr(model_config, "hidden_size", 0)
+    layers = getattr(model_config, "num_hidden_layers", 0)
+    tokens_per_batch = config.batch_size * min(config.max_seq_length, max(1, train_tokens // max(dataset.train_rows, 1)) * 2)
+    # Weights, gradients and Adam's two moments for the trainable part, and
+    # roughly 16 saved values per hidden unit per layer per token of activations.
+    activations = tokens_per_batch * hidden * layers * 16 * BYTES_PER_PARAMETER // (4 if config.gradient_checkpointing else 1)
+    memory = parameters * BYTES_PER_PARAMETER + trainable * BYTES_PER_PARAMETER * 3 + activations
+    tokens_to_process = train_tokens * config.epochs
+    if measured_tokens_per_second > 0:
+        eta, basis = (
+            tokens_to_process / measured_tokens_per_second,
+            f"measured {measured_tokens_per_second:,.0f} tokens/s on earlier jobs of this model, method and worker count",
+        )
+    else:
+        eta, basis = 0.0, "no earlier job of this model, method and worker count has run yet: no throughput measured"
+    return {
+        "train_rows": dataset.train_rows,
+        "train_tokens": train_tokens,
+        "steps": steps,
+        "parameters": parameters,
+        "trainable_parameters": trainable,
+        "memory_bytes_per_worker": int(memory),
+        "eta_seconds": eta,
+        "measured_tokens_per_second": measured_tokens_per_second,
+        "eta_basis": basis,
+    }

@@ -1,0 +1,52 @@
+"""Evaluation metrics on plain Python values (no torch), so they are easy to test."""
+
+from __future__ import annotations
+
+import math
+import re
+
+
+def accuracy_and_macro_f1(predictions: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
+    if not labels:
+        return {}
+    correct = sum(p == t for p, t in zip(predictions, labels, strict=True))
+    f1s = []
+    for c in range(num_labels):
+        tp = sum(p == c and t == c for p, t in zip(predictions, labels, strict=True))
+        fp = sum(p == c and t != c for p, t in zip(predictions, labels, strict=True))
+        fn = sum(p != c and t == c for p, t in zip(predictions, labels, strict=True))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": correct / len(labels), "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures (Google's rouge-score, with stemming)."""
+    if not references:
+        return {}
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for prediction, reference in zip(predictions, references, strict=True):
+        for name, score in scorer.score(reference, prediction).items():
+            totals[name] += score.fmeasure
+    return {name: total / len(references) for name, total in totals.items()}
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def exact_match(predictions: list[str], references: list[str]) -> dict[str, float]:
+    if not references:
+        return {}
+    hits = sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references, strict=True))
+    return {"exact_match": hits / len(references)}
+
+
+def loss_metrics(loss_sum: float, tokens: float) -> dict[str, float]:
+    if not tokens:
+        return {}
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
