@@ -4,7 +4,8 @@ service from the shell. Heavy libraries are never imported here, so it starts fa
 from __future__ import annotations
 
 import json
-import time
+import signal
+import threading
 from pathlib import Path
 
 import typer
@@ -40,15 +41,18 @@ def serve(service: str = typer.Argument("all", help="all, dataset, training or i
     if service != "all" and service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}: use all, {', '.join(SERVICES)}")
     stack = LocalStack(services=SERVICES if service == "all" else (service,))
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     stack.start()
     try:
         stack.wait_until_serving()
         console.print("[green]serving:[/green] " + ", ".join(f"{s} {stack.address(s)}" for s in stack.services))
-        while all(p.poll() is None for p in stack.processes.values()):
-            time.sleep(1)
-        console.print("[red]a service exited; stopping the others")
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
+        while not stopping.is_set():
+            if not all(p.poll() is None for p in stack.processes.values()):
+                console.print("[red]a service exited; stopping the others")
+                raise typer.Exit(1)
+            stopping.wait(1)
         console.print("stopping")
     finally:
         stack.stop()
@@ -203,36 +207,92 @@ def dataset_format_name(value: int) -> str:
     return {v: k for k, v in FORMATS.items()}.get(value, "?")
 
 
+METHODS = {"lora": 1, "full": 2, "qlora": 3}
+
+
+def _hyperparameters(**given) -> dict:
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @jobs_app.command("create")
 def jobs_create(
     dataset_id: str = typer.Option(..., "--dataset", help="dataset id"),
     base_model: str = typer.Option("smollm2-135m-instruct", help="bundled name, model directory or Hugging Face id"),
+    method: str = typer.Option("lora", help="lora, full or qlora (CUDA GPUs)"),
     learning_rate: float | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
+    max_seq_length: int | None = None,
     lora_rank: int | None = None,
+    eval_every_steps: int | None = typer.Option(None, help="validate every N steps (default: each epoch)"),
+    early_stopping_patience: int | None = None,
     workers: int = typer.Option(1, help="Ray Train workers"),
     gpu: bool = typer.Option(False, help="train on GPUs"),
+    idempotency_key: str = typer.Option("", help="a retried create with the same key returns the same job"),
     follow: bool = typer.Option(True, help="show progress until the job ends"),
+    plot: Path | None = typer.Option(None, help="save the loss curve to this PNG when the job ends"),
     address: str = TRAINING,
 ) -> None:
-    """Queue a LoRA fine-tuning job (unset hyperparameters are chosen for you)."""
-    given = dict(learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, lora_rank=lora_rank)
+    """Queue a fine-tuning job (unset hyperparameters are chosen for you)."""
+    if method not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
+    given = _hyperparameters(
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        lora_rank=lora_rank,
+        eval_every_steps=eval_every_steps,
+        early_stopping_patience=early_stopping_patience,
+    )
     with sdk.TrainingClient(address) as client:
         try:
-            job = client.create_job(base_model, dataset_id, {k: v for k, v in given.items() if v is not None}, workers, gpu)
+            job = client.create_job(base_model, dataset_id, given, workers, gpu, METHODS[method], idempotency_key)
         except sdk.ApiError as error:
             _fail(error)
-        console.print(f"job [bold]{job.id}[/bold] queued")
+        console.print(f"job [bold]{job.id}[/bold] queued; chosen for you: {', '.join(job.auto_hyperparameters) or 'nothing'}")
         if follow:
-            _follow(client, job.id)
+            _follow(client, job.id, plot)
 
 
-def _follow(client: sdk.TrainingClient, job_id: str):
-    from tunewire.clients.progress import follow_job, state_name
+@jobs_app.command("estimate")
+def jobs_estimate(
+    dataset_id: str = typer.Option(..., "--dataset", help="dataset id"),
+    base_model: str = typer.Option("smollm2-135m-instruct"),
+    method: str = typer.Option("lora", help="lora, full or qlora"),
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    workers: int = 1,
+    gpu: bool = False,
+    address: str = TRAINING,
+) -> None:
+    """Tokens, steps, memory and time a job would take, before running it."""
+    with sdk.TrainingClient(address) as client:
+        try:
+            e = client.estimate(
+                base_model, dataset_id, _hyperparameters(epochs=epochs, batch_size=batch_size), workers, gpu, METHODS[method]
+            )
+        except sdk.ApiError as error:
+            _fail(error)
+    console.print(
+        f"{e.train_rows:,} training rows, {e.train_tokens:,} tokens; {e.steps:,} steps of {e.resolved_hyperparameters.batch_size} rows x {workers} worker(s)"
+    )
+    console.print(
+        f"{e.parameters:,} parameters, {e.trainable_parameters:,} trained; about {e.memory_bytes_per_worker / 2**30:.1f} GiB per worker"
+    )
+    console.print(f"ETA {e.eta_seconds:,.0f}s ({e.eta_basis})" if e.eta_seconds else f"ETA unknown: {e.eta_basis}")
+
+
+def _follow(client: sdk.TrainingClient, job_id: str, plot: Path | None = None):
+    from tunewire.clients.progress import follow_job, print_evaluation, save_loss_plot, state_name
 
     job = follow_job(client, job_id, console)
     console.print(f"job {job.id}: {state_name(job.state)}" + (f", adapter [bold]{job.adapter_id}" if job.adapter_id else ""))
+    if job.HasField("evaluation"):
+        print_evaluation(job.evaluation, console)
+    if plot is not None:
+        save_loss_plot(client, job_id, plot)
+        console.print(f"loss curve saved to {plot}")
     if job.error:
         console.print(f"[red]{job.error}")
         raise typer.Exit(1)
@@ -240,13 +300,42 @@ def _follow(client: sdk.TrainingClient, job_id: str):
 
 
 @jobs_app.command("watch")
-def jobs_watch(job_id: str, address: str = TRAINING) -> None:
+def jobs_watch(
+    job_id: str, plot: Path | None = typer.Option(None, help="save the loss curve to this PNG"), address: str = TRAINING
+) -> None:
     """Follow a job's progress until it ends (history first)."""
     with sdk.TrainingClient(address) as client:
         try:
-            _follow(client, job_id)
+            _follow(client, job_id, plot)
         except sdk.ApiError as error:
             _fail(error)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, address: str = TRAINING) -> None:
+    """Cancel a queued or running job (a running one stops at its next step)."""
+    from tunewire.clients.progress import state_name
+
+    with sdk.TrainingClient(address) as client:
+        try:
+            job = client.cancel_job(job_id)
+        except sdk.ApiError as error:
+            _fail(error)
+    console.print(f"job {job.id}: {state_name(job.state)}")
+
+
+@jobs_app.command("checkpoints")
+def jobs_checkpoints(job_id: str, address: str = TRAINING) -> None:
+    """A job's checkpoints, with their validation loss."""
+    with sdk.TrainingClient(address) as client:
+        try:
+            checkpoints = client.list_checkpoints(job_id)
+        except sdk.ApiError as error:
+            _fail(error)
+    table = Table("step", "validation loss", Column("uri", no_wrap=True))
+    for c in checkpoints:
+        table.add_row(str(c.step), f"{c.validation_loss:.4f}", c.uri)
+    console.print(table)
 
 
 @jobs_app.command("list")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from tunewire.clients import sdk
 from tunewire.clients.local_stack import LocalStack
-from tunewire.clients.progress import follow_job, state_name
+from tunewire.clients.progress import follow_job, print_evaluation, state_name
 from tunewire.v1 import training_pb2
 
 BASE_MODEL = "smollm2-135m-instruct"
@@ -52,6 +52,7 @@ def run_demo(console: Console, home: Path, workers: int) -> int:
             if job.state != training_pb2.JOB_STATE_SUCCEEDED:
                 console.print(f"[red]job {state_name(job.state)}: {job.error}")
                 return 1
+            print_evaluation(job.evaluation, console)
 
             loaded = inference.wait_for_adapter(job.adapter_id)
             console.print(

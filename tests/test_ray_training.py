@@ -34,7 +34,16 @@ def sums(n: int) -> list[dict]:
     return [{"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."} for i in range(n)]
 
 
-def make_job(tmp_path, model_dir, rows: list[dict], fmt: str = "prompt_completion", workers: int = 2, method: str = "lora", labels=(), **hyperparameters) -> Job:
+def make_job(
+    tmp_path,
+    model_dir,
+    rows: list[dict],
+    fmt: str = "prompt_completion",
+    workers: int = 2,
+    method: str = "lora",
+    labels=(),
+    **hyperparameters,
+) -> Job:
     splits = ["validation" if i % 5 == 0 else "test" if i % 5 == 1 else "train" for i in range(len(rows))]
     table = pa.Table.from_pylist([{**r, "split": s} for r, s in zip(rows, splits, strict=True)])
     pq.write_table(table, tmp_path / "data.parquet")
@@ -45,7 +54,14 @@ def make_job(tmp_path, model_dir, rows: list[dict], fmt: str = "prompt_completio
         state="RUNNING",
         spec={"base_model": str(model_dir), "num_workers": workers, "use_gpu": False, "method": method},
         config=config.to_dict(),
-        dataset={"uri": str(tmp_path / "data.parquet"), "format": fmt, "labels": list(labels), "train_rows": count["train"], "validation_rows": count["validation"], "test_rows": count["test"]},
+        dataset={
+            "uri": str(tmp_path / "data.parquet"),
+            "format": fmt,
+            "labels": list(labels),
+            "train_rows": count["train"],
+            "validation_rows": count["validation"],
+            "test_rows": count["test"],
+        },
     )
 
 
@@ -112,7 +128,9 @@ def test_early_stopping_publishes_the_best_checkpoint(runner, tiny_model_dir, tm
 
 def test_classification_on_an_encoder(runner, tmp_path):
     bert = build_tiny_bert(tmp_path / "bert")
-    rows = [{"text": f"review number {i} was {'great good' if i % 2 else 'awful bad'}", "label": "pos" if i % 2 else "neg"} for i in range(80)]
+    rows = [
+        {"text": f"review number {i} was {'great good' if i % 2 else 'awful bad'}", "label": "pos" if i % 2 else "neg"} for i in range(80)
+    ]
     job = make_job(tmp_path, bert, rows, fmt="classification", labels=["neg", "pos"], epochs=4, learning_rate=1e-2)
     events, files = asyncio.run(train(runner, job))
     [evaluation] = of(events, "evaluation")
@@ -134,8 +152,16 @@ def test_full_fine_tuning_publishes_a_whole_model(runner, tiny_model_dir, tmp_pa
     "fmt, rows, metric",
     [
         ("text", [{"text": f"the quick brown fox number {i} jumps over the lazy dog"} for i in range(40)], "perplexity"),
-        ("summarization", [{"document": f"the quick brown fox number {i} jumps over the lazy dog", "summary": f"fox {i} jumps"} for i in range(40)], "rougeL"),
-        ("chat", [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "Arr!"}]} for i in range(40)], "exact_match"),
+        (
+            "summarization",
+            [{"document": f"the quick brown fox number {i} jumps over the lazy dog", "summary": f"fox {i} jumps"} for i in range(40)],
+            "rougeL",
+        ),
+        (
+            "chat",
+            [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "Arr!"}]} for i in range(40)],
+            "exact_match",
+        ),
     ],
 )
 def test_each_causal_task(runner, tiny_model_dir, tmp_path, fmt, rows, metric):

@@ -22,6 +22,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,12 @@ def list_checkpoints(artifacts, job_id: str) -> list[dict]:
     for state_file in fs.glob(f"{artifacts.path('ray')}/{job_id}.*/checkpoint_*/{STATE_FILE}"):
         state = json.loads(fs.cat_file(state_file))
         found.append(
-            {"step": state["step"], "validation_loss": state.get("validation_loss") or 0.0, "uri": state_file.rsplit("/", 1)[0], "modified": fs.modified(state_file)}
+            {
+                "step": state["step"],
+                "validation_loss": state.get("validation_loss") or 0.0,
+                "uri": state_file.rsplit("/", 1)[0],
+                "modified": fs.modified(state_file),
+            }
         )
     return sorted(found, key=lambda c: (c["step"], c["modified"]))
 
@@ -139,10 +145,15 @@ def train_loop(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps, steps_per_epoch = loop_config["total_steps"], loop_config["steps_per_epoch"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+    # A resumed epoch goes through its data again from the first batch (nothing
+    # skipped); steps and the learning-rate schedule follow the data position.
+    state.step = state.epoch * steps_per_epoch
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
-        scheduler.load_state_dict(optimizer_state["scheduler"])
-    state.step = state.epoch * steps_per_epoch  # a resumed epoch starts from its first batch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping the schedule alone is the point here
+            for _ in range(state.step):
+                scheduler.step()
 
     def all_sum(*values: float) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -202,7 +213,7 @@ def train_loop(loop_config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as out:
             _save_weights(model, tokenizer, method, Path(out), loop_config["base_model"])
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(out, OPTIMIZER_FILE))
+            torch.save({"optimizer": optimizer.state_dict()}, Path(out, OPTIMIZER_FILE))
             Path(out, STATE_FILE).write_text(json.dumps(asdict(state) | {"validation_loss": val_loss}))
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(out))
         send("checkpoint", {"step": state.step, "validation_loss": val_loss or 0.0})

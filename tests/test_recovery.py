@@ -1,0 +1,87 @@
+"""The orchestrator killed (SIGKILL) in the middle of a job: after a restart
+the job resumes from its last checkpoint and succeeds; it is never left
+RUNNING and does not start over."""
+
+import json
+import re
+
+import psutil
+
+from tunewire.clients.local_stack import LocalStack
+from tunewire.clients.sdk import DatasetClient, TrainingClient
+from tunewire.v1 import training_pb2
+
+
+def _ray_processes_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _is_training(process: psutil.Process) -> bool:
+    """A live Ray process that could still be training (workers, raylet, GCS)."""
+    try:
+        name = " ".join(process.cmdline())
+        return process.status() != psutil.STATUS_ZOMBIE and any(
+            k in name for k in ("RayTrainWorker", "raylet", "gcs_server", "TrainController")
+        )
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
+    env = {"TUNEWIRE_HOME": str(tmp_path / "home"), "TUNEWIRE_DATASET_PORT": "50261", "TUNEWIRE_TRAINING_PORT": "50262"}
+    rows = "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."}) + "\n" for i in range(60)).encode()
+    with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
+        with DatasetClient(datasets.address("dataset")) as client:
+            dataset = client.upload(rows, name="sums").dataset
+        first = LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs")
+        with first, TrainingClient(first.address("training")) as training:
+            job = training.create_job(
+                str(tiny_model_dir),
+                dataset.id,
+                {
+                    "epochs": 6,
+                    "batch_size": 4,
+                    "eval_every_steps": 2,
+                    "early_stopping_patience": 0,
+                    "learning_rate": 1e-2,
+                    "warmup_fraction": 0.0,
+                },
+            )
+            checkpoint_step = None
+            for event in training.stream_events(job.id, timeout=300):
+                if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 4:
+                    checkpoint_step = event.checkpoint.step
+                    break
+            children = _ray_processes_of(first.processes["training"].pid)
+            first.processes["training"].kill()  # SIGKILL: no chance to clean up
+            first.processes["training"].wait()
+        assert checkpoint_step is not None
+        # Ray's processes share the orchestrator's fate: nothing trains on unseen.
+        psutil.wait_procs([p for p in children if _is_training(p)], timeout=60)
+        assert not [p for p in children if _is_training(p)]
+
+        with (
+            LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs") as second,
+            TrainingClient(second.address("training")) as training,
+        ):
+            events = list(training.stream_events(job.id, timeout=600))
+            job = training.get_job(job.id)
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    logs = [e.log for e in events if e.WhichOneof("event") == "log"]
+    assert any("orchestrator restarted" in line for line in logs), logs
+    # From the latest checkpoint written before the kill (the stream may lag the workers).
+    resumed_at = [int(m.group(1)) for line in logs if (m := re.search(r"resuming from the checkpoint of step (\d+)", line))]
+    assert resumed_at and resumed_at[0] >= checkpoint_step, logs
+    states = [training_pb2.JobState.Name(e.state) for e in events if e.WhichOneof("event") == "state"]
+    assert states[-3:] == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
+    # After the restart the checkpoint's epoch runs again from its first batch
+    # (nothing skipped), with the trained weights: not a start from scratch.
+    restart = max(i for i, e in enumerate(events) if e.WhichOneof("event") == "log" and "resuming" in e.log)
+    first_run = [e.step for e in events[:restart] if e.WhichOneof("event") == "step"]
+    resumed = [e.step for e in events[restart:] if e.WhichOneof("event") == "step"]
+    epoch_start = (resumed_at[0] // 12) * 12  # 48 training rows, batches of 4: 12 steps an epoch
+    assert resumed[0].step == epoch_start + 1 and resumed[-1].step == job.latest_step.total_steps
+    assert resumed[0].loss < first_run[0].loss - 0.2

@@ -1,0 +1,83 @@
+"""Task pieces and metrics on tiny models, without Ray."""
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tunewire.services.common.text import IGNORE_INDEX
+from tunewire.services.training import metrics, tasks
+from tunewire.services.training.config import resolve_config
+from tunewire.services.training.estimate import estimate_job
+from tunewire.services.training.jobs import DatasetRef, JobSpec
+
+
+def test_accuracy_and_macro_f1():
+    result = metrics.accuracy_and_macro_f1([0, 0, 1, 1], [0, 1, 1, 1], 2)
+    assert result["accuracy"] == 0.75
+    # class 0: P=1/2 R=1 F1=2/3; class 1: P=1 R=2/3 F1=0.8
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_rouge_and_exact_match():
+    assert metrics.rouge(["the fox jumps"], ["the fox jumps"])["rougeL"] == pytest.approx(1.0)
+    assert 0 < metrics.rouge(["the fox sleeps"], ["the fox jumps"])["rouge1"] < 1
+    assert metrics.exact_match(["Arr,  4. "], ["arr, 4."]) == {"exact_match": 1.0}
+    assert metrics.loss_metrics(0.0, 0) == {}
+
+
+def test_length_grouping_keeps_every_row_and_groups_by_length():
+    rows = [{"text": "x" * n} for n in random.Random(0).sample(range(1, 200), 64)]
+    batches = tasks.length_grouped(rows, "continued_pretraining", 8, random.Random(0))
+    assert sorted(len(r["text"]) for b in batches for r in b) == sorted(len(r["text"]) for r in rows)
+    spreads = [max(len(r["text"]) for r in b) - min(len(r["text"]) for r in b) for b in batches]
+    assert max(spreads) < 60  # random batches of 8 would spread over ~150
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return tasks.load_tokenizer(str(tiny_model_dir))
+
+
+def test_pretraining_trains_on_every_token(tokenizer):
+    batch = tasks.collate("continued_pretraining", [{"text": "the quick brown fox"}, {"text": "hello"}], tokenizer, 64, {}, "cpu")
+    real = batch["attention_mask"].bool()
+    assert (batch["labels"][real] == batch["input_ids"][real]).all()
+    assert (batch["labels"][~real] == IGNORE_INDEX).all()
+
+
+def test_sft_and_summarization_train_on_the_answer_only(tokenizer):
+    for task, row in (
+        ("sft", {"prompt": "What is 2 plus 2?", "completion": "Arr, 4."}),
+        ("summarization", {"document": "the quick brown fox jumps", "summary": "fox jumps"}),
+    ):
+        batch = tasks.collate(task, [row], tokenizer, 128, {}, "cpu")
+        trained = batch["input_ids"][batch["labels"] != IGNORE_INDEX]
+        assert tokenizer.decode(trained).strip().startswith(row.get("completion", row.get("summary")))
+
+
+def test_test_metrics_of_a_causal_model(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."} for i in range(4)]
+    result = tasks.test_metrics("sft", model, tokenizer, rows, 128, {}, "cpu")
+    assert set(result) == {"loss", "perplexity", "exact_match"} and result["loss"] > 0
+    assert tasks.reference_perplexity(model, tokenizer, 128, "cpu") > 1
+
+
+def test_estimate_counts_parameters_tokens_and_steps(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "split": "train"} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    dataset = DatasetRef(id="ds", format="prompt_completion", uri=str(tmp_path / "d.parquet"), train_rows=40, validation_rows=0)
+    spec = JobSpec(base_model=str(tiny_model_dir), dataset_id="ds")
+    config = resolve_config({"epochs": 2, "batch_size": 4}, 40)
+    estimate = estimate_job(spec, dataset, 2, config, measured_tokens_per_second=100.0)
+    assert estimate["parameters"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert 0 < estimate["trainable_parameters"] < estimate["parameters"]
+    assert estimate["steps"] == 10 and estimate["train_tokens"] > 40
+    assert estimate["eta_seconds"] == pytest.approx(estimate["train_tokens"] * 2 / 100.0)
+    assert estimate["memory_bytes_per_worker"] > estimate["parameters"] * 4
