@@ -212,8 +212,8 @@ def test_gpu_job_without_gpus_fails_clearly(runner, tiny_model_dir, tmp_path):
     assert caught.value.user_error and "GPU" in str(caught.value)
 
 
-def test_a_worker_error_fails_the_job_with_its_message(runner, tmp_path):
+def test_an_unloadable_model_is_the_users_error(runner, tmp_path):
     job = make_job(tmp_path, tmp_path / "missing-model", sums(10), workers=1)
     with pytest.raises(JobFailed) as caught:
         asyncio.run(train(runner, job))
-    assert "missing-model" in str(caught.value)
+    assert caught.value.user_error and "cannot load base model" in str(caught.value) and "missing-model" in str(caught.value)

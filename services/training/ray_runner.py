@@ -146,13 +146,13 @@ class RayTrainRunner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Ray wraps the worker's exception
-            raise JobFailed(_worker_error(exc)) from exc
+            raise _job_failure(exc) from exc
         finally:
             for queue in (progress, control):
                 with contextlib.suppress(Exception):
                     queue.shutdown()
         if result.error is not None:
-            raise JobFailed(_worker_error(result.error))
+            raise _job_failure(result.error)
         if cancel.is_set() or (result.metrics or {}).get("cancelled"):
             raise JobCancelled()
         if result.checkpoint is None:
@@ -181,10 +181,16 @@ async def _relay(progress, emit: EmitEvent, timeout: float) -> None:
         timeout = 0
 
 
-def _worker_error(exc: BaseException) -> str:
-    """The innermost message of Ray's wrapped worker exception."""
-    cause = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+def _job_failure(exc: BaseException) -> JobFailed:
+    """A JobFailed from Ray's wrapped worker exception: the user's fault when
+    the worker said so (JobInputError), the system's otherwise."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    text = "\n".join(str(e) for e in chain)
+    if any(type(e).__name__ == "JobInputError" for e in chain) or "JobInputError" in text:
+        said = [ln for ln in text.splitlines() if "JobInputError:" in ln]
+        return JobFailed(said[-1].split("JobInputError:", 1)[-1].strip() if said else text.splitlines()[-1], user_error=True)
+    cause = chain[-1]
+    lines = str(cause).strip().splitlines()
+    return JobFailed(f"{type(cause).__name__}: {lines[-1] if lines else ''}")

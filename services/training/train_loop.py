@@ -37,6 +37,11 @@ MAX_TEST_ROWS = 256
 MAX_CACHED_VALIDATION_ROWS = 20_000
 
 
+class JobInputError(Exception):
+    """The job's own inputs are at fault (model, data, hyperparameters): the
+    orchestrator reports it as a user error, with what to change."""
+
+
 @dataclass
 class TrainState:
     """What a resumed run needs besides weights and optimizer."""
@@ -91,6 +96,7 @@ def train_loop(loop_config: dict) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from tunewire.services.common.artifacts import ArtifactStore
+    from tunewire.services.common.errors import TunewireError
     from tunewire.services.common.models import resolve_model
     from tunewire.services.training import tasks
     from tunewire.services.training.config import TrainingConfig
@@ -111,9 +117,12 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             progress.put({"kind": kind, "data": data})
 
-    model_path = resolve_model(loop_config["base_model"], Path(loop_config["model_cache"]))
-    tokenizer = tasks.load_tokenizer(model_path)
-    model = tasks.load_model(task, model_path, method, config, labels, tokenizer, loop_config["use_gpu"])
+    try:
+        model_path = resolve_model(loop_config["base_model"], Path(loop_config["model_cache"]))
+        tokenizer = tasks.load_tokenizer(model_path)
+        model = tasks.load_model(task, model_path, method, config, labels, tokenizer, loop_config["use_gpu"])
+    except (OSError, ValueError, TunewireError) as exc:
+        raise JobInputError(f"cannot load base model {loop_config['base_model']!r}: {exc}") from exc
     device = ray.train.torch.get_device()
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -247,7 +256,7 @@ def train_loop(loop_config: dict) -> None:
     first_step = state.step
     for epoch in range(state.epoch, config.epochs):
         state.epoch = epoch
-        micro = 0
+        micro, trained_in_epoch = 0, 0.0
         step_start, loss_total, loss_tokens, real_tokens = time.monotonic(), 0.0, 0.0, 0.0
         for rows, last in _with_last(batches("train")):
             batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device)
@@ -291,6 +300,10 @@ def train_loop(loop_config: dict) -> None:
                 break
         if cancelled or stop:
             break
+        if not all_sum(trained_in_epoch)[0]:
+            raise JobInputError(
+                f"no row has a token left to train on after truncation to max_seq_length={config.max_seq_length}: raise max_seq_length or shorten the prompts"
+            )
         state.epoch = epoch + 1
         if not config.eval_every_steps and evaluate_and_maybe_stop():
             break
