@@ -217,3 +217,11 @@ def test_an_unloadable_model_is_the_users_error(runner, tmp_path):
     with pytest.raises(JobFailed) as caught:
         asyncio.run(train(runner, job))
     assert caught.value.user_error and "cannot load base model" in str(caught.value) and "missing-model" in str(caught.value)
+
+
+def test_rows_truncated_to_nothing_are_the_users_error(runner, tiny_model_dir, tmp_path):
+    rows = [{"prompt": "the quick brown fox " * 20, "completion": "Arr."} for _ in range(10)]
+    job = make_job(tmp_path, tiny_model_dir, rows, workers=1, max_seq_length=16)
+    with pytest.raises(JobFailed) as caught:
+        asyncio.run(train(runner, job))
+    assert caught.value.user_error and "max_seq_length=16" in str(caught.value)

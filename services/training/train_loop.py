@@ -260,9 +260,13 @@ def train_loop(loop_config: dict) -> None:
         step_start, loss_total, loss_tokens, real_tokens = time.monotonic(), 0.0, 0.0, 0.0
         for rows, last in _with_last(batches("train")):
             batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device)
-            loss = ddp_model(**batch).loss
-            (loss / config.gradient_accumulation_steps).backward()
             n = tasks.trained_tokens(task, batch)
+            outputs = ddp_model(**batch)
+            # A batch with nothing to train on (all truncated away) still takes
+            # part in the gradient all-reduce, with zero gradients, not NaN.
+            loss = outputs.loss if n else outputs.logits.sum() * 0.0
+            (loss / config.gradient_accumulation_steps).backward()
+            trained_in_epoch += n
             loss_total, loss_tokens, real_tokens = (
                 loss_total + loss.item() * n,
                 loss_tokens + n,
