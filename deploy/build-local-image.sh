@@ -21,12 +21,12 @@ PORT=${PORT:-50351}
 if ! buildah images --format '{{.Name}}:{{.Tag}}' | grep -q "$BASE"; then
   echo "== making the base image from debootstrap"
   rm -rf "$WORK/rootfs" && mkdir -p "$WORK"
-  debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates bookworm "$WORK/rootfs"
+  debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates,passwd bookworm "$WORK/rootfs"
   # pip installs into the image's own Python, as in the official python image.
   rm -f "$WORK"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED
   container=$(buildah from scratch)
   buildah copy "$container" "$WORK/rootfs" /
-  buildah config --env PATH=/usr/local/bin:/usr/bin:/bin "$container"
+  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$container"
   buildah commit --rm "$container" "docker.io/library/$BASE"
 fi
 
@@ -41,28 +41,25 @@ buildah bud --isolation=chroot --pull=never --layers \
   -f deploy/docker/Dockerfile.cpu -t "$IMAGE" .
 
 echo "== running it"
-name=tunewire-image-check
-podman rm -f "$name" >/dev/null 2>&1 || true
-podman --runtime runc --cgroup-manager cgroupfs run -d --name "$name" \
-  --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
-  --network host -e TUNEWIRE_HOST=127.0.0.1 -e TUNEWIRE_DATASET_PORT="$PORT" \
-  "$IMAGE" python -m tunewire.services.dataset
-trap 'podman --runtime runc --cgroup-manager cgroupfs rm -f "$name" >/dev/null 2>&1 || true' EXIT
+podman=(podman --runtime runc --cgroup-manager cgroupfs)
+run=("${podman[@]}" run --rm --network host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
+"${run[@]}" -e TUNEWIRE_HOST=127.0.0.1 -e TUNEWIRE_DATASET_PORT="$PORT" "$IMAGE" python -m tunewire.services.dataset &
+service=$!
+trap 'kill -TERM "$service" 2>/dev/null || true; wait "$service" 2>/dev/null || true' EXIT
 
-echo "== health check"
+echo "== health check (from a second container of the same image)"
 for _ in $(seq 60); do
-  if podman --runtime runc --cgroup-manager cgroupfs exec "$name" python -c "
+  if "${run[@]}" "$IMAGE" python -c "
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 stub = health_pb2_grpc.HealthStub(grpc.insecure_channel('127.0.0.1:$PORT'))
 status = stub.Check(health_pb2.HealthCheckRequest(service='tunewire.v1.DatasetService'), timeout=2).status
 print('health:', health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 raise SystemExit(status != health_pb2.HealthCheckResponse.SERVING)
-"; then
+" 2>/dev/null; then
     echo "== $IMAGE serves"
     exit 0
   fi
   sleep 2
 done
-podman --runtime runc --cgroup-manager cgroupfs logs "$name"
 exit 1
