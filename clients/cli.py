@@ -59,7 +59,6 @@ def serve(service: str = typer.Argument("all", help="all, dataset, training or i
 
 
 FORMATS = {"auto": 0, "prompt-completion": 1, "chat": 2, "classification": 3, "summarization": 4, "text": 5}
-SPLIT_OPTIONS = ("validation_fraction", "test_fraction", "validation_count", "test_count")
 
 
 def _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats_model) -> dict:

@@ -25,7 +25,7 @@ class ArtifactStore:
 
     @property
     def is_local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        return _is_local(self.fs)
 
     def uri(self, *parts: str) -> str:
         """The address of a path inside the store, as workers should open it."""
@@ -73,7 +73,7 @@ class ArtifactStore:
         """A local directory with the artifact's files: the path itself for a
         local store, else a download into cache_dir."""
         fs, path = fsspec.core.url_to_fs(uri)
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        if _is_local(fs):
             return Path(path)
         target = cache_dir / path.strip("/").replace("/", "_")
         if not target.exists():
@@ -86,3 +86,8 @@ class ArtifactStore:
         path = self.path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
