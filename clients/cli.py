@@ -17,8 +17,10 @@ from tunewire.clients import sdk
 app = typer.Typer(help="tunewire: fine-tune language models as gRPC microservices.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Create and follow fine-tuning jobs.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Load, unload and list the inference service's adapters.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(adapters_app, name="adapters")
 console = Console()
 
 DATASET = typer.Option(sdk.DEFAULT_DATASET_ADDRESS, "--dataset-address", envvar="TUNEWIRE_DATASET_ADDRESS")
@@ -364,6 +366,79 @@ def generate(
         except sdk.ApiError as error:
             _fail(error)
     console.print()
+
+
+@app.command()
+def classify(
+    text: str,
+    adapter: str = typer.Option(..., help="a SEQ_CLS adapter id"),
+    address: str = INFERENCE,
+) -> None:
+    """Classify a text with a classifier adapter: every label with its probability."""
+    with sdk.InferenceClient(address) as client:
+        try:
+            response = client.classify(text, adapter=adapter)
+        except sdk.ApiError as error:
+            _fail(error)
+    table = Table("label", "probability")
+    for score in response.scores:
+        table.add_row(score.label, f"{score.score:.4f}")
+    console.print(table)
+
+
+@adapters_app.command("list")
+def adapters_list(address: str = INFERENCE) -> None:
+    with sdk.InferenceClient(address) as client:
+        response = client.loaded_adapters()
+    table = Table(
+        Column("id", no_wrap=True),
+        "task",
+        "rank",
+        "resident",
+        "in flight",
+        "load s",
+        "published→servable s",
+        Column("source", overflow="fold"),
+    )
+    for a in response.adapters:
+        servable = f"{a.publish_to_servable_seconds:.2f}" if a.publish_to_servable_seconds else "-"
+        table.add_row(
+            a.id,
+            a.task_type,
+            str(a.rank),
+            "yes" if a.resident else "no",
+            str(a.requests_in_flight),
+            f"{a.load_seconds:.2f}",
+            servable,
+            a.source_uri,
+        )
+    console.print(f"base model: {response.base_model}")
+    console.print(table)
+
+
+@adapters_app.command("load")
+def adapters_load(
+    adapter_id: str,
+    source: str = typer.Argument(..., help="PEFT adapter directory (path or URL) under the artifact store or TUNEWIRE_IMPORT_ROOTS"),
+    address: str = INFERENCE,
+) -> None:
+    with sdk.InferenceClient(address) as client:
+        try:
+            adapter = client.load_adapter(adapter_id, source)
+        except sdk.ApiError as error:
+            _fail(error)
+    console.print(f"loaded {adapter.id}: {adapter.task_type}, rank {adapter.rank}, in {adapter.load_seconds:.2f}s")
+
+
+@adapters_app.command("unload")
+def adapters_unload(adapter_id: str, address: str = INFERENCE) -> None:
+    """New requests for the adapter are refused; those running finish first."""
+    with sdk.InferenceClient(address) as client:
+        try:
+            client.unload_adapter(adapter_id)
+        except sdk.ApiError as error:
+            _fail(error)
+    console.print(f"unloaded {adapter_id}")
 
 
 @app.command()

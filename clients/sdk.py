@@ -349,6 +349,16 @@ class InferenceClient(_Client):
         )
         return self._stream(self.stub.GenerateStream, request, timeout or self.timeout)
 
+    def classify(self, text: str, *, adapter: str, timeout: float | None = None) -> inference_pb2.ClassifyResponse:
+        return self._call(self.stub.Classify, inference_pb2.ClassifyRequest(adapter=adapter, text=text), timeout)
+
+    def load_adapter(self, adapter_id: str, source_uri: str) -> inference_pb2.LoadedAdapter:
+        """Validates the PEFT adapter directory at source_uri and serves it as adapter_id."""
+        return self._call(self.stub.LoadAdapter, inference_pb2.LoadAdapterRequest(id=adapter_id, source_uri=source_uri)).adapter
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        self._call(self.stub.UnloadAdapter, inference_pb2.UnloadAdapterRequest(id=adapter_id))
+
     def loaded_adapters(self) -> inference_pb2.ListLoadedAdaptersResponse:
         return self._call(self.stub.ListLoadedAdapters, inference_pb2.ListLoadedAdaptersRequest())
 

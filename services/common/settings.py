@@ -47,11 +47,19 @@ class Settings(BaseSettings):
 
     # The model the inference service serves.
     base_model: str = DEFAULT_BASE_MODEL
+    # Inference batching: rows decoded together, requests waiting to join
+    # (more get RESOURCE_EXHAUSTED), adapters held in LoRA slots (least
+    # recently used ones are evicted and reloaded on demand), largest rank.
+    max_batch_size: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
+    max_resident_adapters: int = Field(8, ge=1)
+    max_adapter_rank: int = Field(64, ge=1)
 
     max_upload_bytes: int = Field(1 << 30, gt=0)
     # Longer rows are invalid (bounds the memory one row may take).
     max_row_bytes: int = Field(1 << 20, gt=0)
-    # Comma-separated paths or URL prefixes ImportDataset may read; empty disables imports.
+    # Comma-separated paths or URL prefixes ImportDataset and LoadAdapter may
+    # read (besides the artifact store); empty disables dataset imports.
     import_roots: str = ""
     grace_period_seconds: float = Field(5.0, ge=0)
     log_level: str = "INFO"
@@ -77,6 +85,10 @@ class Settings(BaseSettings):
         if not self.ray_num_cpus:
             self.ray_num_cpus = max(4, 2 * (os.cpu_count() or 1))
         return self
+
+    @property
+    def import_root_list(self) -> tuple[str, ...]:
+        return tuple(root.strip() for root in self.import_roots.split(",") if root.strip())
 
 
 class SettingsError(ValueError):

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.common.sources import check_source
 from tunewire.services.dataset import readers, validation
 from tunewire.services.dataset.report import QualityAccumulator, QualityReport, TokenCounter
 from tunewire.services.dataset.splits import SPLIT_NAMES, SplitSpec, assign_splits
@@ -236,16 +237,7 @@ class DatasetManager:
     def _check_import_source(self, source_uri: str) -> str:
         if not self.import_roots:
             raise FailedPrecondition("imports are disabled on this service: set TUNEWIRE_IMPORT_ROOTS to the paths or URLs it may read")
-        source = source_uri.removeprefix("file://")
-        if "://" not in source:
-            source = str(Path(source).resolve())
-        for root in self.import_roots:
-            root = root.removeprefix("file://")
-            if "://" not in root:
-                root = str(Path(root).resolve())
-            if source == root or source.startswith(root.rstrip("/") + "/"):
-                return source
-        raise InvalidArgument.field("source_uri", f"{source_uri!r} is outside the import roots {list(self.import_roots)}")
+        return check_source(source_uri, self.import_roots)
 
     def _ingest(self, request: UploadRequest, spool) -> UploadResult:
         scan = self._scan(request, spool)

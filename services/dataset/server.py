@@ -32,7 +32,7 @@ async def create_server(settings: Settings, deps: DatasetDeps, port: int | None 
         deps.artifacts,
         max_upload_bytes=settings.max_upload_bytes,
         max_row_bytes=settings.max_row_bytes,
-        import_roots=tuple(root.strip() for root in settings.import_roots.split(",") if root.strip()),
+        import_roots=settings.import_root_list,
         model_cache=settings.model_cache,
     )
     address = f"{settings.host}:{settings.dataset_port if port is None else port}"

@@ -1,101 +1,189 @@
-"""The inference service's domain: generation requests and adapter loads,
-handed to the engine's model thread and awaited from asyncio."""
+"""The inference service's domain: adapter loads and generation requests,
+handed to the batching engine and awaited from asyncio."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import logging
+import re
 import threading
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.inference.engine import GenerationEngine, GenerationRequest, GenerationResult
+from tunewire.services.common.errors import InvalidArgument, NotFound
+from tunewire.services.common.sources import check_source
+from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
 class LoadedAdapter:
     id: str
     source_uri: str
+    task_type: str
+    rank: int
+    labels: list[str]
     loaded_at: dt.datetime
+    load_seconds: float
     # From publication by the orchestrator to servable here; None when loaded by hand.
     publish_to_servable_seconds: float | None
+    resident: bool = True
+    requests_in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class _Done:
+    result: GenerationResult | BaseException
 
 
 class InferenceManager:
-    def __init__(self, engine: GenerationEngine, artifacts: ArtifactStore, adapter_cache: Path):
+    def __init__(self, engine: BatchEngine, artifacts: ArtifactStore, adapter_cache: Path, import_roots: tuple[str, ...] = ()):
         self.engine = engine
         self.artifacts = artifacts
         self.adapter_cache = adapter_cache
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # Adapters load from the artifact store or these roots, nowhere else.
+        self.allowed_roots = (artifacts.root, *import_roots)
         self._loaded: dict[str, LoadedAdapter] = {}
-
-    async def _on_model_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+        self._loading: dict[str, asyncio.Future] = {}
 
     async def start(self) -> None:
-        await self._on_model_thread(self.engine.load)
+        await asyncio.to_thread(self.engine.load)
+        self.engine.start()
 
     def close(self) -> None:
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self.engine.stop()
 
     @property
     def base_model(self) -> str:
         return self.engine.base_model_name
 
+    # Adapters
+
     def loaded(self) -> list[LoadedAdapter]:
-        return list(self._loaded.values())
+        states = {info.id: info for info in self.engine.adapters()}
+        return [
+            LoadedAdapter(**{**a.__dict__, "resident": states[a.id].resident, "requests_in_flight": states[a.id].requests_in_flight})
+            for a in self._loaded.values()
+            if a.id in states
+        ]
 
     def is_loaded(self, adapter_id: str) -> bool:
         return adapter_id in self._loaded
 
     async def load_adapter(self, adapter_id: str, uri: str, published_at: dt.datetime | None = None) -> LoadedAdapter:
-        if adapter_id in self._loaded:
+        """Validates the adapter at `uri` and makes it servable as `adapter_id`.
+        Concurrent loads of one id share the work."""
+        if not ADAPTER_ID.match(adapter_id):
+            raise InvalidArgument.field(
+                "id", f"{adapter_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if not uri:
+            raise InvalidArgument.field("source_uri", "required: the adapter's directory, as a path or URL")
+        if adapter_id in self._loaded and self._loaded[adapter_id].source_uri == uri:
             return self._loaded[adapter_id]
-        local = await asyncio.to_thread(self.artifacts.local_copy, uri, self.adapter_cache)
-        await self._on_model_thread(self.engine.load_adapter, adapter_id, local)
+        if adapter_id in self._loading:
+            return await asyncio.shield(self._loading[adapter_id])
+        future = asyncio.get_running_loop().create_future()
+        self._loading[adapter_id] = future
+        try:
+            loaded = await self._load(adapter_id, uri, published_at)
+            future.set_result(loaded)
+            return loaded
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters, if any, get it from their own await
+            raise
+        finally:
+            del self._loading[adapter_id]
+
+    async def _load(self, adapter_id: str, uri: str, published_at: dt.datetime | None) -> LoadedAdapter:
+        started = time.perf_counter()
+        source = check_source(uri, self.allowed_roots)
+        try:
+            local = await asyncio.to_thread(self.artifacts.local_copy, source, self.adapter_cache)
+        except FileNotFoundError:
+            raise NotFound(f"source_uri {uri!r}: no such adapter directory") from None
+        if not local.exists():
+            raise NotFound(f"source_uri {uri!r}: no such adapter directory")
+        if not local.is_dir():
+            raise InvalidArgument.field("source_uri", f"{uri!r} is not a directory: give the adapter's directory")
+        weights = await asyncio.to_thread(self.engine.read_adapter, local)
+        await asyncio.to_thread(self.engine.add_adapter, adapter_id, uri, local, weights)
         now = dt.datetime.now(dt.UTC)
         latency = (now - published_at).total_seconds() if published_at else None
-        loaded = LoadedAdapter(adapter_id, uri, now, latency)
+        loaded = LoadedAdapter(
+            adapter_id, uri, weights.task_type, weights.rank, weights.labels, now, time.perf_counter() - started, latency
+        )
         self._loaded[adapter_id] = loaded
-        if latency is not None:
-            log.info("adapter %s servable %.2fs after publication", adapter_id, latency)
+        log.info(
+            "adapter %s (%s, rank %d) servable in %.2fs%s",
+            adapter_id,
+            weights.task_type,
+            weights.rank,
+            loaded.load_seconds,
+            f", {latency:.2f}s after publication" if latency is not None else "",
+        )
         return loaded
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        cancelled = threading.Event()
-        try:
-            return await self._on_model_thread(self.engine.generate, request, lambda _text: None, cancelled)
-        finally:
-            cancelled.set()  # a caller that went away stops the generation
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await asyncio.to_thread(self.engine.remove_adapter, adapter_id)
+        self._loaded.pop(adapter_id, None)
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+    # Requests
+
+    async def generate(self, request: GenerationRequest, deadline: float | None = None) -> GenerationResult:
+        async for item in self._run(request, deadline, stream=False):
+            if isinstance(item, GenerationResult):
+                return item
+        raise AssertionError("generation ended without a result")
+
+    async def generate_stream(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[str | GenerationResult]:
         """Text deltas as they are decoded, then the GenerationResult."""
+        async for item in self._run(request, deadline, stream=True):
+            yield item
+
+    async def _run(self, request: GenerationRequest, deadline: float | None, stream: bool) -> AsyncIterator[str | GenerationResult]:
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[str] = asyncio.Queue()
+        items: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
-
-        def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(deltas.put_nowait, text)
-
-        task = asyncio.ensure_future(self._on_model_thread(self.engine.generate, request, on_text, cancelled))
+        put = _threadsafe_put(loop, items)
+        self.engine.submit(request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline)
         try:
-            while not task.done() or not deltas.empty():
-                getter = asyncio.ensure_future(deltas.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            # Deltas queued by call_soon_threadsafe just before the end.
-            await asyncio.sleep(0)
-            while not deltas.empty():
-                yield deltas.get_nowait()
-            yield task.result()
+            while True:
+                item = await items.get()
+                if isinstance(item, _Done):
+                    if isinstance(item.result, BaseException):
+                        raise item.result
+                    yield item.result
+                    return
+                yield item
         finally:
-            cancelled.set()
+            cancelled.set()  # a caller that went away frees its batch row
+
+    async def classify(self, adapter_id: str, text: str) -> ClassificationResult:
+        future = self.engine.classify(adapter_id, text)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()  # still queued: not run
+
+
+def _ignore(_text: str) -> None:
+    pass
+
+
+def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable:
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            pass
+
+    return put

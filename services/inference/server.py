@@ -10,7 +10,7 @@ from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.grpc_server import ServerHandle, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings
 from tunewire.services.inference.core import InferenceManager
-from tunewire.services.inference.engine import GenerationEngine
+from tunewire.services.inference.engine import BatchEngine, EngineLimits
 from tunewire.services.inference.servicer import InferenceServicer
 from tunewire.services.inference.watcher import AdapterWatcher
 from tunewire.v1 import inference_pb2, inference_pb2_grpc
@@ -26,8 +26,16 @@ class InferenceDeps:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InferenceDeps:
-        engine = GenerationEngine(settings.base_model, settings.model_cache)
-        manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), settings.home / "adapter-cache")
+        limits = EngineLimits(
+            max_batch_size=settings.max_batch_size,
+            max_queued_requests=settings.max_queued_requests,
+            max_resident_adapters=settings.max_resident_adapters,
+            max_adapter_rank=settings.max_adapter_rank,
+        )
+        engine = BatchEngine(settings.base_model, settings.model_cache, limits)
+        manager = InferenceManager(
+            engine, ArtifactStore(settings.artifact_root), settings.home / "adapter-cache", settings.import_root_list
+        )
         return cls(manager, settings.training_address)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from tunewire.services.common.convert import to_timestamp
 from tunewire.services.inference.core import InferenceManager, LoadedAdapter
-from tunewire.services.inference.engine import DEFAULT_MAX_NEW_TOKENS, LENGTH, GenerationRequest, GenerationResult
+from tunewire.services.inference.engine import CANCELLED, DEFAULT_MAX_NEW_TOKENS, LENGTH, STOP, GenerationRequest, GenerationResult
 from tunewire.v1 import inference_pb2, inference_pb2_grpc
 
-FINISH_REASONS = {"stop": inference_pb2.FINISH_REASON_STOP, LENGTH: inference_pb2.FINISH_REASON_LENGTH}
+FINISH_REASONS = {STOP: inference_pb2.FINISH_REASON_STOP, LENGTH: inference_pb2.FINISH_REASON_LENGTH}
 
 
 def request_from_proto(request: inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest) -> GenerationRequest:
@@ -27,12 +29,30 @@ def request_from_proto(request: inference_pb2.GenerateRequest | inference_pb2.Ge
     )
 
 
-def _loaded_to_proto(adapter: LoadedAdapter) -> inference_pb2.LoadedAdapter:
+def _deadline(context) -> float | None:
+    """The call's deadline on the monotonic clock, so a request whose caller
+    has given up leaves the queue and the batch."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _finish_reason(result: GenerationResult) -> int:
+    # CANCELLED only reaches a caller that is already gone.
+    return FINISH_REASONS.get(result.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED) if result.finish_reason != CANCELLED else 0
+
+
+def loaded_to_proto(adapter: LoadedAdapter) -> inference_pb2.LoadedAdapter:
     return inference_pb2.LoadedAdapter(
         id=adapter.id,
         source_uri=adapter.source_uri,
         load_time=to_timestamp(adapter.loaded_at),
         publish_to_servable_seconds=adapter.publish_to_servable_seconds or 0.0,
+        task_type=adapter.task_type,
+        rank=adapter.rank,
+        resident=adapter.resident,
+        requests_in_flight=adapter.requests_in_flight,
+        load_seconds=adapter.load_seconds,
+        labels=adapter.labels,
     )
 
 
@@ -41,26 +61,41 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.manager = manager
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
-        result = await self.manager.generate(request_from_proto(request))
+        result = await self.manager.generate(request_from_proto(request), _deadline(context))
         return inference_pb2.GenerateResponse(
             text=result.text,
-            finish_reason=FINISH_REASONS[result.finish_reason],
+            finish_reason=_finish_reason(result),
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
         )
 
     async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest, context):
-        async for item in self.manager.generate_stream(request_from_proto(request)):
+        async for item in self.manager.generate_stream(request_from_proto(request), _deadline(context)):
             if isinstance(item, GenerationResult):
                 yield inference_pb2.GenerateStreamResponse(
-                    finish_reason=FINISH_REASONS[item.finish_reason],
+                    finish_reason=_finish_reason(item),
                     prompt_tokens=item.prompt_tokens,
                     completion_tokens=item.completion_tokens,
                 )
             else:
                 yield inference_pb2.GenerateStreamResponse(text_delta=item)
 
+    async def Classify(self, request: inference_pb2.ClassifyRequest, context):
+        result = await self.manager.classify(request.adapter, request.text)
+        ranked = sorted(result.scores.items(), key=lambda item: -item[1])
+        return inference_pb2.ClassifyResponse(
+            label=result.label, scores=[inference_pb2.LabelScore(label=label, score=score) for label, score in ranked]
+        )
+
+    async def LoadAdapter(self, request: inference_pb2.LoadAdapterRequest, context):
+        adapter = await self.manager.load_adapter(request.id, request.source_uri)
+        return inference_pb2.LoadAdapterResponse(adapter=loaded_to_proto(adapter))
+
+    async def UnloadAdapter(self, request: inference_pb2.UnloadAdapterRequest, context):
+        await self.manager.unload_adapter(request.id)
+        return inference_pb2.UnloadAdapterResponse()
+
     async def ListLoadedAdapters(self, request, context):
         return inference_pb2.ListLoadedAdaptersResponse(
-            base_model=self.manager.base_model, adapters=[_loaded_to_proto(a) for a in self.manager.loaded()]
+            base_model=self.manager.base_model, adapters=[loaded_to_proto(a) for a in self.manager.loaded()]
         )
