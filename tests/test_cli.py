@@ -7,7 +7,7 @@ from tunewire.clients.cli import app
 from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
 
-from conftest import ServerThread, prompt_completion_jsonl
+from conftest import ServerThread, prompt_completion_jsonl, write_lora_adapter
 
 runner = CliRunner()
 
@@ -25,7 +25,18 @@ def dataset_address(tmp_path):
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["serve"], ["demo"], ["generate"], ["datasets", "upload"], ["datasets", "import"], ["jobs", "create"], ["jobs", "watch"]],
+    [
+        [],
+        ["serve"],
+        ["demo"],
+        ["generate"],
+        ["datasets", "upload"],
+        ["datasets", "import"],
+        ["jobs", "create"],
+        ["jobs", "watch"],
+        ["classify"],
+        ["adapters", "load"],
+    ],
 )
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
@@ -53,3 +64,28 @@ def test_a_rejected_upload_exits_1_naming_the_rows(dataset_address, tmp_path):
     result = runner.invoke(app, ["datasets", "upload", str(path), "--name", "bad", "--dataset-address", dataset_address])
     assert result.exit_code == 1
     assert "INVALID_ARGUMENT" in result.output and "row 1.completion: missing required field" in result.output
+
+
+def test_adapters_load_list_classify_and_unload(tmp_path, tiny_model_dir):
+    from tunewire.services.inference.server import InferenceDeps
+    from tunewire.services.inference.server import create_server as create_inference_server
+
+    settings = load_settings(home=tmp_path / "home", base_model=str(tiny_model_dir), import_roots=str(tmp_path / "adapters"))
+    write_lora_adapter(tiny_model_dir, tmp_path / "adapters" / "reviews", classes=2)
+
+    async def make():
+        return await create_inference_server(settings, InferenceDeps(InferenceDeps.from_settings(settings).manager, ""), port=0)
+
+    with ServerThread(make) as server:
+        address = ["--inference-address", server.address]
+        loaded = runner.invoke(app, ["adapters", "load", "reviews", str(tmp_path / "adapters" / "reviews"), *address])
+        assert loaded.exit_code == 0 and "SEQ_CLS, rank 4" in loaded.output, loaded.output
+        listed = runner.invoke(app, ["adapters", "list", *address], terminal_width=200)
+        assert "reviews" in listed.output and "SEQ_CLS" in listed.output
+        classified = runner.invoke(app, ["classify", "hello world", "--adapter", "reviews", *address])
+        assert classified.exit_code == 0 and "LABEL_0" in classified.output and "LABEL_1" in classified.output
+        refused = runner.invoke(app, ["adapters", "load", "other", "/etc", *address])
+        assert refused.exit_code == 1 and "INVALID_ARGUMENT" in refused.output and "source_uri" in refused.output
+        assert runner.invoke(app, ["adapters", "unload", "reviews", *address]).exit_code == 0
+        gone = runner.invoke(app, ["classify", "hello", "--adapter", "reviews", *address])
+        assert gone.exit_code == 1 and "NOT_FOUND" in gone.output

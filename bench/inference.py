@@ -1,0 +1,197 @@
+"""Multi-adapter inference throughput of the inference service (over gRPC, a
+service process) on the bundled SmolLM2-135M, against plain PEFT baselines
+in the same run:
+
+- 8 concurrent requests over 4 adapters (a mixed batch), on 1 adapter, and
+  on the base model alone;
+- PEFT's mixed-adapter batch (`generate(adapter_names=...)`) and its
+  single-adapter batch of 8;
+- the same 8 requests one at a time, through the service and with plain
+  PEFT `generate`;
+- LoadAdapter: the wall time until a new adapter is servable.
+
+Throughput counts real completion tokens (up to each row's end of turn or
+max_new_tokens), so padding and finished rows count for nothing.
+
+    .venv/bin/python -m bench.inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import write_results
+from tunewire.clients.local_stack import LocalStack
+from tunewire.clients.sdk import InferenceClient
+from tunewire.services.common.models import resolve_model
+from tunewire.services.common.text import prompt_text
+
+BASE_MODEL = "smollm2-135m-instruct"
+PROMPTS = [
+    "Write a long story about a dragon who learns to cook.",
+    "Explain how rain forms, in detail.",
+    "List twenty fruits and describe each one.",
+    "Tell me about the history of Rome.",
+    "Describe a day at the beach from morning to night.",
+    "Write a poem about the sea and the wind.",
+    "How do computers store numbers?",
+    "Explain photosynthesis step by step.",
+]
+
+
+def make_adapters(model_path: str, out: Path, count: int, rank: int) -> list[Path]:
+    """LoRA adapters like tunewire's jobs produce (all linear layers), with
+    small random weights so outputs stay fluent but differ."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for i in range(count):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False))
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.mul_(0.01)
+        peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL
+        peft_model.save_pretrained(out / f"adapter-{i}")
+        paths.append(out / f"adapter-{i}")
+    return paths
+
+
+def service_run(client: InferenceClient, adapters: list[str], max_new_tokens: int, concurrent_requests: bool) -> tuple[int, float]:
+    def one(i: int) -> int:
+        return client.generate(PROMPTS[i], adapter=adapters[i], max_new_tokens=max_new_tokens).completion_tokens
+
+    start = time.perf_counter()
+    if concurrent_requests:
+        with concurrent.futures.ThreadPoolExecutor(len(adapters)) as pool:
+            tokens = sum(pool.map(one, range(len(adapters))))
+    else:
+        tokens = sum(one(i) for i in range(len(adapters)))
+    return tokens, time.perf_counter() - start
+
+
+class PeftBaseline:
+    """Plain PEFT + transformers generate, as one would serve without tunewire."""
+
+    def __init__(self, model_path: str, adapter_dirs: list[Path]):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name="adapter-0").eval()
+        for i, path in enumerate(adapter_dirs[1:], start=1):
+            self.model.load_adapter(str(path), adapter_name=f"adapter-{i}")
+        self.eos = self.model.generation_config.eos_token_id
+
+    def run(self, prompts: list[str], adapter_names: list[str] | None, max_new_tokens: int) -> int:
+        texts = [prompt_text(self.tokenizer, None, p, False) for p in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        options = {"adapter_names": adapter_names} if adapter_names is not None and len(set(adapter_names)) > 1 else {}
+        if adapter_names is not None and len(set(adapter_names)) == 1:
+            self.model.set_adapter(adapter_names[0])
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id, **options
+            )
+        return sum(_real_tokens(row.tolist(), self.eos) for row in out[:, batch["input_ids"].shape[1] :])
+
+    def timed(self, prompts, adapter_names, max_new_tokens, one_at_a_time=False) -> tuple[int, float]:
+        start = time.perf_counter()
+        if one_at_a_time:
+            tokens = sum(
+                self.run([p], None if adapter_names is None else [a], max_new_tokens) for p, a in zip(prompts, adapter_names, strict=True)
+            )
+        else:
+            tokens = self.run(prompts, adapter_names, max_new_tokens)
+        return tokens, time.perf_counter() - start
+
+
+def _real_tokens(ids: list[int], eos: int | list[int]) -> int:
+    ends = set(eos if isinstance(eos, list) else [eos])
+    for i, token in enumerate(ids):
+        if token in ends:
+            return i + 1
+    return len(ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, default=Path(".tunewire"), help="TUNEWIRE_HOME (reuses its converted model)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
+    args = parser.parse_args()
+    home = args.home.resolve()
+    model_path = resolve_model(BASE_MODEL, home / "models")
+    n = len(PROMPTS)
+    with tempfile.TemporaryDirectory(dir=home) as tmp:
+        adapter_root = Path(tmp)
+        adapter_dirs = make_adapters(model_path, adapter_root, 5, args.rank)
+        mixed = [f"adapter-{i % 4}" for i in range(n)]
+        single = ["adapter-0"] * n
+        rows = []
+
+        def record(what: str, measure) -> None:
+            tokens, seconds = min((measure() for _ in range(args.repeats)), key=lambda r: r[1] / max(r[0], 1))
+            rows.append({"what": what, "tokens": tokens, "seconds": seconds, "tokens/s": tokens / seconds})
+            print(f"{what}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} tokens/s", flush=True)
+
+        env = {"TUNEWIRE_HOME": str(home), "TUNEWIRE_INFERENCE_PORT": "50193", "TUNEWIRE_IMPORT_ROOTS": str(adapter_root)}
+        with (
+            LocalStack(env=env, services=("inference",), log_dir=adapter_root / "logs") as stack,
+            InferenceClient(stack.address("inference"), timeout=600) as client,
+        ):
+            for i in range(4):
+                client.load_adapter(f"adapter-{i}", str(adapter_dirs[i]))
+            client.generate(PROMPTS[0], adapter="adapter-0", max_new_tokens=4)  # warm-up
+            record("tunewire: 8 concurrent, 4 adapters (mixed batch)", lambda: service_run(client, mixed, args.max_new_tokens, True))
+            record("tunewire: 8 concurrent, 1 adapter", lambda: service_run(client, single, args.max_new_tokens, True))
+            record("tunewire: 8 concurrent, base model", lambda: service_run(client, [""] * n, args.max_new_tokens, True))
+            record("tunewire: the 8 one at a time, 4 adapters", lambda: service_run(client, mixed, args.max_new_tokens, False))
+            start = time.perf_counter()
+            loaded = client.load_adapter("adapter-new", str(adapter_dirs[4]))
+            load_wall = time.perf_counter() - start
+            first = client.generate(PROMPTS[0], adapter="adapter-new", max_new_tokens=1)
+            servable_wall = time.perf_counter() - start
+            assert first.completion_tokens == 1
+        baseline = PeftBaseline(model_path, adapter_dirs[:4])
+        record("PEFT generate: batch of 8, 4 adapters (adapter_names)", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens))
+        record("PEFT generate: batch of 8, 1 adapter", lambda: baseline.timed(PROMPTS, single, args.max_new_tokens))
+        record("PEFT generate: the 8 one at a time, 4 adapters", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens, True))
+
+    reference = rows[0]["tokens/s"]
+    for row in rows:
+        row["mixed batch ÷ this"] = reference / row["tokens/s"]
+    rows.append(
+        {
+            "what": f"LoadAdapter (rank {args.rank}, all linear layers) until servable; first token after it",
+            "tokens": 1,
+            "seconds": load_wall,
+            "tokens/s": 0.0,
+            "mixed batch ÷ this": servable_wall,
+        }
+    )
+    write_results(
+        "inference",
+        rows,
+        notes=(
+            f"SmolLM2-135M-Instruct, fp32 CPU, greedy, max_new_tokens={args.max_new_tokens}, LoRA rank {args.rank} on every linear "
+            f"layer; best of {args.repeats}. Last row: seconds = LoadAdapter wall time (read, validate, place: "
+            f"{loaded.load_seconds:.3f}s inside the service); last column = until the first generated token with it."
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
