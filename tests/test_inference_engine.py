@@ -280,3 +280,31 @@ def test_classification_adapters_equal_plain_peft(base, tiny_model_dir, tmp_path
             engine.classify("", "hi")
     finally:
         engine.stop()
+
+
+def test_an_evicted_adapter_that_cannot_be_reloaded_fails_only_its_own_requests(tiny_model_dir, adapters, expected, tmp_path):
+    import shutil
+
+    engine = make_engine(tiny_model_dir, tmp_path, max_resident_adapters=1)
+    try:
+        doomed = shutil.copytree(adapters["a2"], tmp_path / "doomed")
+        add(engine, "doomed", doomed)
+        add(engine, "a1", adapters["a1"])  # evicts the idle "doomed"
+        shutil.rmtree(doomed)
+        running = Call(engine, adapter="a1", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12)
+        failing = Call(engine, adapter="doomed", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12)
+        assert running.wait().text == expected[("a1", PROMPTS[0])]
+        with pytest.raises(InvalidArgument, match="adapter_config.json"):
+            failing.wait()
+        assert generate(engine, prompt=PROMPTS[1], raw_prompt=True, max_new_tokens=12).text == expected[("", PROMPTS[1])]
+    finally:
+        engine.stop()
+
+
+def test_prompts_over_the_prefill_budget_are_prefilled_in_turns(tiny_model_dir, expected, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path, max_prefill_tokens=16)
+    try:
+        calls = [Call(engine, prompt=prompt, raw_prompt=True, max_new_tokens=12) for prompt in PROMPTS]
+        assert [c.wait().text for c in calls] == [expected[("", prompt)] for prompt in PROMPTS]
+    finally:
+        engine.stop()

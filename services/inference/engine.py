@@ -51,6 +51,8 @@ class EngineLimits:
     max_queued_requests: int = 64  # waiting to join the batch; more get RESOURCE_EXHAUSTED
     max_resident_adapters: int = 8  # LoRA slots
     max_adapter_rank: int = 64
+    # Prompt tokens (padded) prefilled in one pass; a longer prompt runs alone.
+    max_prefill_tokens: int = 8192
 
 
 @dataclass(frozen=True)
@@ -376,7 +378,8 @@ class BatchEngine:
     def _on_model_thread(self, fn: Callable) -> Future:
         future: Future = Future()
         if threading.current_thread() is self._thread or self._thread is None:
-            _run_into(fn, future)
+            with torch.inference_mode():
+                _run_into(fn, future)
             return future
         with self._lock:
             self._commands.append((fn, future))
@@ -402,6 +405,7 @@ class BatchEngine:
                     for sequence in self._running:
                         self._finish(sequence, exc)
                     self._running, self._batch = [], None
+                    self._next_tokens = torch.zeros(0, dtype=torch.long)
         for sequence in [*self._running, *self._waiting]:
             self._finish(sequence, FailedPrecondition("the inference service is shutting down: retry on another replica"))
 
@@ -432,12 +436,24 @@ class BatchEngine:
         with self._lock:
             candidates = list(self._waiting)
         room = self.limits.max_batch_size - len(self._running)
+        width = 0
         for sequence in candidates:
             if len(admitted) >= room:
                 break
-            if sequence.adapter is not None and not self._make_resident(sequence.adapter):
-                continue  # every slot is busy: it waits for a running adapter to finish
+            wider = max(width, len(sequence.prompt_ids))
+            if admitted and wider * (len(admitted) + 1) > self.limits.max_prefill_tokens:
+                break  # the rest join at the next step
+            try:
+                if sequence.adapter is not None and not self._make_resident(sequence.adapter):
+                    continue  # every slot is busy: it waits for a running adapter to finish
+            except Exception as exc:  # e.g. an evicted adapter's files are gone: this request fails, not the batch
+                log.warning("adapter %s could not be reloaded: %s", sequence.adapter.id, exc)
+                with self._lock:
+                    self._waiting.remove(sequence)
+                self._finish(sequence, exc)
+                continue
             admitted.append(sequence)
+            width = wider
         if admitted:
             with self._lock:
                 for sequence in admitted:
@@ -470,6 +486,7 @@ class BatchEngine:
         return True
 
     def _prefill(self, sequences: list[_Sequence]) -> None:
+        self._running.extend(sequences)  # from here on, a failure fails them with the batch
         pad = self.tokenizer.pad_token_id
         width = max(len(s.prompt_ids) for s in sequences)
         input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -486,7 +503,6 @@ class BatchEngine:
         if self._batch is None:
             self._batch = BatchCache(len(cache.layers))
         self._batch.merge(cache, mask)
-        self._running.extend(sequences)
         tokens = self._sample(logits, sequences)
         self._next_tokens = torch.cat([self._next_tokens, tokens])
         self._accept(sequences, tokens.tolist())
@@ -581,7 +597,14 @@ class BatchEngine:
         for item in items:
             if item.future.cancelled():
                 self._done_with(item.adapter)  # the caller went away
-            elif not self._make_resident(item.adapter):
+                continue
+            try:
+                resident = self._make_resident(item.adapter)
+            except Exception as exc:
+                self._done_with(item.adapter)
+                item.future.set_exception(exc)
+                continue
+            if not resident:
                 with self._lock:
                     self._classifications.append(item)  # no free slot yet
             elif item.future.set_running_or_notify_cancel():
