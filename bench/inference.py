@@ -29,6 +29,7 @@ from tunewire.clients.local_stack import LocalStack
 from tunewire.clients.sdk import InferenceClient
 from tunewire.services.common.models import resolve_model
 from tunewire.services.common.text import prompt_text
+from tunewire.services.inference.engine import serving_dtype
 
 BASE_MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -81,14 +82,14 @@ def service_run(client: InferenceClient, adapters: list[str], max_new_tokens: in
 class PeftBaseline:
     """Plain PEFT + transformers generate, as one would serve without tunewire."""
 
-    def __init__(self, model_path: str, adapter_dirs: list[Path]):
+    def __init__(self, model_path: str, adapter_dirs: list[Path], dtype):
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
         self.model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name="adapter-0").eval()
         for i, path in enumerate(adapter_dirs[1:], start=1):
             self.model.load_adapter(str(path), adapter_name=f"adapter-{i}")
@@ -131,7 +132,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="for the service and the baselines alike")
     args = parser.parse_args()
+    dtype = serving_dtype(args.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     home = args.home.resolve()
     model_path = resolve_model(BASE_MODEL, home / "models")
     n = len(PROMPTS)
@@ -147,7 +151,12 @@ def main() -> None:
             rows.append({"what": what, "tokens": tokens, "seconds": seconds, "tokens/s": tokens / seconds})
             print(f"{what}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} tokens/s", flush=True)
 
-        env = {"TUNEWIRE_HOME": str(home), "TUNEWIRE_INFERENCE_PORT": "50193", "TUNEWIRE_IMPORT_ROOTS": str(adapter_root)}
+        env = {
+            "TUNEWIRE_HOME": str(home),
+            "TUNEWIRE_INFERENCE_PORT": "50193",
+            "TUNEWIRE_IMPORT_ROOTS": str(adapter_root),
+            "TUNEWIRE_INFERENCE_DTYPE": dtype_name,
+        }
         with (
             LocalStack(env=env, services=("inference",), log_dir=adapter_root / "logs") as stack,
             InferenceClient(stack.address("inference"), timeout=600) as client,
@@ -165,7 +174,7 @@ def main() -> None:
             first = client.generate(PROMPTS[0], adapter="adapter-new", max_new_tokens=1)
             servable_wall = time.perf_counter() - start
             assert first.completion_tokens == 1
-        baseline = PeftBaseline(model_path, adapter_dirs[:4])
+        baseline = PeftBaseline(model_path, adapter_dirs[:4], dtype)
         record("PEFT generate: batch of 8, 4 adapters (adapter_names)", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens))
         record("PEFT generate: batch of 8, 1 adapter", lambda: baseline.timed(PROMPTS, single, args.max_new_tokens))
         record("PEFT generate: the 8 one at a time, 4 adapters", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens, True))
@@ -183,10 +192,10 @@ def main() -> None:
         }
     )
     write_results(
-        "inference",
+        f"inference-{dtype_name}",
         rows,
         notes=(
-            f"SmolLM2-135M-Instruct, fp32 CPU, greedy, max_new_tokens={args.max_new_tokens}, LoRA rank {args.rank} on every linear "
+            f"SmolLM2-135M-Instruct, {dtype_name} weights for the service and the baselines, greedy, max_new_tokens={args.max_new_tokens}, LoRA rank {args.rank} on every linear "
             f"layer; best of {args.repeats}. Last row: seconds = LoadAdapter wall time (read, validate, place: "
             f"{loaded.load_seconds:.3f}s inside the service); last column = until the first generated token with it."
         ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(64, ge=1)
     max_resident_adapters: int = Field(8, ge=1)
     max_adapter_rank: int = Field(64, ge=1)
+    # The served model's weights: auto is bfloat16 where the hardware computes
+    # it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32.
+    inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     max_upload_bytes: int = Field(1 << 30, gt=0)
     # Longer rows are invalid (bounds the memory one row may take).

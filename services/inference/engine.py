@@ -185,12 +185,26 @@ class _Classification:
     future: Future
 
 
+def serving_dtype(name: str) -> torch.dtype:
+    """float32, bfloat16, or auto: bfloat16 where the hardware computes it
+    natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if (" avx512_bf16" in flags or " amx_bf16" in flags) else torch.float32
+
+
 class BatchEngine:
-    def __init__(self, base_model_name: str, model_cache: Path, limits: EngineLimits | None = None, threads: int | None = None):
+    def __init__(self, base_model_name: str, model_cache: Path, limits: EngineLimits | None = None, dtype: str = "float32"):
         self.base_model_name = base_model_name
         self.model_cache = model_cache
         self.limits = limits or EngineLimits()
-        self.threads = threads
+        self.dtype = serving_dtype(dtype)
         self.model = None
         self.tokenizer = None
         self.generative = True
@@ -216,8 +230,6 @@ class BatchEngine:
         """Loads the base model (may convert a bundled one first: tens of seconds)."""
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
         path = resolve_model(self.base_model_name, self.model_cache)
         config = AutoConfig.from_pretrained(path)
         self.generative = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
@@ -225,7 +237,7 @@ class BatchEngine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         loader = AutoModelForCausalLM if self.generative else AutoModel
-        self.model = loader.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = loader.from_pretrained(path, dtype=self.dtype).eval()
         self._base_names = base_model_aliases(self.base_model_name) | {path}
         if self.generative:
             eos = self.model.generation_config.eos_token_id
@@ -234,7 +246,13 @@ class BatchEngine:
             if getattr(config.get_text_config(), "sliding_window", None):
                 raise FailedPrecondition(f"{self.base_model_name}: sliding-window attention models are not served yet")
         self.slots = SlotTable(self.model, self.limits.max_resident_adapters)
-        log.info("base model %s loaded from %s (%s)", self.base_model_name, path, "generation" if self.generative else "classification")
+        log.info(
+            "base model %s loaded from %s (%s, %s)",
+            self.base_model_name,
+            path,
+            "generation" if self.generative else "classification",
+            str(self.dtype).removeprefix("torch."),
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
@@ -527,6 +545,7 @@ class BatchEngine:
         self._accept(decoding, tokens.tolist())
 
     def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
+        logits = logits.float()
         tokens = logits.argmax(dim=-1)
         for row, sequence in enumerate(sequences):
             if sequence.generator is not None:
@@ -635,6 +654,7 @@ class BatchEngine:
         else:
             output = self.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
             features = output.pooler_output if getattr(output, "pooler_output", None) is not None else output.last_hidden_state[:, 0]
+        features = features.float()
         results = []
         for row, adapter in enumerate(adapters):
             head = self.slots.heads[adapter.slot]

@@ -59,11 +59,12 @@ class SlottedLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.row_slots = row_slots
-        weight = base.weight
+        device = base.weight.device
         # A stored transposed (in, r) and B (r, out) with the LoRA scale folded
-        # in, so the update is x @ a @ b.
-        self.register_buffer("a", torch.zeros(capacity + 1, base.in_features, 0, dtype=weight.dtype, device=weight.device))
-        self.register_buffer("b", torch.zeros(capacity + 1, 0, base.out_features, dtype=weight.dtype, device=weight.device))
+        # in, so the update is x @ a @ b; in float32 whatever the base model's
+        # dtype (the update is small, its precision is cheap).
+        self.register_buffer("a", torch.zeros(capacity + 1, base.in_features, 0, device=device))
+        self.register_buffer("b", torch.zeros(capacity + 1, 0, base.out_features, device=device))
         self.active = [False] * (capacity + 1)
 
     @property
@@ -73,13 +74,16 @@ class SlottedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         slots = self.row_slots
+        if slots.uniform is not None and not self.active[slots.uniform]:
+            return y
+        x = x.float()
         if slots.uniform is not None:
-            if not self.active[slots.uniform]:
-                return y
-            return y + (x @ self.a[slots.uniform]) @ self.b[slots.uniform]
-        # x: (batch, tokens, in); gathered a: (batch, in, r), b: (batch, r, out).
-        # index_select gathers far faster than advanced indexing on CPU.
-        return y + torch.bmm(torch.bmm(x, self.a.index_select(0, slots.rows)), self.b.index_select(0, slots.rows))
+            update = (x @ self.a[slots.uniform]) @ self.b[slots.uniform]
+        else:
+            # x: (batch, tokens, in); gathered a: (batch, in, r), b: (batch, r, out).
+            # index_select gathers far faster than advanced indexing on CPU.
+            update = torch.bmm(torch.bmm(x, self.a.index_select(0, slots.rows)), self.b.index_select(0, slots.rows))
+        return y + update.to(y.dtype)
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: (in, r), b: (r, out), scale already applied."""
@@ -88,8 +92,8 @@ class SlottedLoRALinear(nn.Module):
             self._grow(rank)
         self.a[slot].zero_()
         self.b[slot].zero_()
-        self.a[slot, :, :rank] = a.to(self.a.dtype)
-        self.b[slot, :rank, :] = b.to(self.b.dtype)
+        self.a[slot, :, :rank] = a
+        self.b[slot, :rank, :] = b
         self.active[slot] = True
 
     def clear_slot(self, slot: int) -> None:

@@ -32,7 +32,7 @@ class InferenceDeps:
             max_resident_adapters=settings.max_resident_adapters,
             max_adapter_rank=settings.max_adapter_rank,
         )
-        engine = BatchEngine(settings.base_model, settings.model_cache, limits)
+        engine = BatchEngine(settings.base_model, settings.model_cache, limits, settings.inference_dtype)
         manager = InferenceManager(
             engine, ArtifactStore(settings.artifact_root), settings.home / "adapter-cache", settings.import_root_list
         )
