@@ -30,5 +30,12 @@ test: install
 serve: install
 	$(BIN)/tunewire serve
 
+# Every benchmark, each against its baselines in the same run (about 25
+# minutes on 2 cores); tables and JSON in bench/results/.
+bench: install
+	$(BIN)/python -m bench.dataset_upload --megabytes 100
+	$(BIN)/python -m bench.training
+	$(BIN)/python -m bench.inference
+
 clean:
 	rm -rf $(VENV) .tools .tunewire build *.egg-info tunewire/v1

@@ -14,6 +14,7 @@ can ask for it at the same time and only one converts.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import re
 import shutil
@@ -103,15 +104,21 @@ def resolve_model(name: str, cache_dir: Path) -> str:
     return str(_converted_gguf(bundled.name, source, cache_dir))
 
 
+def _converted(target: Path) -> bool:
+    # Copies made before the quantization note was dropped are converted again.
+    config = target / "config.json"
+    return config.exists() and "quantization_config" not in json.loads(config.read_text())
+
+
 def _converted_gguf(name: str, gguf_path: Path, cache_dir: Path) -> Path:
     from filelock import FileLock
 
     target = cache_dir / name
-    if (target / "config.json").exists():
+    if _converted(target):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / f"{name}.lock")):
-        if (target / "config.json").exists():
+        if _converted(target):
             return target
         log.info("converting %s from GGUF (once; cached in %s)", name, target)
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,7 +128,11 @@ def _converted_gguf(name: str, gguf_path: Path, cache_dir: Path) -> Path:
         gguf_model = AutoModelForCausalLM.from_pretrained(**gguf)
         # A GGUF-loaded model refuses save_pretrained: rebuild it from its
         # config and move the dequantised weights in.
-        model = AutoModelForCausalLM.from_config(gguf_model.config)
+        config = gguf_model.config
+        # The weights are saved dequantised: the copy is a plain model that
+        # every tool can train and serve.
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(gguf_model.state_dict())
         staging = cache_dir / f".{name}.{uuid.uuid4().hex}"
         model.save_pretrained(staging)

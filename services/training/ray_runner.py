@@ -108,6 +108,7 @@ class RayTrainRunner:
             "steps_per_epoch": steps_per_epoch,
             "total_steps": steps_per_epoch * config.epochs,
             "has_validation": "validation" in datasets,
+            "split_rows": {"train": dataset["train_rows"], "validation": dataset["validation_rows"]},
             "progress": progress,
             "control": control,
         }

@@ -127,6 +127,22 @@ def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: 
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
 
 
+class TokenWeights:
+    """Weights each batch's mean loss by its token count over the running
+    mean, so that a batch of short rows (length grouping makes them) moves
+    the weights less than a batch of long ones: the steps follow the
+    token-weighted loss that validation measures, as random batches would."""
+
+    def __init__(self) -> None:
+        self.tokens = 0.0
+        self.batches = 0
+
+    def __call__(self, tokens: float) -> float:
+        self.tokens += tokens
+        self.batches += 1
+        return tokens * self.batches / self.tokens if self.tokens else 0.0
+
+
 def trained_tokens(task: str, batch) -> float:
     """How many targets the batch's mean loss averages over."""
     if task == CLASSIFY:

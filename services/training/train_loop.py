@@ -32,9 +32,11 @@ STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 GROUPING_WINDOW = 16  # batches read ahead to group rows by length
 MAX_TEST_ROWS = 256
-# A worker keeps its validation shard in memory up to this many rows, so that
-# frequent validation does not re-read it through Ray Data each time.
-MAX_CACHED_VALIDATION_ROWS = 20_000
+# A worker keeps a split's shard in memory up to this many rows: later epochs
+# and validations then skip Ray Data (a new streaming execution each time,
+# seconds of start-up and CPU taken from training), and rows are grouped by
+# length over the whole shard.
+MAX_CACHED_ROWS = 20_000
 
 
 class JobInputError(Exception):
@@ -170,33 +172,28 @@ def train_loop(loop_config: dict) -> None:
             dist.all_reduce(tensor)
         return tensor.tolist()
 
+    cached: dict[str, list[dict]] = {}
+
     def batches(split: str):
-        """Length-grouped batches from a window of the worker's shard."""
+        """Length-grouped batches of the worker's shard: from memory once a
+        small shard has been read, else from a window read ahead."""
+        if split in cached:
+            yield from tasks.length_grouped(cached[split], task, config.batch_size, rng)
+            return
+        # Decided from the split's size, the same on every worker: Ray Data's
+        # split iterators advance together, so all cache or none do.
+        keep = loop_config["split_rows"][split] <= MAX_CACHED_ROWS * world
         shard = ray.train.get_dataset_shard(split)
         window: list[dict] = []
         for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
             window += table.to_pylist()
-            if len(window) >= GROUPING_WINDOW * config.batch_size:
+            if not keep and len(window) >= GROUPING_WINDOW * config.batch_size:
                 yield from tasks.length_grouped(window, task, config.batch_size, rng)
                 window = []
+        if keep:
+            cached[split] = window
         if window:
             yield from tasks.length_grouped(window, task, config.batch_size, rng)
-
-    validation_cache: list[list[dict]] | None = None
-
-    def validation_batches():
-        nonlocal validation_cache
-        if validation_cache is not None:
-            yield from validation_cache
-            return
-        kept: list[list[dict]] | None = []
-        for rows in batches("validation"):
-            if kept is not None:
-                kept.append(rows)
-                if sum(len(b) for b in kept) > MAX_CACHED_VALIDATION_ROWS:
-                    kept = None
-            yield rows
-        validation_cache = kept
 
     def validate() -> float | None:
         if not loop_config["has_validation"]:
@@ -204,7 +201,7 @@ def train_loop(loop_config: dict) -> None:
         ddp_model.eval()
         total = count = 0.0
         with torch.no_grad():
-            for rows in validation_batches():
+            for rows in batches("validation"):
                 batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device)
                 n = tasks.trained_tokens(task, batch)
                 if n:
@@ -252,6 +249,7 @@ def train_loop(loop_config: dict) -> None:
         return False
 
     ddp_model.train()
+    token_weight = tasks.TokenWeights()
     started, cancelled, stop = time.monotonic(), False, False
     first_step = state.step
     for epoch in range(state.epoch, config.epochs):
@@ -265,7 +263,7 @@ def train_loop(loop_config: dict) -> None:
             # A batch with nothing to train on (all truncated away) still takes
             # part in the gradient all-reduce, with zero gradients, not NaN.
             loss = outputs.loss if n else outputs.logits.sum() * 0.0
-            (loss / config.gradient_accumulation_steps).backward()
+            (loss * token_weight(n) / config.gradient_accumulation_steps).backward()
             trained_in_epoch += n
             loss_total, loss_tokens, real_tokens = (
                 loss_total + loss.item() * n,
@@ -282,7 +280,7 @@ def train_loop(loop_config: dict) -> None:
             state.step += 1
             wants_cancel = float(rank == 0 and control.qsize() > 0)
             loss_total, loss_tokens, real_tokens, wants_cancel = all_sum(loss_total, loss_tokens, real_tokens, wants_cancel)
-            elapsed = time.monotonic() - started
+            elapsed, step_seconds = time.monotonic() - started, max(time.monotonic() - step_start, 1e-9)
             send(
                 "step",
                 {
@@ -291,17 +289,20 @@ def train_loop(loop_config: dict) -> None:
                     "epoch": epoch + min(1.0, (state.step - epoch * steps_per_epoch) / steps_per_epoch),
                     "loss": loss_total / max(loss_tokens, 1),
                     "learning_rate": scheduler.get_last_lr()[0],
-                    "tokens_per_second": real_tokens / max(time.monotonic() - step_start, 1e-9),
+                    "tokens_per_second": real_tokens / step_seconds,
+                    "tokens": int(real_tokens),
+                    "step_seconds": step_seconds,
                     "eta_seconds": elapsed / max(state.step - first_step, 1) * max(total_steps - state.step, 0),
                 },
             )
-            step_start, loss_total, loss_tokens, real_tokens = time.monotonic(), 0.0, 0.0, 0.0
+            loss_total, loss_tokens, real_tokens = 0.0, 0.0, 0.0
             if wants_cancel:
                 cancelled = True
                 break
             if config.eval_every_steps and state.step % config.eval_every_steps == 0 and evaluate_and_maybe_stop():
                 stop = True
                 break
+            step_start = time.monotonic()  # validation is not part of the next step
         if cancelled or stop:
             break
         if not all_sum(trained_in_epoch)[0]:
