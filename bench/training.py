@@ -147,11 +147,17 @@ def run_trainer_baseline(model_path: str, train_rows, validation_rows, args, out
     trainer.train()
     seconds = time.perf_counter() - start
     tokens = sum(len(ids) for ids, _ in pairs)
-    return {"tokens": tokens, "train seconds": seconds, "val loss": validation_loss(model, tokenizer, validation_rows, hp["max_seq_length"])}
+    return {
+        "tokens": tokens,
+        "train seconds": seconds,
+        "val loss": validation_loss(model, tokenizer, validation_rows, hp["max_seq_length"]),
+    }
 
 
-def run_in_process(model_path: str, train_rows, validation_rows, args) -> dict:
-    """tunewire's training loop pieces in one process: no gRPC, no Ray."""
+def run_in_process(model_path: str, train_rows, validation_rows, args, grouped: bool = True) -> dict:
+    """tunewire's training loop pieces in one process: no gRPC, no Ray. With
+    grouped=False, batches of rows in random order (to tell what length
+    grouping changes)."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -165,7 +171,11 @@ def run_in_process(model_path: str, train_rows, validation_rows, args) -> dict:
     model = tasks.load_model("sft", model_path, "lora", config, [], tokenizer, use_gpu=False)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batches = tasks.length_grouped(train_rows, "sft", config.batch_size, random.Random(0))
+    if grouped:
+        batches = tasks.length_grouped(train_rows, "sft", config.batch_size, random.Random(0))
+    else:
+        shuffled = random.Random(0).sample(train_rows, len(train_rows))
+        batches = [shuffled[i : i + config.batch_size] for i in range(0, len(shuffled), config.batch_size)]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * len(batches)), len(batches))
     first_step_at = None
@@ -257,9 +267,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=home) as tmp:
         tmp = Path(tmp)
-        record("plain Trainer + PEFT, defaults (baseline)", run_trainer_baseline(model_path, train_rows, validation_rows, args, tmp / "trainer"))
+        record(
+            "plain Trainer + PEFT, defaults (baseline)",
+            run_trainer_baseline(model_path, train_rows, validation_rows, args, tmp / "trainer"),
+        )
         in_process = run_in_process(model_path, train_rows, validation_rows, args)
         record("tunewire loop in-process (no gRPC, no Ray)", in_process)
+        record(
+            "the same, random batches (no length grouping)", run_in_process(model_path, train_rows, validation_rows, args, grouped=False)
+        )
         data = tmp / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
         env = {
@@ -273,12 +289,15 @@ def main() -> None:
                 # The bench evaluates on its own validation rows; the job validates on 1 row.
                 dataset = datasets.upload(data, name="bench", split={"validation_count": 1, "test_count": 0}).dataset
             for workers in (1, 2):
-                record(f"tunewire job: gRPC + Ray Train, {workers} worker(s)", run_service_job(stack, dataset.id, workers, model_path, validation_rows, args))
+                record(
+                    f"tunewire job: gRPC + Ray Train, {workers} worker(s)",
+                    run_service_job(stack, dataset.id, workers, model_path, validation_rows, args),
+                )
 
     baseline = results[0]["tokens/s"]
     for row in results:
         row["x baseline"] = row["tokens/s"] / baseline
-    one_worker = results[2]
+    one_worker = results[3]
     write_results(
         "training",
         results,

@@ -6,7 +6,7 @@ import time
 
 from tunewire.services.common.convert import to_timestamp
 from tunewire.services.inference.core import InferenceManager, LoadedAdapter
-from tunewire.services.inference.engine import CANCELLED, DEFAULT_MAX_NEW_TOKENS, LENGTH, STOP, GenerationRequest, GenerationResult
+from tunewire.services.inference.engine import DEFAULT_MAX_NEW_TOKENS, LENGTH, STOP, GenerationRequest, GenerationResult
 from tunewire.v1 import inference_pb2, inference_pb2_grpc
 
 FINISH_REASONS = {STOP: inference_pb2.FINISH_REASON_STOP, LENGTH: inference_pb2.FINISH_REASON_LENGTH}
@@ -37,8 +37,8 @@ def _deadline(context) -> float | None:
 
 
 def _finish_reason(result: GenerationResult) -> int:
-    # CANCELLED only reaches a caller that is already gone.
-    return FINISH_REASONS.get(result.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED) if result.finish_reason != CANCELLED else 0
+    # CANCELLED only reaches a caller that is already gone: UNSPECIFIED.
+    return FINISH_REASONS.get(result.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED)
 
 
 def loaded_to_proto(adapter: LoadedAdapter) -> inference_pb2.LoadedAdapter:

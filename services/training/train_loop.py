@@ -248,6 +248,11 @@ def train_loop(loop_config: dict) -> None:
             return True
         return False
 
+    # Small shards are read now, as start-up, rather than inside the first step.
+    for split in ("train", "validation") if loop_config["has_validation"] else ("train",):
+        if loop_config["split_rows"][split] <= MAX_CACHED_ROWS * world:
+            for _ in batches(split):
+                pass
     ddp_model.train()
     token_weight = tasks.TokenWeights()
     started, cancelled, stop = time.monotonic(), False, False
