@@ -3,9 +3,11 @@ service from the shell. Heavy libraries are never imported here, so it starts fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -28,11 +30,16 @@ TRAINING = typer.Option(sdk.DEFAULT_TRAINING_ADDRESS, "--training-address", envv
 INFERENCE = typer.Option(sdk.DEFAULT_INFERENCE_ADDRESS, "--inference-address", envvar="TUNEWIRE_INFERENCE_ADDRESS")
 
 
-def _fail(error: sdk.ApiError) -> None:
-    console.print(f"[red]{error.code.name}[/red]: {error.message}")
-    for v in error.violations:
-        console.print(f"  {v.field}: {v.description}")
-    raise typer.Exit(1)
+@contextlib.contextmanager
+def _api_errors() -> Iterator[None]:
+    """A failed call prints its status code, message and the fields at fault, and exits 1."""
+    try:
+        yield
+    except sdk.ApiError as error:
+        console.print(f"[red]{error.code.name}[/red]: {error.message}")
+        for v in error.violations:
+            console.print(f"  {v.field}: {v.description}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -128,11 +135,8 @@ def datasets_upload(
 ) -> None:
     """Upload a file; it is validated row by row and stored whole or not at all."""
     options, fmt = _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats)
-    with sdk.DatasetClient(address) as client:
-        try:
-            _print_upload(client.upload(path, name=name, format=fmt, **options))
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.DatasetClient(address) as client, _api_errors():
+        _print_upload(client.upload(path, name=name, format=fmt, **options))
 
 
 @datasets_app.command("import")
@@ -152,17 +156,14 @@ def datasets_import(
 ) -> None:
     """Have the dataset service read a file itself (a path or fsspec URL)."""
     options, fmt = _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats)
-    with sdk.DatasetClient(address) as client:
-        try:
-            _print_upload(client.import_dataset(source, name=name, format=fmt, **options))
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.DatasetClient(address) as client, _api_errors():
+        _print_upload(client.import_dataset(source, name=name, format=fmt, **options))
 
 
 @datasets_app.command("list")
 def datasets_list(name: str = typer.Option("", help="only versions of this name"), address: str = DATASET) -> None:
     """Dataset versions, newest first."""
-    with sdk.DatasetClient(address) as client:
+    with sdk.DatasetClient(address) as client, _api_errors():
         table = Table(Column("id", no_wrap=True), "name", "format", "rows", "splits", "created")
         for d in client.list(name):
             fmt = dataset_format_name(d.format)
@@ -173,34 +174,25 @@ def datasets_list(name: str = typer.Option("", help="only versions of this name"
 @datasets_app.command("report")
 def datasets_report(dataset_id: str, address: str = DATASET) -> None:
     """The quality report computed at upload."""
-    with sdk.DatasetClient(address) as client:
-        try:
-            _print_report(client.report(dataset_id))
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.DatasetClient(address) as client, _api_errors():
+        _print_report(client.report(dataset_id))
 
 
 @datasets_app.command("rows")
 def datasets_rows(dataset_id: str, split: str = "", limit: int = typer.Option(10, help="rows to show"), address: str = DATASET) -> None:
     """Print rows as JSON lines."""
-    with sdk.DatasetClient(address) as client:
-        try:
-            for i, row in enumerate(client.rows(dataset_id, split)):
-                if i >= limit:
-                    break
-                print(json.dumps(row, ensure_ascii=False))
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.DatasetClient(address) as client, _api_errors():
+        for i, row in enumerate(client.rows(dataset_id, split)):
+            if i >= limit:
+                break
+            print(json.dumps(row, ensure_ascii=False))
 
 
 @datasets_app.command("delete")
 def datasets_delete(dataset_id: str, address: str = DATASET) -> None:
     """Delete a dataset version (refused while a job uses it)."""
-    with sdk.DatasetClient(address) as client:
-        try:
-            client.delete(dataset_id)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.DatasetClient(address) as client, _api_errors():
+        client.delete(dataset_id)
     console.print(f"deleted {dataset_id}")
 
 
@@ -246,11 +238,8 @@ def jobs_create(
         eval_every_steps=eval_every_steps,
         early_stopping_patience=early_stopping_patience,
     )
-    with sdk.TrainingClient(address) as client:
-        try:
-            job = client.create_job(base_model, dataset_id, given, workers, gpu, METHODS[method], idempotency_key)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.TrainingClient(address) as client, _api_errors():
+        job = client.create_job(base_model, dataset_id, given, workers, gpu, METHODS[method], idempotency_key)
         console.print(f"job [bold]{job.id}[/bold] queued; chosen for you: {', '.join(job.auto_hyperparameters) or 'nothing'}")
         if follow:
             _follow(client, job.id, plot)
@@ -268,13 +257,8 @@ def jobs_estimate(
     address: str = TRAINING,
 ) -> None:
     """Tokens, steps, memory and time a job would take, before running it."""
-    with sdk.TrainingClient(address) as client:
-        try:
-            e = client.estimate(
-                base_model, dataset_id, _hyperparameters(epochs=epochs, batch_size=batch_size), workers, gpu, METHODS[method]
-            )
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.TrainingClient(address) as client, _api_errors():
+        e = client.estimate(base_model, dataset_id, _hyperparameters(epochs=epochs, batch_size=batch_size), workers, gpu, METHODS[method])
     console.print(
         f"{e.train_rows:,} training rows, {e.train_tokens:,} tokens; {e.steps:,} steps of {e.resolved_hyperparameters.batch_size} rows x {workers} worker(s)"
     )
@@ -305,11 +289,8 @@ def jobs_watch(
     job_id: str, plot: Path | None = typer.Option(None, help="save the loss curve to this PNG"), address: str = TRAINING
 ) -> None:
     """Follow a job's progress until it ends (history first)."""
-    with sdk.TrainingClient(address) as client:
-        try:
-            _follow(client, job_id, plot)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.TrainingClient(address) as client, _api_errors():
+        _follow(client, job_id, plot)
 
 
 @jobs_app.command("cancel")
@@ -317,22 +298,16 @@ def jobs_cancel(job_id: str, address: str = TRAINING) -> None:
     """Cancel a queued or running job (a running one stops at its next step)."""
     from tunewire.clients.progress import state_name
 
-    with sdk.TrainingClient(address) as client:
-        try:
-            job = client.cancel_job(job_id)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.TrainingClient(address) as client, _api_errors():
+        job = client.cancel_job(job_id)
     console.print(f"job {job.id}: {state_name(job.state)}")
 
 
 @jobs_app.command("checkpoints")
 def jobs_checkpoints(job_id: str, address: str = TRAINING) -> None:
     """A job's checkpoints, with their validation loss."""
-    with sdk.TrainingClient(address) as client:
-        try:
-            checkpoints = client.list_checkpoints(job_id)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.TrainingClient(address) as client, _api_errors():
+        checkpoints = client.list_checkpoints(job_id)
     table = Table("step", "validation loss", Column("uri", no_wrap=True))
     for c in checkpoints:
         table.add_row(str(c.step), f"{c.validation_loss:.4f}", c.uri)
@@ -359,12 +334,9 @@ def generate(
     address: str = INFERENCE,
 ) -> None:
     """Generate from the served model, streaming the answer."""
-    with sdk.InferenceClient(address) as client:
-        try:
-            for part in client.generate_stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature):
-                console.print(part.text_delta, end="", soft_wrap=True, highlight=False)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.InferenceClient(address) as client, _api_errors():
+        for part in client.generate_stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature):
+            console.print(part.text_delta, end="", soft_wrap=True, highlight=False)
     console.print()
 
 
@@ -375,11 +347,8 @@ def classify(
     address: str = INFERENCE,
 ) -> None:
     """Classify a text with a classifier adapter: every label with its probability."""
-    with sdk.InferenceClient(address) as client:
-        try:
-            response = client.classify(text, adapter=adapter)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.InferenceClient(address) as client, _api_errors():
+        response = client.classify(text, adapter=adapter)
     table = Table("label", "probability")
     for score in response.scores:
         table.add_row(score.label, f"{score.score:.4f}")
@@ -388,7 +357,7 @@ def classify(
 
 @adapters_app.command("list")
 def adapters_list(address: str = INFERENCE) -> None:
-    with sdk.InferenceClient(address) as client:
+    with sdk.InferenceClient(address) as client, _api_errors():
         response = client.loaded_adapters()
     table = Table(
         Column("id", no_wrap=True),
@@ -422,22 +391,16 @@ def adapters_load(
     source: str = typer.Argument(..., help="PEFT adapter directory (path or URL) under the artifact store or TUNEWIRE_IMPORT_ROOTS"),
     address: str = INFERENCE,
 ) -> None:
-    with sdk.InferenceClient(address) as client:
-        try:
-            adapter = client.load_adapter(adapter_id, source)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.InferenceClient(address) as client, _api_errors():
+        adapter = client.load_adapter(adapter_id, source)
     console.print(f"loaded {adapter.id}: {adapter.task_type}, rank {adapter.rank}, in {adapter.load_seconds:.2f}s")
 
 
 @adapters_app.command("unload")
 def adapters_unload(adapter_id: str, address: str = INFERENCE) -> None:
     """New requests for the adapter are refused; those running finish first."""
-    with sdk.InferenceClient(address) as client:
-        try:
-            client.unload_adapter(adapter_id)
-        except sdk.ApiError as error:
-            _fail(error)
+    with sdk.InferenceClient(address) as client, _api_errors():
+        client.unload_adapter(adapter_id)
     console.print(f"unloaded {adapter_id}")
 
 
