@@ -74,9 +74,6 @@ class InferenceManager:
             if a.id in states
         ]
 
-    def is_loaded(self, adapter_id: str) -> bool:
-        return adapter_id in self._loaded
-
     async def load_adapter(self, adapter_id: str, uri: str, published_at: dt.datetime | None = None) -> LoadedAdapter:
         """Validates the adapter at `uri` and makes it servable as `adapter_id`.
         Concurrent loads of one id share the work."""

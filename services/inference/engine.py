@@ -320,10 +320,6 @@ class BatchEngine:
                 for a in sorted(self._adapters.values(), key=lambda a: a.id)
             ]
 
-    def has_adapter(self, adapter_id: str) -> bool:
-        with self._lock:
-            return adapter_id in self._adapters
-
     # Requests (any thread)
 
     def submit(
