@@ -325,3 +325,10 @@ def test_bfloat16_serving_runs_adapters(tiny_model_dir, adapters, tmp_path):
         assert all(a.resident for a in engine.adapters())
     finally:
         engine.stop()
+
+
+def test_a_stopped_engine_refuses_adapter_loads_instead_of_hanging(tiny_model_dir, adapters, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path)
+    engine.stop()
+    with pytest.raises(FailedPrecondition, match="shutting down"):
+        add(engine, "a1", adapters["a1"])

@@ -287,7 +287,7 @@ class BatchEngine:
         def place() -> None:
             with self._lock:
                 existing = self._adapters.get(adapter_id)
-                if existing is not None and not existing.removed:
+                if existing is not None:
                     if existing.source_uri != source_uri:
                         raise FailedPrecondition(f"adapter {adapter_id} is already loaded from {existing.source_uri}: unload it first")
                     return
@@ -396,8 +396,11 @@ class BatchEngine:
                 _run_into(fn, future)
             return future
         with self._lock:
-            self._commands.append((fn, future))
-            self._lock.notify_all()
+            if self._stopping:
+                future.set_exception(_shutting_down())
+            else:
+                self._commands.append((fn, future))
+                self._lock.notify_all()
         return future
 
     def _loop(self) -> None:
@@ -421,7 +424,12 @@ class BatchEngine:
                     self._running, self._batch = [], None
                     self._next_tokens = torch.zeros(0, dtype=torch.long)
         for sequence in [*self._running, *self._waiting]:
-            self._finish(sequence, FailedPrecondition("the inference service is shutting down: retry on another replica"))
+            self._finish(sequence, _shutting_down())
+        for _, future in self._commands:
+            future.set_exception(_shutting_down())
+        for item in self._classifications:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(_shutting_down())
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -680,6 +688,10 @@ def _sample_row(logits: torch.Tensor, request: GenerationRequest, generator: tor
         ordered = ordered.masked_fill(outside, 0)
         probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def _shutting_down() -> FailedPrecondition:
+    return FailedPrecondition("the inference service is shutting down: retry on another replica")
 
 
 def _run_into(fn: Callable, future: Future) -> None:
