@@ -174,15 +174,18 @@ def train_loop(loop_config: dict) -> None:
 
     cached: dict[str, list[dict]] = {}
 
+    def kept_in_memory(split: str) -> bool:
+        # Decided from the split's size, the same on every worker: Ray Data's
+        # split iterators advance together, so all keep their shard or none do.
+        return loop_config["split_rows"][split] <= MAX_CACHED_ROWS * world
+
     def batches(split: str):
         """Length-grouped batches of the worker's shard: from memory once a
         small shard has been read, else from a window read ahead."""
         if split in cached:
             yield from tasks.length_grouped(cached[split], task, config.batch_size, rng)
             return
-        # Decided from the split's size, the same on every worker: Ray Data's
-        # split iterators advance together, so all cache or none do.
-        keep = loop_config["split_rows"][split] <= MAX_CACHED_ROWS * world
+        keep = kept_in_memory(split)
         shard = ray.train.get_dataset_shard(split)
         window: list[dict] = []
         for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
@@ -250,7 +253,7 @@ def train_loop(loop_config: dict) -> None:
 
     # Small shards are read now, as start-up, rather than inside the first step.
     for split in ("train", "validation") if loop_config["has_validation"] else ("train",):
-        if loop_config["split_rows"][split] <= MAX_CACHED_ROWS * world:
+        if kept_in_memory(split):
             for _ in batches(split):
                 pass
     ddp_model.train()
