@@ -6,7 +6,7 @@ against what users would otherwise run, in the same run on the same data
   settings (TrainingArguments defaults, padding to the longest row of each
   shuffled batch);
 - in-process: the training loop's own pieces (tunewire.services.training.tasks:
-  model, length-grouped batches, collation) in one process, no gRPC, no Ray;
+  model, random batches packed without padding) in one process, no gRPC, no Ray;
 - tunewire: the job through gRPC and Ray Train, with 1 worker (the in-process
   loop's twin, for the orchestration overhead) and with 2 workers.
 
@@ -82,9 +82,8 @@ def validation_loss(model, tokenizer, rows: list[dict], max_length: int) -> floa
     with torch.no_grad():
         for i in range(0, len(rows), 8):
             batch = tasks.collate("sft", rows[i : i + 8], tokenizer, max_length, {}, "cpu")
-            n = tasks.trained_tokens("sft", batch)
-            total += float(model(**batch).loss) * n
-            count += n
+            total += float(model(**batch.inputs).loss) * batch.targets
+            count += batch.targets
     return total / count
 
 
@@ -154,10 +153,8 @@ def run_trainer_baseline(model_path: str, train_rows, validation_rows, args, out
     }
 
 
-def run_in_process(model_path: str, train_rows, validation_rows, args, grouped: bool = True) -> dict:
-    """tunewire's training loop pieces in one process: no gRPC, no Ray. With
-    grouped=False, batches of rows in random order (to tell what length
-    grouping changes)."""
+def run_in_process(model_path: str, train_rows, validation_rows, args) -> dict:
+    """tunewire's training loop pieces in one process: no gRPC, no Ray."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -171,26 +168,21 @@ def run_in_process(model_path: str, train_rows, validation_rows, args, grouped: 
     model = tasks.load_model("sft", model_path, "lora", config, [], tokenizer, use_gpu=False)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if grouped:
-        batches = tasks.length_grouped(train_rows, "sft", config.batch_size, random.Random(0))
-    else:
-        shuffled = random.Random(0).sample(train_rows, len(train_rows))
-        batches = [shuffled[i : i + config.batch_size] for i in range(0, len(shuffled), config.batch_size)]
+    batches = tasks.make_batches(train_rows, "sft", config.batch_size, random.Random(0))
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * len(batches)), len(batches))
     first_step_at = None
     tokens, step_seconds = 0, 0.0
-    token_weight = tasks.TokenWeights()
     for rows in batches:
         step_start = time.perf_counter()
         first_step_at = first_step_at or step_start
         batch = tasks.collate("sft", rows, tokenizer, config.max_seq_length, {}, "cpu")
-        (model(**batch).loss * token_weight(tasks.trained_tokens("sft", batch))).backward()
+        model(**batch.inputs).loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch.real_tokens
         step_seconds += time.perf_counter() - step_start
     return {
         "tokens": tokens,
@@ -273,9 +265,6 @@ def main() -> None:
         )
         in_process = run_in_process(model_path, train_rows, validation_rows, args)
         record("tunewire loop in-process (no gRPC, no Ray)", in_process)
-        record(
-            "the same, random batches (no length grouping)", run_in_process(model_path, train_rows, validation_rows, args, grouped=False)
-        )
         data = tmp / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
         env = {
@@ -297,7 +286,7 @@ def main() -> None:
     baseline = results[0]["tokens/s"]
     for row in results:
         row["x baseline"] = row["tokens/s"] / baseline
-    one_worker = results[3]
+    one_worker = results[2]
     write_results(
         "training",
         results,

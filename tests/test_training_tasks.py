@@ -27,9 +27,9 @@ def test_rouge_and_exact_match():
     assert metrics.loss_metrics(0.0, 0) == {}
 
 
-def test_length_grouping_keeps_every_row_and_groups_by_length():
-    rows = [{"text": "x" * n} for n in random.Random(0).sample(range(1, 200), 64)]
-    batches = tasks.length_grouped(rows, "continued_pretraining", 8, random.Random(0))
+def test_classification_batches_keep_every_row_and_group_by_length():
+    rows = [{"text": "x" * n, "label": "a"} for n in random.Random(0).sample(range(1, 200), 64)]
+    batches = tasks.make_batches(rows, "classification", 8, random.Random(0))
     assert sorted(len(r["text"]) for b in batches for r in b) == sorted(len(r["text"]) for r in rows)
     spreads = [max(len(r["text"]) for r in b) - min(len(r["text"]) for r in b) for b in batches]
     assert max(spreads) < 60  # random batches of 8 would spread over ~150
@@ -40,11 +40,76 @@ def tokenizer(tiny_model_dir):
     return tasks.load_tokenizer(str(tiny_model_dir))
 
 
-def test_pretraining_trains_on_every_token(tokenizer):
-    batch = tasks.collate("continued_pretraining", [{"text": "the quick brown fox"}, {"text": "hello"}], tokenizer, 64, {}, "cpu")
-    real = batch["attention_mask"].bool()
-    assert (batch["labels"][real] == batch["input_ids"][real]).all()
-    assert (batch["labels"][~real] == IGNORE_INDEX).all()
+def test_token_batches_are_random_and_keep_every_row():
+    rows = [{"text": "x" * n} for n in range(64)]
+    batches = tasks.make_batches(rows, "continued_pretraining", 8, random.Random(0))
+    assert sorted(len(r["text"]) for b in batches for r in b) == list(range(64))
+    assert max(max(len(r["text"]) for r in b) - min(len(r["text"]) for r in b) for b in batches) > 40
+
+
+def test_pretraining_trains_on_every_token_but_each_sequences_first(tokenizer):
+    rows = [{"text": "the quick brown fox"}, {"text": "hello"}]
+    batch = tasks.collate("continued_pretraining", rows, tokenizer, 64, {}, "cpu")
+    ids, labels, positions = (batch.inputs[k][0] for k in ("input_ids", "labels", "position_ids"))
+    starts = positions == 0
+    assert int(starts.sum()) == 2 and batch.real_tokens == len(ids)  # both rows in one packed row, no padding
+    assert (labels[starts] == IGNORE_INDEX).all() and (labels[~starts] == ids[~starts]).all()
+    assert batch.targets == len(ids) - 2
+
+
+def test_packing_changes_no_logit_and_no_loss(tiny_model_dir, tokenizer):
+    """Packed rows see only themselves: each sequence's logits and the
+    batch's loss equal those of the rows padded, each with its own mask."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = [{"prompt": "q" * n, "completion": f"answer {n} " * (n % 5 + 1)} for n in (3, 40, 7, 25, 1)]
+    # 64 tokens per packed row at most: several packed rows, and padding in some.
+    packed = tasks.collate("sft", rows, tokenizer, 64, {}, "cpu")
+    assert packed.inputs["input_ids"].shape[0] > 1
+    with torch.no_grad():
+        packed_out = model(**packed.inputs)
+        total = count = 0.0
+        for row in rows:
+            alone = tasks.collate("sft", [row], tokenizer, 64, {}, "cpu")
+            out = model(
+                input_ids=alone.inputs["input_ids"],
+                attention_mask=torch.ones_like(alone.inputs["input_ids"]),
+                labels=alone.inputs["labels"],
+            )
+            total, count = total + float(out.loss) * alone.targets, count + alone.targets
+            # Find the row in the packed batch and compare its logits.
+            ids = alone.inputs["input_ids"][0]
+            found = [
+                (b, start)
+                for b in range(packed.inputs["input_ids"].shape[0])
+                for start in (packed.inputs["position_ids"][b] == 0).nonzero().flatten().tolist()
+                if packed.inputs["input_ids"][b, start : start + len(ids)].tolist() == ids.tolist()
+            ]
+            b, start = found[0]
+            assert torch.allclose(packed_out.logits[b, start : start + len(ids)], out.logits[0], atol=1e-4)
+    assert packed.targets == count
+    assert float(packed_out.loss) == pytest.approx(total / count, rel=1e-4)
+
+
+def test_a_model_that_lets_packed_rows_see_each_other_gets_padding(tiny_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class PrefixSum(torch.nn.Module):
+        """Logits from a running sum over all earlier tokens, positions ignored."""
+
+        training = False
+
+        def forward(self, input_ids, **_):
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(input_ids, 16).float().cumsum(1)})
+
+    assert tasks.packing_works(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "cpu")
+    assert not tasks.packing_works(PrefixSum(), "cpu")
+    rows = [{"text": "the quick brown fox"}, {"text": "hello"}]
+    padded = tasks.collate("continued_pretraining", rows, tokenizer, 64, {}, "cpu", packing=False)
+    assert padded.inputs["input_ids"].shape[0] == 2 and (padded.inputs["position_ids"] == 0).sum() == 3  # 2 rows + 1 padding run
 
 
 def test_sft_and_summarization_train_on_the_answer_only(tokenizer):
@@ -52,8 +117,8 @@ def test_sft_and_summarization_train_on_the_answer_only(tokenizer):
         ("sft", {"prompt": "What is 2 plus 2?", "completion": "Arr, 4."}),
         ("summarization", {"document": "the quick brown fox jumps", "summary": "fox jumps"}),
     ):
-        batch = tasks.collate(task, [row], tokenizer, 128, {}, "cpu")
-        trained = batch["input_ids"][batch["labels"] != IGNORE_INDEX]
+        inputs = tasks.collate(task, [row], tokenizer, 128, {}, "cpu").inputs
+        trained = inputs["input_ids"][inputs["labels"] != IGNORE_INDEX]
         assert tokenizer.decode(trained).strip().startswith(row.get("completion", row.get("summary")))
 
 

@@ -30,7 +30,7 @@ def estimate_job(
         batch = tasks.collate(
             task, rows[start : start + 64], tokenizer, config.max_seq_length, {label: i for i, label in enumerate(dataset.labels)}, "cpu"
         )
-        sample_tokens += int(batch["attention_mask"].sum())
+        sample_tokens += batch.real_tokens
     train_tokens = round(sample_tokens * dataset.train_rows / max(len(rows), 1))
 
     # Parameters without allocating weights: the model built on the meta device.

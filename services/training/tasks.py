@@ -5,6 +5,7 @@ so each piece is testable on a tiny model."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from importlib import resources
 
 from tunewire.services.common.text import IGNORE_INDEX, row_to_messages, tokenize_for_training
@@ -79,34 +80,50 @@ def load_peft(model, task: str, config: TrainingConfig):
     return get_peft_model(model, lora)
 
 
-def row_length(task: str, row: dict) -> int:
-    """A cheap length for grouping rows of similar size into batches."""
-    if task == CLASSIFY or task == PRETRAIN:
-        return len(row["text"])
-    return sum(len(m["content"]) for m in row_to_messages(row))
-
-
-def length_grouped(rows: list[dict], task: str, batch_size: int, rng) -> list[list[dict]]:
-    """Batches of rows of similar length, so little compute goes to padding,
-    in a shuffled order (not always short to long)."""
-    ordered = sorted(rows, key=lambda r: row_length(task, r))
+def length_grouped(rows: list[dict], batch_size: int, rng) -> list[list[dict]]:
+    """Batches of text rows of similar length, so little compute goes to
+    padding, in a shuffled order (not always short to long)."""
+    ordered = sorted(rows, key=lambda r: len(r["text"]))
     batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
-def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: dict[str, int], device):
-    """Tokenised rows padded to the longest in the batch: input_ids,
-    attention_mask and labels (token labels, or class ids for classification)."""
+def make_batches(rows: list[dict], task: str, batch_size: int, rng) -> list[list[dict]]:
+    """The batches of one pass over `rows`. Token-level tasks take random
+    batches (collate packs them, so no compute goes to padding, and the
+    steps see the data as plain random batches would). Classification pads
+    each row to its batch's longest, so its batches group similar lengths."""
+    if task == CLASSIFY:
+        return length_grouped(rows, batch_size, rng)
+    shuffled = rng.sample(rows, len(rows))
+    return [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+
+
+@dataclass
+class Batch:
+    """A collated batch: the model's keyword arguments and what they hold."""
+
+    inputs: dict
+    real_tokens: int  # tokens of the rows, without padding
+    targets: float  # what the mean loss averages over (tokens, or rows for classification)
+
+
+def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: dict[str, int], device, packing: bool = True) -> Batch:
+    """Tokenised rows as one batch: classification rows padded to the
+    longest, with class ids as labels; token-level tasks packed (`pack`), or
+    one row each for a model whose attention does not keep packed rows apart
+    (`packing_works`)."""
     import torch
 
     if task == CLASSIFY:
         encoded = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {
+        inputs = {
             "input_ids": encoded["input_ids"].to(device),
             "attention_mask": encoded["attention_mask"].to(device),
             "labels": torch.tensor([label_ids[r["label"]] for r in rows], device=device),
         }
+        return Batch(inputs, int(encoded["attention_mask"].sum()), float(len(rows)))
     if task == PRETRAIN:
         examples = []
         for r in rows:
@@ -116,38 +133,75 @@ def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: 
             examples.append((ids, ids))
     else:
         examples = [(e.input_ids, e.labels) for e in (tokenize_for_training(tokenizer, row_to_messages(r), max_length) for r in rows)]
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention[i, : len(ids)] = 1
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
+    return pack(examples, tokenizer.pad_token_id, max_length if packing else 0, device)
 
 
-class TokenWeights:
-    """Weights each batch's mean loss by its token count over the running
-    mean, so that a batch of short rows (length grouping makes them) moves
-    the weights less than a batch of long ones: the steps follow the
-    token-weighted loss that validation measures, as random batches would."""
+def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, max_length: int, device) -> Batch:
+    """Token sequences packed end to end into as few rows of at most
+    `max_length` tokens as first-fit (longest first) finds, the rows then
+    padded to the longest. Positions restart at 0 for each sequence, and with
+    no attention mask transformers turns that into a block-diagonal mask: no
+    token attends to another sequence's. A sequence's first label is dropped,
+    so nothing is trained to predict it from the sequence before (it is never
+    predicted unpacked either). The loss is the one of the same rows padded,
+    without the compute padding costs. With max_length 0 every sequence has
+    a row of its own: plain right padding, which causal attention never
+    looks at."""
+    import torch
 
-    def __init__(self) -> None:
-        self.tokens = 0.0
-        self.batches = 0
+    longest_first = sorted((e for e in examples if e[0]), key=lambda e: -len(e[0]))
+    bins: list[list[tuple[list[int], list[int]]]] = []
+    for example in longest_first:
+        for packed in bins:
+            if sum(len(ids) for ids, _ in packed) + len(example[0]) <= max_length:
+                packed.append(example)
+                break
+        else:
+            bins.append([example])
+    bins = bins or [[([pad_id], [IGNORE_INDEX])]]
+    width = max(sum(len(ids) for ids, _ in packed) for packed in bins)
+    input_ids, labels, positions, real = [], [], [], 0
+    for packed in bins:
+        row_ids, row_labels, row_positions = [], [], []
+        for ids, lab in packed:
+            row_ids += ids
+            row_labels += [IGNORE_INDEX, *lab[1 : len(ids)]]
+            row_positions += range(len(ids))
+        real += len(row_ids)
+        padding = width - len(row_ids)
+        # Padding is a sequence of its own: nothing real attends to it.
+        input_ids.append(row_ids + [pad_id] * padding)
+        labels.append(row_labels + [IGNORE_INDEX] * padding)
+        positions.append(row_positions + list(range(padding)))
+    labels_tensor = torch.tensor(labels, dtype=torch.long)
+    inputs = {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long).to(device),
+        "labels": labels_tensor.to(device),
+        "position_ids": torch.tensor(positions, dtype=torch.long).to(device),
+        # A cache would make transformers take the positions for generation's.
+        "use_cache": False,
+    }
+    return Batch(inputs, real, float((labels_tensor[:, 1:] != IGNORE_INDEX).sum()))
 
-    def __call__(self, tokens: float) -> float:
-        self.tokens += tokens
-        self.batches += 1
-        return tokens * self.batches / self.tokens if self.tokens else 0.0
 
+def packing_works(model, device) -> bool:
+    """Whether the model keeps packed sequences apart. Architectures built on
+    transformers' mask utilities turn restarting positions into a
+    block-diagonal mask; one that does not would let a sequence attend to the
+    one before it, so the same three tokens twice would not give the same
+    logits twice."""
+    import torch
 
-def trained_tokens(task: str, batch) -> float:
-    """How many targets the batch's mean loss averages over."""
-    if task == CLASSIFY:
-        return float(batch["labels"].numel())
-    return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7]], device=device)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(logits[0, :3], logits[0, 3:], atol=1e-3, rtol=1e-3))
 
 
 def loss_sum(
@@ -157,13 +211,13 @@ def loss_sum(
     import torch
 
     total = count = 0.0
+    packing = task != CLASSIFY and packing_works(model, device)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = collate(task, rows[start : start + batch_size], tokenizer, max_length, label_ids, device)
-            n = trained_tokens(task, batch)
-            if n:
-                total += float(model(**batch).loss) * n
-                count += n
+            batch = collate(task, rows[start : start + batch_size], tokenizer, max_length, label_ids, device, packing)
+            if batch.targets:
+                total += float(model(**batch.inputs).loss) * batch.targets
+                count += batch.targets
     return total, count
 
 
@@ -203,8 +257,8 @@ def test_metrics(task: str, model, tokenizer, rows: list[dict], max_length: int,
             predictions = []
             with torch.no_grad():
                 for start in range(0, len(rows), 16):
-                    batch = collate(task, rows[start : start + 16], tokenizer, max_length, label_ids, device)
-                    predictions += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()
+                    inputs = collate(task, rows[start : start + 16], tokenizer, max_length, label_ids, device).inputs
+                    predictions += model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1).tolist()
             return metrics.accuracy_and_macro_f1(predictions, [label_ids[r["label"]] for r in rows], len(label_ids))
         out = metrics.loss_metrics(*loss_sum(task, model, rows, tokenizer, max_length, label_ids, device))
         if task == PRETRAIN:

@@ -2,7 +2,8 @@
 
 Every worker holds a replica of the model (LoRA or full, DDP across workers),
 reads its shard of the train and validation splits through Ray Data, and
-groups rows of similar length into batches. Validation runs every
+trains on random batches, packed so that no compute goes to padding
+(`tasks.collate`). Validation runs every
 eval_every_steps (or each epoch); a better validation loss writes a checkpoint
 (the latest checkpoint is always the best so far), and early stopping ends
 training after `early_stopping_patience` evaluations without improvement. The
@@ -30,12 +31,12 @@ ADAPTER_METADATA = "tunewire_adapter.json"
 EVALUATION_FILE = "evaluation.json"
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-GROUPING_WINDOW = 16  # batches read ahead to group rows by length
+SHUFFLE_WINDOW = 16  # batches read ahead and shuffled, for shards kept out of memory
 MAX_TEST_ROWS = 256
 # A worker keeps a split's shard in memory up to this many rows: later epochs
 # and validations then skip Ray Data (a new streaming execution each time,
-# seconds of start-up and CPU taken from training), and rows are grouped by
-# length over the whole shard.
+# seconds of start-up and CPU taken from training), and batches are drawn
+# from the whole shard.
 MAX_CACHED_ROWS = 20_000
 
 
@@ -101,7 +102,7 @@ def train_loop(loop_config: dict) -> None:
     from tunewire.services.common.errors import TunewireError
     from tunewire.services.common.models import resolve_model
     from tunewire.services.training import tasks
-    from tunewire.services.training.config import TrainingConfig
+    from tunewire.services.training.config import CLASSIFY, TrainingConfig
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -143,6 +144,9 @@ def train_loop(loop_config: dict) -> None:
         )
     n_trainable = sum(p.numel() for p in trainable)
     send("log", {"message": f"{loop_config['base_model']} loaded for {task} ({method}); {n_trainable:,} trainable parameters"})
+    packing = task != CLASSIFY and tasks.packing_works(model, device)
+    if task != CLASSIFY and not packing:
+        send("log", {"message": "this model's attention does not keep packed rows apart: batches are padded instead (slower)"})
 
     test_rows = read_split(loop_config["dataset_uri"], "test", MAX_TEST_ROWS) if rank == 0 else []
     if rank == 0 and resumed is None:
@@ -180,23 +184,23 @@ def train_loop(loop_config: dict) -> None:
         return loop_config["split_rows"][split] <= MAX_CACHED_ROWS * world
 
     def batches(split: str):
-        """Length-grouped batches of the worker's shard: from memory once a
-        small shard has been read, else from a window read ahead."""
+        """Batches of the worker's shard: from memory once a small shard has
+        been read, else from a window read ahead."""
         if split in cached:
-            yield from tasks.length_grouped(cached[split], task, config.batch_size, rng)
+            yield from tasks.make_batches(cached[split], task, config.batch_size, rng)
             return
         keep = kept_in_memory(split)
         shard = ray.train.get_dataset_shard(split)
         window: list[dict] = []
         for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
             window += table.to_pylist()
-            if not keep and len(window) >= GROUPING_WINDOW * config.batch_size:
-                yield from tasks.length_grouped(window, task, config.batch_size, rng)
+            if not keep and len(window) >= SHUFFLE_WINDOW * config.batch_size:
+                yield from tasks.make_batches(window, task, config.batch_size, rng)
                 window = []
         if keep:
             cached[split] = window
         if window:
-            yield from tasks.length_grouped(window, task, config.batch_size, rng)
+            yield from tasks.make_batches(window, task, config.batch_size, rng)
 
     def validate() -> float | None:
         if not loop_config["has_validation"]:
@@ -205,11 +209,10 @@ def train_loop(loop_config: dict) -> None:
         total = count = 0.0
         with torch.no_grad():
             for rows in batches("validation"):
-                batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device)
-                n = tasks.trained_tokens(task, batch)
-                if n:
-                    total += float(ddp_model(**batch).loss) * n
-                    count += n
+                batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device, packing)
+                if batch.targets:
+                    total += float(ddp_model(**batch.inputs).loss) * batch.targets
+                    count += batch.targets
         ddp_model.train()
         total, count = all_sum(total, count)
         return total / count if count else None
@@ -257,7 +260,6 @@ def train_loop(loop_config: dict) -> None:
             for _ in batches(split):
                 pass
     ddp_model.train()
-    token_weight = tasks.TokenWeights()
     started, cancelled, stop = time.monotonic(), False, False
     first_step = state.step
     for epoch in range(state.epoch, config.epochs):
@@ -265,18 +267,18 @@ def train_loop(loop_config: dict) -> None:
         micro, trained_in_epoch = 0, 0.0
         step_start, loss_total, loss_tokens, real_tokens = time.monotonic(), 0.0, 0.0, 0.0
         for rows, last in _with_last(batches("train")):
-            batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device)
-            n = tasks.trained_tokens(task, batch)
-            outputs = ddp_model(**batch)
+            batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device, packing)
+            n = batch.targets
+            outputs = ddp_model(**batch.inputs)
             # A batch with nothing to train on (all truncated away) still takes
             # part in the gradient all-reduce, with zero gradients, not NaN.
             loss = outputs.loss if n else outputs.logits.sum() * 0.0
-            (loss * token_weight(n) / config.gradient_accumulation_steps).backward()
+            (loss / config.gradient_accumulation_steps).backward()
             trained_in_epoch += n
             loss_total, loss_tokens, real_tokens = (
                 loss_total + loss.item() * n,
                 loss_tokens + n,
-                real_tokens + float(batch["attention_mask"].sum()),
+                real_tokens + batch.real_tokens,
             )
             micro += 1
             if micro % config.gradient_accumulation_steps and not last:
