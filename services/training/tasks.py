@@ -133,27 +133,30 @@ def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: 
             examples.append((ids, ids))
     else:
         examples = [(e.input_ids, e.labels) for e in (tokenize_for_training(tokenizer, row_to_messages(r), max_length) for r in rows)]
-    return pack(examples, tokenizer.pad_token_id, max_length if packing else 0, device)
+    return pack(examples, tokenizer.pad_token_id, packing, device)
 
 
-def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, max_length: int, device) -> Batch:
-    """Token sequences packed end to end into as few rows of at most
-    `max_length` tokens as first-fit (longest first) finds, the rows then
-    padded to the longest. Positions restart at 0 for each sequence, and with
-    no attention mask transformers turns that into a block-diagonal mask: no
+def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, packing: bool, device) -> Batch:
+    """Token sequences packed end to end into rows as wide as the longest
+    sequence, as few as first-fit (longest first) finds, and the rows padded
+    to that width. Positions restart at 0 for each sequence, and with no
+    attention mask transformers turns that into a block-diagonal mask: no
     token attends to another sequence's. A sequence's first label is dropped,
     so nothing is trained to predict it from the sequence before (it is never
     predicted unpacked either). The loss is the one of the same rows padded,
-    without the compute padding costs. With max_length 0 every sequence has
-    a row of its own: plain right padding, which causal attention never
-    looks at."""
+    without the compute padding costs. (Rows wider than the longest sequence
+    would pad less, but attention under a block mask costs the row's width
+    for every token: on CPU, bins of 512 for rows of 170 ran 25% slower.)
+    Without `packing` every sequence has a row of its own: plain right
+    padding, which causal attention never looks at."""
     import torch
 
     longest_first = sorted((e for e in examples if e[0]), key=lambda e: -len(e[0]))
+    capacity = len(longest_first[0][0]) if longest_first and packing else 0
     bins: list[list[tuple[list[int], list[int]]]] = []
     for example in longest_first:
         for packed in bins:
-            if sum(len(ids) for ids, _ in packed) + len(example[0]) <= max_length:
+            if sum(len(ids) for ids, _ in packed) + len(example[0]) <= capacity:
                 packed.append(example)
                 break
         else:
