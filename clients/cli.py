@@ -20,9 +20,14 @@ app = typer.Typer(help="tunewire: fine-tune language models as gRPC microservice
 datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Create and follow fine-tuning jobs.", no_args_is_help=True)
 adapters_app = typer.Typer(help="Load, unload and list the inference service's adapters.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Create, list and revoke API keys in a keys file (TUNEWIRE_API_KEYS_FILE). Calls send the key from TUNEWIRE_API_KEY.",
+    no_args_is_help=True,
+)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 DATASET = typer.Option(sdk.DEFAULT_DATASET_ADDRESS, "--dataset-address", envvar="TUNEWIRE_DATASET_ADDRESS")
@@ -402,6 +407,63 @@ def adapters_unload(adapter_id: str, address: str = INFERENCE) -> None:
     with sdk.InferenceClient(address) as client, _api_errors():
         client.unload_adapter(adapter_id)
     console.print(f"unloaded {adapter_id}")
+
+
+KEYS_FILE = typer.Option(..., "--file", envvar="TUNEWIRE_API_KEYS_FILE", help="the keys file the services read")
+
+
+def _read_keys(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"keys": []}
+
+
+def _write_keys(path: Path, keys: dict) -> None:
+    """Replaces the file whole (a reader never sees half of it), readable by its owner only."""
+    staged = path.with_name(path.name + ".tmp")
+    staged.touch(mode=0o600)
+    staged.write_text(json.dumps(keys, indent=2) + "\n")
+    staged.replace(path)
+
+
+@keys_app.command("create")
+def keys_create(
+    project: str = typer.Option(..., help="the project (tenant) the key belongs to"),
+    role: str = typer.Option("member", help="member, or admin (loads adapters, acts for any project)"),
+    file: Path = KEYS_FILE,
+) -> None:
+    """Adds a new key to the file and prints it: the only time it is shown."""
+    from tunewire.services.common.auth import new_key
+    from tunewire.services.common.errors import InvalidArgument
+
+    try:
+        key, entry = new_key(project, role)
+    except InvalidArgument as error:
+        raise typer.BadParameter(str(error)) from None
+    keys = _read_keys(file)
+    keys["keys"].append(entry)
+    _write_keys(file, keys)
+    console.print(f"key {entry['id']} ({role} of {project}) added to {file}; give it to its user as TUNEWIRE_API_KEY:", style="green")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(file: Path = KEYS_FILE) -> None:
+    """The keys in the file (ids, projects and roles; keys themselves are not stored)."""
+    table = Table("id", "project", "role")
+    for entry in _read_keys(file)["keys"]:
+        table.add_row(entry["id"], entry["project"], entry["role"])
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, file: Path = KEYS_FILE) -> None:
+    """Removes a key: the services refuse it from their next call on."""
+    keys = _read_keys(file)
+    kept = [entry for entry in keys["keys"] if entry["id"] != key_id]
+    if len(kept) == len(keys["keys"]):
+        console.print(f"[red]no key {key_id} in {file}")
+        raise typer.Exit(1)
+    _write_keys(file, {**keys, "keys": kept})
+    console.print(f"revoked {key_id}")
 
 
 @app.command()

@@ -8,11 +8,18 @@
 Every call has a deadline (the client's `timeout`, or `timeout=` per call).
 Errors are raised as ApiError, with the gRPC status code, the message and,
 for INVALID_ARGUMENT, each field violation (field, reason).
+
+Credentials: `api_key=` (default: the TUNEWIRE_API_KEY variable) goes with
+every call; `tls_ca_file=` (TUNEWIRE_TLS_CA_FILE) switches to TLS, verifying
+the server against that CA, and `tls_client_cert_file=`/`tls_client_key_file=`
+present a client certificate (mutual TLS). An admin acts for another project
+with `project=` (TUNEWIRE_PROJECT).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -57,13 +64,61 @@ class ApiError(Exception):
         return cls(error.code(), error.details() or "", violations)
 
 
+class _AddMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the credentials' metadata to every call of the channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self.metadata = metadata
+
+    def _details(self, details):
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def _read(path) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
 class _Client:
-    def __init__(self, address: str, timeout: float):
+    def __init__(
+        self,
+        address: str,
+        timeout: float,
+        api_key: str | None = None,
+        project: str | None = None,
+        tls_ca_file: str | Path | None = None,
+        tls_client_cert_file: str | Path | None = None,
+        tls_client_key_file: str | Path | None = None,
+    ):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
-        )
+        api_key = os.environ.get("TUNEWIRE_API_KEY", "") if api_key is None else api_key
+        project = os.environ.get("TUNEWIRE_PROJECT", "") if project is None else project
+        tls_ca_file = tls_ca_file or os.environ.get("TUNEWIRE_TLS_CA_FILE")
+        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        if tls_ca_file or tls_client_cert_file:
+            credentials = grpc.ssl_channel_credentials(_read(tls_ca_file), _read(tls_client_key_file), _read(tls_client_cert_file))
+            channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + ((("x-tunewire-project", project),) if project else ())
+        self.channel = grpc.intercept_channel(channel, _AddMetadata(metadata)) if metadata else channel
 
     def _call(self, method, request, timeout: float | None = None):
         try:
@@ -109,8 +164,8 @@ def _chat(messages: list[dict] | None) -> inference_pb2.ChatMessages | None:
 
 
 class DatasetClient(_Client):
-    def __init__(self, address: str = DEFAULT_DATASET_ADDRESS, timeout: float = 300.0):
-        super().__init__(address, timeout)
+    def __init__(self, address: str = DEFAULT_DATASET_ADDRESS, timeout: float = 300.0, **credentials):
+        super().__init__(address, timeout, **credentials)
         self.stub = dataset_pb2_grpc.DatasetServiceStub(self.channel)
 
     def upload(
@@ -211,8 +266,8 @@ def _chunks(source) -> Iterator[bytes]:
 
 
 class TrainingClient(_Client):
-    def __init__(self, address: str = DEFAULT_TRAINING_ADDRESS, timeout: float = 30.0):
-        super().__init__(address, timeout)
+    def __init__(self, address: str = DEFAULT_TRAINING_ADDRESS, timeout: float = 30.0, **credentials):
+        super().__init__(address, timeout, **credentials)
         self.stub = training_pb2_grpc.TrainingServiceStub(self.channel)
 
     def create_job(
@@ -286,8 +341,8 @@ class TrainingClient(_Client):
 
 
 class InferenceClient(_Client):
-    def __init__(self, address: str = DEFAULT_INFERENCE_ADDRESS, timeout: float = 120.0):
-        super().__init__(address, timeout)
+    def __init__(self, address: str = DEFAULT_INFERENCE_ADDRESS, timeout: float = 120.0, **credentials):
+        super().__init__(address, timeout, **credentials)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     @staticmethod

@@ -137,10 +137,11 @@ SERVICES = {
     "inference": (inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name, Settings.model_fields["inference_port"].default),
 }
 # What each service cannot do without in a cluster (its default only works on one machine).
+AUTH = {"TUNEWIRE_API_KEYS_FILE", "TUNEWIRE_SERVICE_API_KEY"}
 REQUIRED = {
-    "dataset": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_DATASET_DATABASE_URL"},
-    "training": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_DATABASE_URL", "TUNEWIRE_DATASET_ADDRESS", "RAY_ADDRESS"},
-    "inference": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_ADDRESS", "TUNEWIRE_BASE_MODEL"},
+    "dataset": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_DATASET_DATABASE_URL"} | AUTH,
+    "training": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_DATABASE_URL", "TUNEWIRE_DATASET_ADDRESS", "RAY_ADDRESS"} | AUTH,
+    "inference": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_ADDRESS", "TUNEWIRE_BASE_MODEL"} | AUTH,
 }
 
 
@@ -169,6 +170,12 @@ def test_manifests_and_code_agree(objects):
         assert container["ports"][0]["containerPort"] == port
         assert services[f"tunewire-{name}"]["spec"]["ports"][0]["port"] == port
         assert container["readinessProbe"]["grpc"] == {"port": port, "service": grpc_service}
+        # The keys file the settings name is the one mounted from the auth Secret.
+        keys_file = next(o for o in objects if o["kind"] == "ConfigMap")["data"]["TUNEWIRE_API_KEYS_FILE"]
+        [mount] = [m for m in container["volumeMounts"] if keys_file.startswith(m["mountPath"] + "/")]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "tunewire-auth"
+        assert keys_file.endswith("/" + volume["secret"]["items"][0]["path"])
     config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
     assert config["TUNEWIRE_DATASET_ADDRESS"] == f"tunewire-dataset:{SERVICES['dataset'][1]}"
     assert config["TUNEWIRE_TRAINING_ADDRESS"] == f"tunewire-training:{SERVICES['training'][1]}"

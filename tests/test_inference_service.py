@@ -28,11 +28,11 @@ from conftest import ServerThread, write_lora_adapter
 
 
 class OneDataset:
-    async def get(self, dataset_id):
+    async def get(self, project, dataset_id):
         return DatasetRef(id=dataset_id, format="prompt_completion", uri="unused", train_rows=10, validation_rows=0)
 
-    async def acquire(self, dataset_id, holder):
-        return await self.get(dataset_id)
+    async def acquire(self, project, dataset_id, holder):
+        return await self.get(project, dataset_id)
 
 
 class CopyAdapterRunner:

@@ -28,13 +28,13 @@ class FakeDatasets:
     def __init__(self):
         self.pins = []
 
-    async def get(self, dataset_id):
-        if dataset_id != DATASET.id:
+    async def get(self, project, dataset_id):
+        if dataset_id != DATASET.id or project != "default":
             raise NotFound(f"dataset {dataset_id!r} not found")
         return DATASET
 
-    async def acquire(self, dataset_id, holder):
-        dataset = await self.get(dataset_id)
+    async def acquire(self, project, dataset_id, holder):
+        dataset = await self.get(project, dataset_id)
         self.pins.append((dataset_id, holder))
         return dataset
 

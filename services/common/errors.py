@@ -42,3 +42,11 @@ class ResourceExhausted(TunewireError):
 
 class Unavailable(TunewireError):
     """A dependency (another service, Ray) cannot be reached right now."""
+
+
+class Unauthenticated(TunewireError):
+    """No credentials, or ones no key matches."""
+
+
+class PermissionDenied(TunewireError):
+    """The caller is known but may not do this."""

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tunewire.services.common import errors
+from tunewire.services.common import auth, errors
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ _STATUS_CODES: dict[type[errors.TunewireError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -61,14 +63,38 @@ async def _abort_internal(context: grpc.aio.ServicerContext, method: str, exc: E
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
 
 
-class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps TunewireError to its status code for every handler of the server."""
+# Open to every caller: Kubernetes probes and load balancers check health without keys.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler of the server: authenticates the caller (keys from
+    the KeyRing; with none, every caller is the local admin), makes it the
+    handler's `auth.caller()`, and maps TunewireError to its status code."""
+
+    def __init__(self, keys: auth.KeyRing | None):
+        self.keys = keys
+
+    def identify(self, metadata: dict[str, str]) -> auth.Caller:
+        if self.keys is None:
+            return auth.LOCAL_ADMIN.acting_for(metadata.get(auth.PROJECT_HEADER, ""))
+        key = metadata.get("authorization", "").removeprefix("Bearer ").strip() or metadata.get("x-api-key", "")
+        if not key:
+            raise errors.Unauthenticated(
+                "no credentials: send an API key as 'authorization: Bearer <key>' metadata (tunewire --api-key, or TUNEWIRE_API_KEY)"
+            )
+        caller = self.keys.authenticate(key)
+        if caller is None:
+            raise errors.Unauthenticated("API key not recognised (unknown or revoked): ask an admin for a key of your project")
+        return caller.acting_for(metadata.get(auth.PROJECT_HEADER, ""))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        open_method = method.startswith(OPEN_METHOD_PREFIXES)
+        metadata = {k: v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
 
         async def guard(exc: Exception, context) -> None:
             if isinstance(exc, errors.TunewireError):
@@ -79,6 +105,10 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
             # Aborts and cancellations are the RPC's normal ways to end.
             return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, grpc.RpcError))
 
+        def enter() -> None:
+            if not open_method:
+                auth.set_caller(self.identify(metadata))
+
         kwargs = dict(
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
@@ -88,6 +118,7 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request, context):
                 try:
+                    enter()
                     return await inner(request, context)
                 except Exception as exc:
                     if passthrough(exc):
@@ -100,6 +131,7 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream_unary(request_iterator, context):
                 try:
+                    enter()
                     return await inner_su(request_iterator, context)
                 except Exception as exc:
                     if passthrough(exc):
@@ -112,6 +144,7 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request, context):
                 try:
+                    enter()
                     async for response in inner_us(request, context):
                         yield response
                 except Exception as exc:
@@ -120,6 +153,20 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
                     await guard(exc, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(request_iterator, context):
+                try:
+                    enter()
+                    async for response in inner_ss(request_iterator, context):
+                        yield response
+                except Exception as exc:
+                    if passthrough(exc):
+                        raise
+                    await guard(exc, context)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
         return handler
 
 
@@ -154,15 +201,46 @@ class ServerHandle:
             await close()
 
 
+@dataclass(frozen=True)
+class ServerSecurity:
+    """Who may call (keys; None: anyone, as the local admin) and the TLS the
+    server speaks (none, TLS, or mutual TLS with a client CA)."""
+
+    keys: auth.KeyRing | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None
+
+    @classmethod
+    def from_settings(cls, settings) -> ServerSecurity:
+        def read(path):
+            return path.read_bytes() if path is not None else None
+
+        keys = auth.KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
+        return cls(keys, read(settings.tls_cert_file), read(settings.tls_key_file), read(settings.tls_client_ca_file))
+
+    def bind(self, server: grpc.aio.Server, address: str) -> int:
+        if self.tls_cert is None:
+            return server.add_insecure_port(address)
+        credentials = grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)],
+            root_certificates=self.tls_client_ca,
+            require_client_auth=self.tls_client_ca is not None,
+        )
+        return server.add_secure_port(address, credentials)
+
+
 async def create_grpc_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
     service_names: list[str],
+    security: ServerSecurity | None = None,
 ) -> ServerHandle:
     """Builds an aio server with health (NOT_SERVING until set_serving(True))
     and reflection, and binds `address` ("host:0" picks a free port)."""
+    security = security or ServerSecurity()
     server = grpc.aio.server(
-        interceptors=[DomainErrorInterceptor()],
+        interceptors=[ServiceInterceptor(security.keys)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -175,7 +253,7 @@ async def create_grpc_server(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(address)
+    port = security.bind(server, address)
     if port == 0:
         raise OSError(f"cannot bind {address}: is another process using the port?")
     handle = ServerHandle(server=server, port=port, health=health, service_names=service_names)

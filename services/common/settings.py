@@ -7,11 +7,12 @@ message naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -68,6 +69,24 @@ class Settings(BaseSettings):
     grace_period_seconds: float = Field(5.0, ge=0)
     log_level: str = "INFO"
 
+    # Authentication: the keys file (see services/common/auth.py); without
+    # one every caller is an admin, which only a loopback host allows.
+    api_keys_file: Path | None = None
+    # The admin key the services present to each other (acting for the caller's project).
+    service_api_key: SecretStr = SecretStr("")
+    # TLS: with a certificate and key the services serve TLS only; with a
+    # client CA as well, callers must present a certificate it signed
+    # (mutual TLS). tls_ca_file verifies the other services' certificates.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # Quotas per project: queued and running jobs, bytes of datasets stored,
+    # generation requests queued or running.
+    project_max_active_jobs: int = Field(16, ge=1)
+    project_max_dataset_bytes: int = Field(10 << 30, gt=0)
+    project_max_generation_requests: int = Field(64, ge=1)
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         self.home = self.home.expanduser().resolve()
@@ -88,11 +107,30 @@ class Settings(BaseSettings):
             self.training_database_url = f"sqlite:///{self.home / 'training.db'}"
         if not self.ray_num_cpus:
             self.ray_num_cpus = max(4, 2 * (os.cpu_count() or 1))
+        if self.api_keys_file is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} accepts connections from other machines, and no API keys are configured: "
+                "create keys with `tunewire keys create --project P --role admin >> keys.json` and set TUNEWIRE_API_KEYS_FILE, "
+                "or serve on 127.0.0.1"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both TUNEWIRE_TLS_CERT_FILE and TUNEWIRE_TLS_KEY_FILE")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TUNEWIRE_TLS_CLIENT_CA_FILE (mutual TLS) needs TUNEWIRE_TLS_CERT_FILE and TUNEWIRE_TLS_KEY_FILE")
         return self
 
     @property
     def import_root_list(self) -> tuple[str, ...]:
         return tuple(root.strip() for root in self.import_roots.split(",") if root.strip())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class SettingsError(ValueError):
@@ -106,7 +144,10 @@ def load_settings(**overrides) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a check across several settings
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             variable = "RAY_ADDRESS" if field == "ray_address" else f"TUNEWIRE_{field.upper()}"
             problems.append(f"{variable}={error.get('input')!r}: {error['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

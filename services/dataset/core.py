@@ -113,8 +113,10 @@ class DatasetManager:
         max_row_bytes: int = 1 << 20,
         import_roots: tuple[str, ...] = (),
         model_cache: Path | None = None,
+        max_project_bytes: int | None = None,
     ):
         self.store = store
+        self.max_project_bytes = max_project_bytes
         self.artifacts = artifacts
         self.max_upload_bytes = max_upload_bytes
         self.max_row_bytes = max_row_bytes
@@ -123,17 +125,18 @@ class DatasetManager:
 
     # Reads
 
-    def get(self, dataset_id: str) -> DatasetInfo:
+    def get(self, project: str, dataset_id: str) -> DatasetInfo:
         info = self.store.get(dataset_id)
-        if info is None:
+        # Another project's dataset is as unknown as one that never existed.
+        if info is None or info.project != project:
             raise NotFound(f"dataset {dataset_id!r} not found: list datasets to see the ids")
         return info
 
-    def list(self, name: str = "") -> list[DatasetInfo]:
-        return self.store.list(name)
+    def list(self, project: str, name: str = "") -> list[DatasetInfo]:
+        return self.store.list(project, name)
 
-    def report(self, dataset_id: str) -> QualityReport:
-        return QualityReport.from_dict(self.get(dataset_id).report)
+    def report(self, project: str, dataset_id: str) -> QualityReport:
+        return QualityReport.from_dict(self.get(project, dataset_id).report)
 
     def _row_batches(self, info: DatasetInfo, split: str) -> Iterator[list[dict]]:
         if split and split not in SPLIT_NAMES:
@@ -151,9 +154,9 @@ class DatasetManager:
                 if out:
                     yield out
 
-    def list_rows(self, dataset_id: str, split: str, page_size: int, page_token: str) -> tuple[list[tuple[int, dict]], str]:
+    def list_rows(self, project: str, dataset_id: str, split: str, page_size: int, page_token: str) -> tuple[list[tuple[int, dict]], str]:
         """A page of (index, row); the token names the next page ('' at the end)."""
-        info = self.get(dataset_id)
+        info = self.get(project, dataset_id)
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")
         size = page_size or 100
@@ -172,23 +175,24 @@ class DatasetManager:
                 page.append((index, row))
         return page, ""
 
-    def stream_rows(self, dataset_id: str, split: str) -> Iterator[list[tuple[int, dict]]]:
-        return self._row_batches(self.get(dataset_id), split)
+    def stream_rows(self, project: str, dataset_id: str, split: str) -> Iterator[list[tuple[int, dict]]]:
+        return self._row_batches(self.get(project, dataset_id), split)
 
     # Pins and deletion
 
-    def pin(self, dataset_id: str, holder: str) -> DatasetInfo:
+    def pin(self, project: str, dataset_id: str, holder: str) -> DatasetInfo:
         if not holder:
             raise InvalidArgument.field("holder", "required: who uses the dataset (a job id)")
-        info = self.get(dataset_id)
+        info = self.get(project, dataset_id)
         self.store.pin(dataset_id, holder)
         return info
 
-    def unpin(self, dataset_id: str, holder: str) -> None:
+    def unpin(self, project: str, dataset_id: str, holder: str) -> None:
+        self.get(project, dataset_id)
         self.store.unpin(dataset_id, holder)
 
-    def delete(self, dataset_id: str) -> None:
-        self.get(dataset_id)
+    def delete(self, project: str, dataset_id: str) -> None:
+        self.get(project, dataset_id)
         holders = self.store.delete(dataset_id)
         if holders:
             raise FailedPrecondition(
@@ -199,22 +203,39 @@ class DatasetManager:
 
     # Uploads
 
-    async def upload(self, request: UploadRequest, chunks: AsyncIterator[bytes]) -> UploadResult:
+    def _size_check(self, project: str):
+        """A check of the bytes received so far: the upload limit, and the
+        project's quota of stored bytes (ResourceExhausted past either)."""
+        used = self.store.project_bytes(project) if self.max_project_bytes else 0
+
+        def check(size: int) -> None:
+            if size > self.max_upload_bytes:
+                raise ResourceExhausted(
+                    f"upload exceeds the maximum size of {self.max_upload_bytes} bytes: split the file or raise TUNEWIRE_MAX_UPLOAD_BYTES"
+                )
+            if self.max_project_bytes and used + size > self.max_project_bytes:
+                raise ResourceExhausted(
+                    f"project {project} stores {used} bytes of datasets; this upload would pass its quota of {self.max_project_bytes}: "
+                    "delete datasets it no longer needs, or ask an operator to raise TUNEWIRE_PROJECT_MAX_DATASET_BYTES"
+                )
+
+        return check
+
+    async def upload(self, project: str, request: UploadRequest, chunks: AsyncIterator[bytes]) -> UploadResult:
         _check_request(request)
+        check_size = self._size_check(project)
         with tempfile.TemporaryFile() as spool:
             size = 0
             async for chunk in chunks:
                 size += len(chunk)
-                if size > self.max_upload_bytes:
-                    raise ResourceExhausted(
-                        f"upload exceeds the maximum size of {self.max_upload_bytes} bytes: split the file or raise TUNEWIRE_MAX_UPLOAD_BYTES"
-                    )
+                check_size(size)
                 spool.write(chunk)
-            return await asyncio.to_thread(self._ingest, request, spool)
+            return await asyncio.to_thread(self._ingest, project, request, spool)
 
-    async def import_from(self, request: UploadRequest, source_uri: str) -> UploadResult:
+    async def import_from(self, project: str, request: UploadRequest, source_uri: str) -> UploadResult:
         _check_request(request)
         source = self._check_import_source(source_uri)
+        check_size = self._size_check(project)
         import fsspec
 
         def copy_in(spool) -> UploadResult:
@@ -223,13 +244,12 @@ class DatasetManager:
                     copied = 0
                     while chunk := f.read(1 << 20):
                         copied += len(chunk)
-                        if copied > self.max_upload_bytes:
-                            raise ResourceExhausted(f"{source_uri} exceeds the maximum size of {self.max_upload_bytes} bytes")
+                        check_size(copied)
                         spool.write(chunk)
             except FileNotFoundError:
                 raise NotFound(f"source_uri {source_uri!r}: no such file") from None
             name = request.file_name or source.rsplit("/", 1)[-1]
-            return self._ingest(UploadRequest(**{**request.__dict__, "file_name": name}), spool)
+            return self._ingest(project, UploadRequest(**{**request.__dict__, "file_name": name}), spool)
 
         with tempfile.TemporaryFile() as spool:
             return await asyncio.to_thread(copy_in, spool)
@@ -239,7 +259,7 @@ class DatasetManager:
             raise FailedPrecondition("imports are disabled on this service: set TUNEWIRE_IMPORT_ROOTS to the paths or URLs it may read")
         return check_source(source_uri, self.import_roots)
 
-    def _ingest(self, request: UploadRequest, spool) -> UploadResult:
+    def _ingest(self, project: str, request: UploadRequest, spool) -> UploadResult:
         scan = self._scan(request, spool)
         report, fmt = scan.report, scan.fmt
         if report.error_count and not request.drop_invalid_rows:
@@ -252,7 +272,9 @@ class DatasetManager:
         if fmt == validation.CLASSIFICATION and len(labels) < 2:
             raise InvalidArgument.field("label", f"classification needs at least two labels, found {labels}")
         splits = self._splits(scan, request.split)
-        scan.digest.update(f"format={fmt};".encode() + splits.tobytes())
+        # Content-addressed within the project: the same file uploaded by
+        # another project is another dataset, and says nothing of this one.
+        scan.digest.update(f"project={project};format={fmt};".encode() + splits.tobytes())
         dataset_id = "ds-" + scan.digest.hexdigest()[:24]
         dropped = [{"row": e.row, "field": e.field, "reason": e.reason} for e in report.errors]
         quality = scan.quality.finish(splits, SPLIT_NAMES, report.error_count, dropped)
@@ -277,6 +299,7 @@ class DatasetManager:
                 created_at=dt.datetime.now(dt.UTC),
                 labels=labels,
                 report=quality.to_dict(),
+                project=project,
             )
         stored, existed = self.store.add(info)
         log.info("stored dataset %s (%s, %d rows, splits %s)", dataset_id, fmt, info.row_count, quality.split_row_counts)

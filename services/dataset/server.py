@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.grpc_server import ServerHandle, create_grpc_server, run_service
+from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings
 from tunewire.services.dataset.core import DatasetManager
 from tunewire.services.dataset.servicer import DatasetServicer
@@ -34,12 +34,14 @@ async def create_server(settings: Settings, deps: DatasetDeps, port: int | None 
         max_row_bytes=settings.max_row_bytes,
         import_roots=settings.import_root_list,
         model_cache=settings.model_cache,
+        max_project_bytes=settings.project_max_dataset_bytes,
     )
     address = f"{settings.host}:{settings.dataset_port if port is None else port}"
     handle = await create_grpc_server(
         address,
         lambda server: dataset_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(manager), server),
         [SERVICE_NAME],
+        ServerSecurity.from_settings(settings),
     )
 
     async def close() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+from tunewire.services.common.auth import caller
 from tunewire.services.common.convert import to_timestamp
 from tunewire.services.common.errors import InvalidArgument
 from tunewire.services.dataset import readers, validation
@@ -40,6 +41,7 @@ def dataset_to_proto(info: DatasetInfo) -> dataset_pb2.Dataset:
         size_bytes=info.size_bytes,
         create_time=to_timestamp(info.created_at),
         labels=info.labels,
+        project=info.project,
     )
 
 
@@ -126,37 +128,37 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
                     raise InvalidArgument.field("metadata", "sent twice: only the first message carries metadata")
                 yield message.chunk
 
-        return _result(dataset_pb2.UploadDatasetResponse, await self.manager.upload(request, chunks()))
+        return _result(dataset_pb2.UploadDatasetResponse, await self.manager.upload(caller().project, request, chunks()))
 
     async def ImportDataset(self, request: dataset_pb2.ImportDatasetRequest, context):
-        result = await self.manager.import_from(request_from_metadata(request.metadata), request.source_uri)
+        result = await self.manager.import_from(caller().project, request_from_metadata(request.metadata), request.source_uri)
         return _result(dataset_pb2.ImportDatasetResponse, result)
 
     async def GetDataset(self, request: dataset_pb2.GetDatasetRequest, context):
-        return dataset_pb2.GetDatasetResponse(dataset=dataset_to_proto(self.manager.get(request.id)))
+        return dataset_pb2.GetDatasetResponse(dataset=dataset_to_proto(self.manager.get(caller().project, request.id)))
 
     async def ListDatasets(self, request: dataset_pb2.ListDatasetsRequest, context):
-        return dataset_pb2.ListDatasetsResponse(datasets=[dataset_to_proto(d) for d in self.manager.list(request.name)])
+        return dataset_pb2.ListDatasetsResponse(datasets=[dataset_to_proto(d) for d in self.manager.list(caller().project, request.name)])
 
     async def DeleteDataset(self, request: dataset_pb2.DeleteDatasetRequest, context):
-        self.manager.delete(request.id)
+        self.manager.delete(caller().project, request.id)
         return dataset_pb2.DeleteDatasetResponse()
 
     async def GetDatasetReport(self, request: dataset_pb2.GetDatasetReportRequest, context):
-        return dataset_pb2.GetDatasetReportResponse(report=report_to_proto(self.manager.report(request.id)))
+        return dataset_pb2.GetDatasetReportResponse(report=report_to_proto(self.manager.report(caller().project, request.id)))
 
     async def ListRows(self, request: dataset_pb2.ListRowsRequest, context):
-        rows, token = self.manager.list_rows(request.dataset_id, request.split, request.page_size, request.page_token)
+        rows, token = self.manager.list_rows(caller().project, request.dataset_id, request.split, request.page_size, request.page_token)
         return dataset_pb2.ListRowsResponse(rows=_rows_to_proto(rows), next_page_token=token)
 
     async def StreamRows(self, request: dataset_pb2.StreamRowsRequest, context):
-        for batch in self.manager.stream_rows(request.dataset_id, request.split):
+        for batch in self.manager.stream_rows(caller().project, request.dataset_id, request.split):
             yield dataset_pb2.StreamRowsResponse(rows=_rows_to_proto(batch))
 
     async def PinDataset(self, request: dataset_pb2.PinDatasetRequest, context):
-        self.manager.pin(request.dataset_id, request.holder)
+        self.manager.pin(caller().project, request.dataset_id, request.holder)
         return dataset_pb2.PinDatasetResponse()
 
     async def UnpinDataset(self, request: dataset_pb2.UnpinDatasetRequest, context):
-        self.manager.unpin(request.dataset_id, request.holder)
+        self.manager.unpin(caller().project, request.dataset_id, request.holder)
         return dataset_pb2.UnpinDatasetResponse()

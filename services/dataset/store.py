@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, String, delete, select
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, String, delete, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tunewire.services.common.db import make_engine
+from tunewire.services.common.db import make_engine, migrate
 
 
 class Base(DeclarativeBase):
@@ -19,6 +19,8 @@ class DatasetRecord(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The project (tenant) the dataset belongs to; no other project sees it.
+    project: Mapped[str] = mapped_column(String(63), index=True, default="default")
     name: Mapped[str] = mapped_column(String(256))
     format: Mapped[str] = mapped_column(String(32))
     row_count: Mapped[int] = mapped_column(BigInteger)
@@ -61,6 +63,7 @@ class DatasetInfo:
     created_at: dt.datetime
     labels: list[str] = field(default_factory=list)
     report: dict = field(default_factory=dict)
+    project: str = "default"
 
     @classmethod
     def from_record(cls, r: DatasetRecord, name: str | None = None) -> DatasetInfo:
@@ -76,6 +79,7 @@ class DatasetInfo:
             created,
             list(r.labels or []),
             dict(r.report or {}),
+            r.project,
         )
 
 
@@ -86,7 +90,7 @@ def _now() -> dt.datetime:
 class DatasetStore:
     def __init__(self, database_url: str):
         self.engine = make_engine(database_url)
-        Base.metadata.create_all(self.engine)
+        migrate(self.engine, "dataset", first_table="datasets")
 
     def get(self, dataset_id: str) -> DatasetInfo | None:
         with Session(self.engine) as session:
@@ -107,18 +111,23 @@ class DatasetStore:
                 return DatasetInfo.from_record(existing, info.name), True
         return info, False
 
-    def list(self, name: str = "") -> list[DatasetInfo]:
+    def list(self, project: str, name: str = "") -> list[DatasetInfo]:
         with Session(self.engine) as session:
             if not name:
-                query = select(DatasetRecord).order_by(DatasetRecord.created_at.desc())
+                query = select(DatasetRecord).where(DatasetRecord.project == project).order_by(DatasetRecord.created_at.desc())
                 return [DatasetInfo.from_record(r) for r in session.scalars(query)]
             query = (
                 select(DatasetRecord)
                 .join(NameRecord, NameRecord.dataset_id == DatasetRecord.id)
-                .where(NameRecord.name == name)
+                .where(NameRecord.name == name, DatasetRecord.project == project)
                 .order_by(NameRecord.created_at.desc())
             )
             return [DatasetInfo.from_record(r, name) for r in session.scalars(query)]
+
+    def project_bytes(self, project: str) -> int:
+        """Bytes of the project's stored datasets."""
+        with Session(self.engine) as session:
+            return int(session.scalar(select(func.coalesce(func.sum(DatasetRecord.size_bytes), 0)).where(DatasetRecord.project == project)))
 
     def pins(self, dataset_id: str) -> list[str]:
         with Session(self.engine) as session:

@@ -4,19 +4,22 @@ handed to the batching engine and awaited from asyncio."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.errors import InvalidArgument, NotFound
+from tunewire.services.common.auth import DEFAULT_PROJECT
+from tunewire.services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.sources import check_source
-from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult
+from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult, not_loaded
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class LoadedAdapter:
     load_seconds: float
     # From publication by the orchestrator to servable here; None when loaded by hand.
     publish_to_servable_seconds: float | None
+    # Only this project's callers may use it.
+    project: str = DEFAULT_PROJECT
     resident: bool = True
     requests_in_flight: int = 0
 
@@ -44,8 +49,17 @@ class _Done:
 
 
 class InferenceManager:
-    def __init__(self, engine: BatchEngine, artifacts: ArtifactStore, adapter_cache: Path, import_roots: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        engine: BatchEngine,
+        artifacts: ArtifactStore,
+        adapter_cache: Path,
+        import_roots: tuple[str, ...] = (),
+        max_requests_per_project: int = 0,
+    ):
         self.engine = engine
+        self.max_requests_per_project = max_requests_per_project
+        self._requests: Counter[str] = Counter()  # queued or running, per project
         self.artifacts = artifacts
         self.adapter_cache = adapter_cache
         # Adapters load from the artifact store or these roots, nowhere else.
@@ -66,17 +80,26 @@ class InferenceManager:
 
     # Adapters
 
-    def loaded(self) -> list[LoadedAdapter]:
+    def loaded(self, project: str | None = None) -> list[LoadedAdapter]:
+        """The adapters served: a project's, or all (None)."""
         states = {info.id: info for info in self.engine.adapters()}
         return [
             LoadedAdapter(**{**a.__dict__, "resident": states[a.id].resident, "requests_in_flight": states[a.id].requests_in_flight})
             for a in self._loaded.values()
-            if a.id in states
+            if a.id in states and project in (None, a.project)
         ]
 
-    async def load_adapter(self, adapter_id: str, uri: str, published_at: dt.datetime | None = None) -> LoadedAdapter:
-        """Validates the adapter at `uri` and makes it servable as `adapter_id`.
-        Concurrent loads of one id share the work."""
+    def _check_access(self, project: str, adapter_id: str) -> None:
+        """Another project's adapter is as unknown as one never loaded."""
+        loaded = self._loaded.get(adapter_id)
+        if adapter_id and loaded is not None and loaded.project != project:
+            raise not_loaded(adapter_id)
+
+    async def load_adapter(
+        self, adapter_id: str, uri: str, published_at: dt.datetime | None = None, project: str = DEFAULT_PROJECT
+    ) -> LoadedAdapter:
+        """Validates the adapter at `uri` and makes it servable as `adapter_id`
+        to `project`. Concurrent loads of one id share the work."""
         if not ADAPTER_ID.match(adapter_id):
             raise InvalidArgument.field(
                 "id", f"{adapter_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -84,13 +107,14 @@ class InferenceManager:
         if not uri:
             raise InvalidArgument.field("source_uri", "required: the adapter's directory, as a path or URL")
         if adapter_id in self._loaded and self._loaded[adapter_id].source_uri == uri:
+            self._check_access(project, adapter_id)
             return self._loaded[adapter_id]
         if adapter_id in self._loading:
             return await asyncio.shield(self._loading[adapter_id])
         future = asyncio.get_running_loop().create_future()
         self._loading[adapter_id] = future
         try:
-            loaded = await self._load(adapter_id, uri, published_at)
+            loaded = await self._load(adapter_id, uri, published_at, project)
             future.set_result(loaded)
             return loaded
         except BaseException as exc:
@@ -100,7 +124,7 @@ class InferenceManager:
         finally:
             del self._loading[adapter_id]
 
-    async def _load(self, adapter_id: str, uri: str, published_at: dt.datetime | None) -> LoadedAdapter:
+    async def _load(self, adapter_id: str, uri: str, published_at: dt.datetime | None, project: str) -> LoadedAdapter:
         started = time.perf_counter()
         source = check_source(uri, self.allowed_roots)
         try:
@@ -116,7 +140,7 @@ class InferenceManager:
         now = dt.datetime.now(dt.UTC)
         latency = (now - published_at).total_seconds() if published_at else None
         loaded = LoadedAdapter(
-            adapter_id, uri, weights.task_type, weights.rank, weights.labels, now, time.perf_counter() - started, latency
+            adapter_id, uri, weights.task_type, weights.rank, weights.labels, now, time.perf_counter() - started, latency, project
         )
         self._loaded[adapter_id] = loaded
         log.info(
@@ -135,41 +159,62 @@ class InferenceManager:
 
     # Requests
 
-    async def generate(self, request: GenerationRequest, deadline: float | None = None) -> GenerationResult:
-        async for item in self._run(request, deadline, stream=False):
+    async def generate(self, project: str, request: GenerationRequest, deadline: float | None = None) -> GenerationResult:
+        async for item in self._run(project, request, deadline, stream=False):
             if isinstance(item, GenerationResult):
                 return item
         raise AssertionError("generation ended without a result")
 
-    async def generate_stream(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[str | GenerationResult]:
+    async def generate_stream(
+        self, project: str, request: GenerationRequest, deadline: float | None = None
+    ) -> AsyncIterator[str | GenerationResult]:
         """Text deltas as they are decoded, then the GenerationResult."""
-        async for item in self._run(request, deadline, stream=True):
+        async for item in self._run(project, request, deadline, stream=True):
             yield item
 
-    async def _run(self, request: GenerationRequest, deadline: float | None, stream: bool) -> AsyncIterator[str | GenerationResult]:
+    @contextlib.contextmanager
+    def _project_request(self, project: str, adapter_id: str):
+        """Counts a request against the project's quota while it is queued or running."""
+        self._check_access(project, adapter_id)
+        if self.max_requests_per_project and self._requests[project] >= self.max_requests_per_project:
+            raise ResourceExhausted(
+                f"project {project} has {self._requests[project]} generation requests queued or running, its quota: "
+                "retry after some finish (operators set TUNEWIRE_PROJECT_MAX_GENERATION_REQUESTS)"
+            )
+        self._requests[project] += 1
+        try:
+            yield
+        finally:
+            self._requests[project] -= 1
+
+    async def _run(
+        self, project: str, request: GenerationRequest, deadline: float | None, stream: bool
+    ) -> AsyncIterator[str | GenerationResult]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
         put = _threadsafe_put(loop, items)
-        self.engine.submit(request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline)
-        try:
-            while True:
-                item = await items.get()
-                if isinstance(item, _Done):
-                    if isinstance(item.result, BaseException):
-                        raise item.result
-                    yield item.result
-                    return
-                yield item
-        finally:
-            cancelled.set()  # a caller that went away frees its batch row
+        with self._project_request(project, request.adapter):
+            self.engine.submit(request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline)
+            try:
+                while True:
+                    item = await items.get()
+                    if isinstance(item, _Done):
+                        if isinstance(item.result, BaseException):
+                            raise item.result
+                        yield item.result
+                        return
+                    yield item
+            finally:
+                cancelled.set()  # a caller that went away frees its batch row
 
-    async def classify(self, adapter_id: str, text: str) -> ClassificationResult:
-        future = self.engine.classify(adapter_id, text)
-        try:
-            return await asyncio.wrap_future(future)
-        finally:
-            future.cancel()  # still queued: not run
+    async def classify(self, project: str, adapter_id: str, text: str) -> ClassificationResult:
+        with self._project_request(project, adapter_id):
+            future = self.engine.classify(adapter_id, text)
+            try:
+                return await asyncio.wrap_future(future)
+            finally:
+                future.cancel()  # still queued: not run
 
 
 def _ignore(_text: str) -> None:

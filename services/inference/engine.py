@@ -199,6 +199,11 @@ def serving_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if (" avx512_bf16" in flags or " amx_bf16" in flags) else torch.float32
 
 
+def not_loaded(adapter_id: str) -> NotFound:
+    """The error for an adapter this service does not serve to the caller."""
+    return NotFound(f"adapter {adapter_id!r} is not loaded here: ListLoadedAdapters shows those served, LoadAdapter adds one")
+
+
 class BatchEngine:
     def __init__(self, base_model_name: str, model_cache: Path, limits: EngineLimits | None = None, dtype: str = "float32"):
         self.base_model_name = base_model_name
@@ -380,7 +385,7 @@ class BatchEngine:
             return None
         adapter = self._adapters.get(adapter_id)
         if adapter is None:
-            raise NotFound(f"adapter {adapter_id!r} is not loaded here: ListLoadedAdapters shows those served, LoadAdapter adds one")
+            raise not_loaded(adapter_id)
         if adapter.task_type != task_type:
             what = "Classify" if adapter.task_type == SEQ_CLS else "Generate or GenerateStream"
             raise InvalidArgument.field("adapter", f"{adapter_id} is a {adapter.task_type} adapter: use it with {what}")

@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import dataclass
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.grpc_server import ServerHandle, create_grpc_server, run_service
+from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings
 from tunewire.services.inference.core import InferenceManager
 from tunewire.services.inference.engine import BatchEngine, EngineLimits
@@ -34,7 +34,11 @@ class InferenceDeps:
         )
         engine = BatchEngine(settings.base_model, settings.model_cache, limits, settings.inference_dtype)
         manager = InferenceManager(
-            engine, ArtifactStore(settings.artifact_root), settings.home / "adapter-cache", settings.import_root_list
+            engine,
+            ArtifactStore(settings.artifact_root),
+            settings.home / "adapter-cache",
+            settings.import_root_list,
+            max_requests_per_project=settings.project_max_generation_requests,
         )
         return cls(manager, settings.training_address)
 
@@ -49,6 +53,7 @@ async def create_server(settings: Settings, deps: InferenceDeps, port: int | Non
         address,
         lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(manager), server),
         [SERVICE_NAME],
+        ServerSecurity.from_settings(settings),
     )
     watch_task: asyncio.Task | None = None
 
@@ -56,7 +61,7 @@ async def create_server(settings: Settings, deps: InferenceDeps, port: int | Non
         nonlocal watch_task
         await manager.start()
         if deps.training_address:
-            watch_task = asyncio.create_task(AdapterWatcher(manager, deps.training_address).run_forever(), name="adapter watcher")
+            watch_task = asyncio.create_task(AdapterWatcher(manager, deps.training_address, settings).run_forever(), name="adapter watcher")
 
     async def close() -> None:
         if watch_task is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from tunewire.services.common.auth import caller
 from tunewire.services.common.convert import to_timestamp
 from tunewire.services.inference.core import InferenceManager, LoadedAdapter
 from tunewire.services.inference.engine import DEFAULT_MAX_NEW_TOKENS, LENGTH, STOP, GenerationRequest, GenerationResult
@@ -53,6 +54,7 @@ def loaded_to_proto(adapter: LoadedAdapter) -> inference_pb2.LoadedAdapter:
         requests_in_flight=adapter.requests_in_flight,
         load_seconds=adapter.load_seconds,
         labels=adapter.labels,
+        project=adapter.project,
     )
 
 
@@ -61,7 +63,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.manager = manager
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
-        result = await self.manager.generate(request_from_proto(request), _deadline(context))
+        result = await self.manager.generate(caller().project, request_from_proto(request), _deadline(context))
         return inference_pb2.GenerateResponse(
             text=result.text,
             finish_reason=_finish_reason(result),
@@ -70,7 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest, context):
-        async for item in self.manager.generate_stream(request_from_proto(request), _deadline(context)):
+        async for item in self.manager.generate_stream(caller().project, request_from_proto(request), _deadline(context)):
             if isinstance(item, GenerationResult):
                 yield inference_pb2.GenerateStreamResponse(
                     finish_reason=_finish_reason(item),
@@ -81,21 +83,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 yield inference_pb2.GenerateStreamResponse(text_delta=item)
 
     async def Classify(self, request: inference_pb2.ClassifyRequest, context):
-        result = await self.manager.classify(request.adapter, request.text)
+        result = await self.manager.classify(caller().project, request.adapter, request.text)
         ranked = sorted(result.scores.items(), key=lambda item: -item[1])
         return inference_pb2.ClassifyResponse(
             label=result.label, scores=[inference_pb2.LabelScore(label=label, score=score) for label, score in ranked]
         )
 
     async def LoadAdapter(self, request: inference_pb2.LoadAdapterRequest, context):
-        adapter = await self.manager.load_adapter(request.id, request.source_uri)
+        who = caller()
+        who.require_admin("LoadAdapter")
+        adapter = await self.manager.load_adapter(request.id, request.source_uri, project=who.project)
         return inference_pb2.LoadAdapterResponse(adapter=loaded_to_proto(adapter))
 
     async def UnloadAdapter(self, request: inference_pb2.UnloadAdapterRequest, context):
+        caller().require_admin("UnloadAdapter")
         await self.manager.unload_adapter(request.id)
         return inference_pb2.UnloadAdapterResponse()
 
     async def ListLoadedAdapters(self, request, context):
-        return inference_pb2.ListLoadedAdaptersResponse(
-            base_model=self.manager.base_model, adapters=[loaded_to_proto(a) for a in self.manager.loaded()]
-        )
+        # Admins, who load and unload them, see every project's adapters.
+        who = caller()
+        adapters = self.manager.loaded(None if who.is_admin else who.project)
+        return inference_pb2.ListLoadedAdaptersResponse(base_model=self.manager.base_model, adapters=[loaded_to_proto(a) for a in adapters])

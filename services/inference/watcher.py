@@ -10,7 +10,10 @@ import logging
 
 import grpc
 
+from tunewire.services.common.auth import DEFAULT_PROJECT
+from tunewire.services.common.channels import call_metadata, open_channel
 from tunewire.services.common.errors import TunewireError
+from tunewire.services.common.settings import Settings
 from tunewire.services.inference.core import InferenceManager
 from tunewire.v1 import training_pb2, training_pb2_grpc
 
@@ -18,19 +21,21 @@ log = logging.getLogger(__name__)
 
 
 class AdapterWatcher:
-    def __init__(self, manager: InferenceManager, training_address: str, max_backoff: float = 10.0):
+    def __init__(self, manager: InferenceManager, training_address: str, settings: Settings, max_backoff: float = 10.0):
         self.manager = manager
         self.training_address = training_address
+        self.settings = settings
         self.max_backoff = max_backoff
         self.last_sequence = 0
 
     async def run_forever(self) -> None:
         backoff = 0.5
-        async with grpc.aio.insecure_channel(self.training_address) as channel:
+        async with open_channel(self.training_address, self.settings) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)
             while True:
                 try:
-                    stream = stub.WatchAdapters(training_pb2.WatchAdaptersRequest(after_sequence=self.last_sequence))
+                    request = training_pb2.WatchAdaptersRequest(after_sequence=self.last_sequence)
+                    stream = stub.WatchAdapters(request, metadata=call_metadata(self.settings))
                     async for message in stream:
                         backoff = 0.5
                         await self._handle(message.adapter)
@@ -45,6 +50,8 @@ class AdapterWatcher:
             log.debug("adapter %s is for %s, not %s: skipped", adapter.id, adapter.base_model, self.manager.base_model)
             return
         try:
-            await self.manager.load_adapter(adapter.id, adapter.uri, adapter.create_time.ToDatetime(tzinfo=dt.UTC))
+            await self.manager.load_adapter(
+                adapter.id, adapter.uri, adapter.create_time.ToDatetime(tzinfo=dt.UTC), project=adapter.project or DEFAULT_PROJECT
+            )
         except TunewireError as exc:
             log.warning("published adapter %s refused: %s", adapter.id, exc)

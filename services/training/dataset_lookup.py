@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import grpc
 
+from tunewire.services.common.channels import call_metadata, open_channel
 from tunewire.services.common.errors import InvalidArgument, NotFound, Unavailable
+from tunewire.services.common.settings import Settings
 from tunewire.services.training.jobs import DatasetRef
 from tunewire.v1 import dataset_pb2, dataset_pb2_grpc
 
@@ -19,25 +21,34 @@ FORMATS = {
 
 
 class GrpcDatasetLookup:
-    def __init__(self, address: str, timeout: float = 10.0):
+    """Calls the dataset service with the service key, acting for the job's
+    project: a project's job sees only the project's datasets."""
+
+    def __init__(self, address: str, settings: Settings, timeout: float = 10.0):
         self.address = address
+        self.settings = settings
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = open_channel(address, settings)
         self._stub = dataset_pb2_grpc.DatasetServiceStub(self._channel)
 
-    async def get(self, dataset_id: str) -> DatasetRef:
-        return await self._call(self._get, dataset_id)
+    async def get(self, project: str, dataset_id: str) -> DatasetRef:
+        return await self._call(self._get, project, dataset_id)
 
-    async def acquire(self, dataset_id: str, holder: str) -> DatasetRef:
-        async def pin_then_get(dataset_id: str) -> DatasetRef:
+    async def acquire(self, project: str, dataset_id: str, holder: str) -> DatasetRef:
+        async def pin_then_get(project: str, dataset_id: str) -> DatasetRef:
             # Pinned first: from here on the dataset cannot be deleted under the job.
-            await self._stub.PinDataset(dataset_pb2.PinDatasetRequest(dataset_id=dataset_id, holder=holder), timeout=self.timeout)
-            return await self._get(dataset_id)
+            await self._stub.PinDataset(
+                dataset_pb2.PinDatasetRequest(dataset_id=dataset_id, holder=holder),
+                timeout=self.timeout,
+                metadata=call_metadata(self.settings, project),
+            )
+            return await self._get(project, dataset_id)
 
-        return await self._call(pin_then_get, dataset_id)
+        return await self._call(pin_then_get, project, dataset_id)
 
-    async def _get(self, dataset_id: str) -> DatasetRef:
-        d = (await self._stub.GetDataset(dataset_pb2.GetDatasetRequest(id=dataset_id), timeout=self.timeout)).dataset
+    async def _get(self, project: str, dataset_id: str) -> DatasetRef:
+        request = dataset_pb2.GetDatasetRequest(id=dataset_id)
+        d = (await self._stub.GetDataset(request, timeout=self.timeout, metadata=call_metadata(self.settings, project))).dataset
         splits = d.split_row_counts
         return DatasetRef(
             id=d.id,
@@ -49,9 +60,9 @@ class GrpcDatasetLookup:
             labels=tuple(d.labels),
         )
 
-    async def _call(self, fn, dataset_id: str) -> DatasetRef:
+    async def _call(self, fn, project: str, dataset_id: str) -> DatasetRef:
         try:
-            return await fn(dataset_id)
+            return await fn(project, dataset_id)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"spec.dataset_id: {exc.details()}") from None

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tunewire.services.common.auth import DEFAULT_PROJECT
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import check_model_name
 from tunewire.services.training import config as training_config
 from tunewire.services.training.config import TrainingConfig
@@ -46,10 +47,10 @@ class DatasetRef:
 
 
 class DatasetLookup(Protocol):
-    async def get(self, dataset_id: str) -> DatasetRef:
-        """Raises NotFound for an unknown id, Unavailable if the service is down."""
+    async def get(self, project: str, dataset_id: str) -> DatasetRef:
+        """Raises NotFound for an id unknown in the project, Unavailable if the service is down."""
 
-    async def acquire(self, dataset_id: str, holder: str) -> DatasetRef:
+    async def acquire(self, project: str, dataset_id: str, holder: str) -> DatasetRef:
         """The dataset, pinned for `holder` so it is not deleted under it."""
 
 
@@ -62,6 +63,7 @@ class JobSpec:
     num_workers: int = 1
     use_gpu: bool = False
     idempotency_key: str = ""
+    project: str = DEFAULT_PROJECT
 
 
 class ChangeNotifier:
@@ -91,8 +93,10 @@ class JobManager:
         poll_seconds: float = 1.0,
         checkpoints: Callable[[str], list[dict]] | None = None,
         model_cache: Path | None = None,
+        max_active_jobs_per_project: int = 0,
     ):
         self.store = store
+        self.max_active_jobs_per_project = max_active_jobs_per_project
         self.datasets = datasets
         self.notifier = notifier or ChangeNotifier()
         self.poll_seconds = poll_seconds
@@ -113,7 +117,7 @@ class JobManager:
         workers = training_config.check_compute(spec.num_workers, spec.use_gpu)
         if not spec.dataset_id:
             raise InvalidArgument.field("spec.dataset_id", "required: the id UploadDataset returned")
-        dataset = dataset or await self.datasets.get(spec.dataset_id)
+        dataset = dataset or await self.datasets.get(spec.project, spec.dataset_id)
         if dataset.train_rows < workers:
             raise FailedPrecondition(
                 f"dataset {dataset.id} has {dataset.train_rows} training rows, fewer than the {workers} workers: add rows or use fewer workers"
@@ -121,19 +125,28 @@ class JobManager:
         return workers, training_config.resolve_config(spec.hyperparameters, dataset.train_rows, spec.method)
 
     async def create(self, spec: JobSpec) -> Job:
-        existing = self.store.by_idempotency_key(spec.idempotency_key)
+        # Keys are the project's own: another project's key never finds this job.
+        idempotency_key = f"{spec.project}/{spec.idempotency_key}" if spec.idempotency_key else ""
+        existing = self.store.by_idempotency_key(idempotency_key)
         if existing is not None:
             return self._same_request(existing, spec)
         await self._checked(spec)
+        active = self.store.count_active(spec.project)
+        if self.max_active_jobs_per_project and active >= self.max_active_jobs_per_project:
+            raise ResourceExhausted(
+                f"project {spec.project} has {active} queued or running jobs, its quota: wait for one to finish or cancel one "
+                "(operators set TUNEWIRE_PROJECT_MAX_ACTIVE_JOBS)"
+            )
         job_id = "job-" + uuid.uuid4().hex[:16]
-        dataset = await self.datasets.acquire(spec.dataset_id, job_id)
+        dataset = await self.datasets.acquire(spec.project, spec.dataset_id, job_id)
         workers, resolved = await self._checked(spec, dataset)
         job, created = self.store.create(
             job_id=job_id,
             spec={**asdict(spec), "num_workers": workers},
             config=resolved.to_dict(),
             dataset={**asdict(dataset), "labels": list(dataset.labels)},
-            idempotency_key=spec.idempotency_key,
+            idempotency_key=idempotency_key,
+            project=spec.project,
         )
         if not created:  # a concurrent retry won the race
             return self._same_request(job, spec)
@@ -150,7 +163,7 @@ class JobManager:
         """The estimate, and the hyperparameters it assumed."""
         from tunewire.services.training.estimate import estimate_job
 
-        dataset = await self.datasets.get(spec.dataset_id) if spec.dataset_id else None
+        dataset = await self.datasets.get(spec.project, spec.dataset_id) if spec.dataset_id else None
         workers, config = await self._checked(spec, dataset)
         return await asyncio.to_thread(
             estimate_job, spec, dataset, workers, config, self.measured_throughput(spec, workers), self.model_cache
@@ -166,8 +179,8 @@ class JobManager:
         rates = [r for r in rates if r > 0]
         return sum(rates) / len(rates) if rates else 0.0
 
-    async def cancel(self, job_id: str) -> Job:
-        job = self.get(job_id)
+    async def cancel(self, project: str, job_id: str) -> Job:
+        job = self.get(project, job_id)
         if job.is_final:
             raise FailedPrecondition(f"job {job_id} is already {job.state}: only queued or running jobs can be cancelled")
         if not self.store.transition(job_id, CANCELLED, from_states=(QUEUED,)):
@@ -175,7 +188,7 @@ class JobManager:
             self.cancel_event(job_id).set()
             self.record(job_id, "log", {"message": "cancellation requested: the workers stop at their next step"})
         self.notifier.notify()
-        return self.get(job_id)
+        return self.get(project, job_id)
 
     def cancel_event(self, job_id: str) -> asyncio.Event:
         return self._cancel_events.setdefault(job_id, asyncio.Event())
@@ -183,17 +196,18 @@ class JobManager:
     def forget_cancel_event(self, job_id: str) -> None:
         self._cancel_events.pop(job_id, None)
 
-    def checkpoints(self, job_id: str) -> list[dict]:
-        self.get(job_id)
+    def checkpoints(self, project: str, job_id: str) -> list[dict]:
+        self.get(project, job_id)
         return self._checkpoints(job_id)
 
-    def get(self, job_id: str) -> Job:
+    def get(self, project: str, job_id: str) -> Job:
         job = self.store.get(job_id)
-        if job is None:
+        # Another project's job is as unknown as one that never existed.
+        if job is None or job.project != project:
             raise NotFound(f"job {job_id!r} not found: list jobs to see the ids")
         return job
 
-    def list(self, state: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[Job], str]:
+    def list(self, project: str, state: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[Job], str]:
         """A page of jobs, newest first, and the next page's token ('' at the end)."""
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")
@@ -202,7 +216,7 @@ class JobManager:
             offset = int(page_token) if page_token else 0
         except ValueError:
             raise InvalidArgument.field("page_token", "not a token this service returned") from None
-        jobs = self.store.list(state, limit=size + 1, offset=offset)
+        jobs = self.store.list(state, limit=size + 1, offset=offset, project=project)
         return jobs[:size], (str(offset + size) if len(jobs) > size else "")
 
     def queued(self) -> list[Job]:
@@ -227,14 +241,14 @@ class JobManager:
         """Called at start-up: jobs a previous process left RUNNING are queued again."""
         return self.store.requeue_interrupted("the orchestrator restarted during this job; it runs again from the start")
 
-    async def events(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
+    async def events(self, project: str, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events after `after_sequence`: its history, then live
         events, until the job's final state has been sent."""
-        self.get(job_id)
+        self.get(project, job_id)
         while True:
             # State first, then events: the final state's event is written
             # with the state, so it is in `events` if `final` is seen.
-            final = self.get(job_id).state in FINAL_STATES
+            final = self.get(project, job_id).state in FINAL_STATES
             events = self.store.events_after(job_id, after_sequence)
             for event in events:
                 yield event
@@ -245,7 +259,8 @@ class JobManager:
                 await self.notifier.wait(self.poll_seconds)
 
     async def adapters(self, after_sequence: int = 0) -> AsyncIterator[Adapter]:
-        """Every adapter published after `after_sequence`, then each new one. Never ends."""
+        """Every project's adapters published after `after_sequence`, then
+        each new one (for the inference service). Never ends."""
         while True:
             adapters = self.store.adapters_after(after_sequence)
             for adapter in adapters:
@@ -254,5 +269,5 @@ class JobManager:
             if not adapters:
                 await self.notifier.wait(self.poll_seconds)
 
-    def list_adapters(self) -> list[Adapter]:
-        return self.store.adapters_after(0)
+    def list_adapters(self, project: str) -> list[Adapter]:
+        return [a for a in self.store.adapters_after(0) if a.project == project]

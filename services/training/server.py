@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import dataclass
 
 from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.common.grpc_server import ServerHandle, create_grpc_server, run_service
+from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings
 from tunewire.services.training.dataset_lookup import GrpcDatasetLookup
 from tunewire.services.training.jobs import DatasetLookup, JobManager
@@ -33,7 +33,7 @@ class TrainingDeps:
         return cls(
             store=JobStore(settings.training_database_url),
             artifacts=artifacts,
-            datasets=GrpcDatasetLookup(settings.dataset_address),
+            datasets=GrpcDatasetLookup(settings.dataset_address, settings),
             runner=RayTrainRunner(
                 ray_address=settings.ray_address,
                 num_cpus=settings.ray_num_cpus,
@@ -47,13 +47,20 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
     """The server bound to settings.host and `port` (default
     settings.training_port; 0 picks one). Its start() starts Ray and the
     scheduler before health says SERVING."""
-    jobs = JobManager(deps.store, deps.datasets, checkpoints=deps.runner.checkpoints, model_cache=settings.model_cache)
+    jobs = JobManager(
+        deps.store,
+        deps.datasets,
+        checkpoints=deps.runner.checkpoints,
+        model_cache=settings.model_cache,
+        max_active_jobs_per_project=settings.project_max_active_jobs,
+    )
     scheduler = Scheduler(jobs, deps.runner, deps.artifacts, settings.max_concurrent_jobs)
     address = f"{settings.host}:{settings.training_port if port is None else port}"
     handle = await create_grpc_server(
         address,
         lambda server: training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(jobs), server),
         [SERVICE_NAME],
+        ServerSecurity.from_settings(settings),
     )
     scheduler_task: asyncio.Task | None = None
 

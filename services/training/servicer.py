@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunewire.services.common.auth import caller
 from tunewire.services.common.convert import to_timestamp
 from tunewire.services.training import config as training_config
 from tunewire.services.training.jobs import JobManager, JobSpec
@@ -25,7 +26,7 @@ def state_from_proto(state: int) -> str:
     return "" if state == training_pb2.JOB_STATE_UNSPECIFIED else training_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
-def spec_from_proto(spec: training_pb2.JobSpec, idempotency_key: str = "") -> JobSpec:
+def spec_from_proto(spec: training_pb2.JobSpec, project: str, idempotency_key: str = "") -> JobSpec:
     hyperparameters = {f.name: (list(v) if f.is_repeated else v) for f, v in spec.hyperparameters.ListFields()}
     method = METHOD_FROM_PROTO.get(spec.method, training_pb2.TrainingMethod.Name(spec.method))
     return JobSpec(
@@ -36,6 +37,7 @@ def spec_from_proto(spec: training_pb2.JobSpec, idempotency_key: str = "") -> Jo
         num_workers=spec.compute.num_workers,
         use_gpu=spec.compute.use_gpu,
         idempotency_key=idempotency_key,
+        project=project,
     )
 
 
@@ -92,6 +94,7 @@ def adapter_to_proto(adapter: Adapter) -> training_pb2.Adapter:
         uri=adapter.uri,
         create_time=to_timestamp(adapter.created_at),
         sequence=adapter.sequence,
+        project=adapter.project,
     )
 
 
@@ -100,40 +103,41 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self.jobs = jobs
 
     async def CreateJob(self, request: training_pb2.CreateJobRequest, context):
-        job = await self.jobs.create(spec_from_proto(request.spec, request.idempotency_key))
+        job = await self.jobs.create(spec_from_proto(request.spec, caller().project, request.idempotency_key))
         return training_pb2.CreateJobResponse(job=job_to_proto(job))
 
     async def CancelJob(self, request: training_pb2.CancelJobRequest, context):
-        return training_pb2.CancelJobResponse(job=job_to_proto(await self.jobs.cancel(request.id)))
+        return training_pb2.CancelJobResponse(job=job_to_proto(await self.jobs.cancel(caller().project, request.id)))
 
     async def ListCheckpoints(self, request: training_pb2.ListCheckpointsRequest, context):
         checkpoints = [
             training_pb2.Checkpoint(
                 step=c["step"], validation_loss=c["validation_loss"], uri=c["uri"], create_time=to_timestamp(c["modified"])
             )
-            for c in self.jobs.checkpoints(request.job_id)
+            for c in self.jobs.checkpoints(caller().project, request.job_id)
         ]
         return training_pb2.ListCheckpointsResponse(checkpoints=checkpoints)
 
     async def EstimateJob(self, request: training_pb2.EstimateJobRequest, context):
-        estimate, config = await self.jobs.estimate(spec_from_proto(request.spec))
+        estimate, config = await self.jobs.estimate(spec_from_proto(request.spec, caller().project))
         resolved = {k: v for k, v in config.to_dict().items() if k != "auto"}
         return training_pb2.EstimateJobResponse(resolved_hyperparameters=training_pb2.Hyperparameters(**resolved), **estimate)
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context):
-        return training_pb2.GetJobResponse(job=job_to_proto(self.jobs.get(request.id)))
+        return training_pb2.GetJobResponse(job=job_to_proto(self.jobs.get(caller().project, request.id)))
 
     async def ListJobs(self, request: training_pb2.ListJobsRequest, context):
-        jobs, token = self.jobs.list(state_from_proto(request.state), request.page_size, request.page_token)
+        jobs, token = self.jobs.list(caller().project, state_from_proto(request.state), request.page_size, request.page_token)
         return training_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def StreamJobEvents(self, request: training_pb2.StreamJobEventsRequest, context):
-        async for event in self.jobs.events(request.job_id, request.after_sequence):
+        async for event in self.jobs.events(caller().project, request.job_id, request.after_sequence):
             yield event_to_proto(event)
 
     async def ListAdapters(self, request: training_pb2.ListAdaptersRequest, context):
-        return training_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in self.jobs.list_adapters()])
+        return training_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in self.jobs.list_adapters(caller().project)])
 
     async def WatchAdapters(self, request: training_pb2.WatchAdaptersRequest, context):
+        caller().require_admin("WatchAdapters (every project's adapters)")
         async for adapter in self.jobs.adapters(request.after_sequence):
             yield training_pb2.WatchAdaptersResponse(adapter=adapter_to_proto(adapter))

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tunewire.services.common.db import make_engine
+from tunewire.services.common.db import make_engine, migrate
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -38,6 +38,8 @@ class JobRecord(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The project (tenant) the job and its adapter belong to.
+    project: Mapped[str] = mapped_column(String(63), index=True, default="default")
     state: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict] = mapped_column(JSON)
     config: Mapped[dict] = mapped_column(JSON)
@@ -68,6 +70,7 @@ class AdapterRecord(Base):
 
     sequence: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
+    project: Mapped[str] = mapped_column(String(63), index=True, default="default")
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     base_model: Mapped[str] = mapped_column(String(512))
     uri: Mapped[str] = mapped_column(String(1024))
@@ -88,6 +91,7 @@ class Job:
     created_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
+    project: str = "default"
 
     @property
     def is_final(self) -> bool:
@@ -108,6 +112,7 @@ class Job:
             created_at=_utc(r.created_at),
             started_at=_utc(r.started_at),
             ended_at=_utc(r.ended_at),
+            project=r.project,
         )
 
 
@@ -128,29 +133,33 @@ class Adapter:
     uri: str
     created_at: dt.datetime
     sequence: int
+    project: str = "default"
 
     @classmethod
     def from_record(cls, r: AdapterRecord) -> Adapter:
-        return cls(r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.sequence)
+        return cls(r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.sequence, r.project)
 
 
 class JobStore:
     def __init__(self, database_url: str):
         self.engine = make_engine(database_url)
-        Base.metadata.create_all(self.engine)
+        migrate(self.engine, "training", first_table="jobs")
 
     def close(self) -> None:
         self.engine.dispose()
 
     # Jobs
 
-    def create(self, job_id: str, spec: dict, config: dict, dataset: dict, idempotency_key: str = "") -> tuple[Job, bool]:
+    def create(
+        self, job_id: str, spec: dict, config: dict, dataset: dict, idempotency_key: str = "", project: str = "default"
+    ) -> tuple[Job, bool]:
         """The new job, or the one created earlier with the same key; and
         whether it was created now."""
         try:
             with Session(self.engine) as session, session.begin():
                 record = JobRecord(
                     id=job_id,
+                    project=project,
                     state=QUEUED,
                     spec=spec,
                     config=config,
@@ -180,12 +189,21 @@ class JobStore:
             record = session.get(JobRecord, job_id)
             return Job.from_record(record) if record else None
 
-    def list(self, state: str = "", limit: int | None = None, offset: int = 0) -> list[Job]:
+    def list(self, state: str = "", limit: int | None = None, offset: int = 0, project: str = "") -> list[Job]:
+        """Jobs newest first: of one project, or of all ('')."""
         query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).offset(offset).limit(limit)
         if state:
             query = query.where(JobRecord.state == state)
+        if project:
+            query = query.where(JobRecord.project == project)
         with Session(self.engine) as session:
             return [Job.from_record(r) for r in session.scalars(query)]
+
+    def count_active(self, project: str) -> int:
+        """The project's queued and running jobs."""
+        query = select(func.count()).select_from(JobRecord).where(JobRecord.project == project, JobRecord.state.in_((QUEUED, RUNNING)))
+        with Session(self.engine) as session:
+            return int(session.scalar(query))
 
     def transition(self, job_id: str, state: str, *, from_states: tuple[str, ...], error: str = "", adapter_id: str = "") -> bool:
         """Moves the job to `state` if it is in one of from_states, with its
@@ -245,7 +263,8 @@ class JobStore:
             )
             if result.rowcount != 1:
                 return None
-            record = AdapterRecord(id=adapter_id, job_id=job_id, base_model=base_model, uri=uri, created_at=_now())
+            project = session.scalar(select(JobRecord.project).where(JobRecord.id == job_id))
+            record = AdapterRecord(id=adapter_id, project=project, job_id=job_id, base_model=base_model, uri=uri, created_at=_now())
             session.add(record)
             session.flush()
             self._append(session, job_id, "state", {"state": SUCCEEDED, "adapter_id": adapter_id})

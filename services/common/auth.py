@@ -1,0 +1,144 @@
+"""Who is calling: API keys, projects (tenants) and roles.
+
+Every dataset, job and adapter belongs to one project. A key belongs to one
+project and has a role: `member` works inside its project; `admin` may also
+load and unload adapters, follow every project's published adapters, and act
+for another project (the `x-tunewire-project` metadata), which is how the
+services call each other on a caller's behalf.
+
+Keys are `tw_<id>_<secret>` with 32 random bytes of secret. The keys file
+holds only their SHA-256: a key that random cannot be guessed from its hash,
+so a slow password hash would only slow every call. Operators create keys
+with `tunewire keys create` and put the printed entry into the file
+(TUNEWIRE_API_KEYS_FILE), which is re-read when it changes: keys are added
+and revoked without a restart.
+
+No grpc here: the server's interceptor authenticates and sets the caller for
+the handler (`caller()`), and servicers pass the caller's project on.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunewire.services.common.errors import InvalidArgument, PermissionDenied
+
+ADMIN, MEMBER = "admin", "member"
+ROLES = (ADMIN, MEMBER)
+DEFAULT_PROJECT = "default"
+PROJECT_HEADER = "x-tunewire-project"
+KEY_PATTERN = re.compile(r"^tw_([0-9a-f]{8})_[A-Za-z0-9_-]{20,}$")
+PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    project: str
+    role: str
+    key_id: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+    def require_admin(self, action: str) -> None:
+        if not self.is_admin:
+            raise PermissionDenied(f"{action} needs an admin key; this key ({self.key_id}) is a {self.role} of project {self.project}")
+
+    def acting_for(self, project: str) -> Caller:
+        """The caller acting for `project` (admins only; '' keeps its own)."""
+        if not project or project == self.project:
+            return self
+        self.require_admin(f"acting for project {project!r}")
+        check_project(project, PROJECT_HEADER)
+        return Caller(project, self.role, self.key_id)
+
+
+# With authentication off (loopback only), every caller is this one.
+LOCAL_ADMIN = Caller(DEFAULT_PROJECT, ADMIN, "local")
+
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("tunewire_caller", default=LOCAL_ADMIN)
+
+
+def caller() -> Caller:
+    """The caller of the RPC being handled."""
+    return _caller.get()
+
+
+def set_caller(who: Caller) -> contextvars.Token:
+    return _caller.set(who)
+
+
+def check_project(project: str, field: str = "project") -> str:
+    if not PROJECT_PATTERN.match(project):
+        raise InvalidArgument.field(field, f"{project!r} is not a project name: lowercase letters, digits and '-', at most 63")
+    return project
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(project: str, role: str) -> tuple[str, dict]:
+    """A fresh key and the keys-file entry that admits it (the key itself is
+    shown once and stored nowhere)."""
+    check_project(project)
+    if role not in ROLES:
+        raise InvalidArgument.field("role", f"{role!r}: use one of {ROLES}")
+    key = f"tw_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
+    key_id = KEY_PATTERN.match(key).group(1)
+    return key, {"id": key_id, "project": project, "role": role, "sha256": hash_key(key)}
+
+
+class KeyRing:
+    """The keys file, re-read when its modification time changes:
+    {"keys": [{"id", "project", "role", "sha256"}, ...]}."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._entries: dict[str, dict] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            status = self.path.stat()
+        except FileNotFoundError:
+            raise ValueError(f"API keys file {self.path} does not exist: create keys with `tunewire keys create`") from None
+        # A replaced file (new inode) or a rewritten one (time, size) is read again.
+        stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
+        if stamp == self._stamp:
+            return
+        entries = {}
+        try:
+            for i, entry in enumerate(json.loads(self.path.read_text())["keys"]):
+                if entry["role"] not in ROLES or not PROJECT_PATTERN.match(entry["project"]) or len(entry["sha256"]) != 64:
+                    raise ValueError(f"entry {i}: role must be one of {ROLES}, project a project name, sha256 a hex digest")
+                entries[entry["id"]] = entry
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"API keys file {self.path}: {exc}: expected {{'keys': [{{id, project, role, sha256}}]}}") from None
+        self._entries, self._stamp = entries, stamp
+
+    def authenticate(self, key: str) -> Caller | None:
+        """The key's caller, or None for an unknown, revoked or malformed key."""
+        match = KEY_PATTERN.match(key)
+        if match is None:
+            return None
+        with self._lock:
+            try:
+                self._reload()
+            except ValueError:
+                pass  # a half-written file: keep the keys last read
+            entry = self._entries.get(match.group(1))
+        if entry is None or not hmac.compare_digest(entry["sha256"], hash_key(key)):
+            return None
+        return Caller(entry["project"], entry["role"], entry["id"])
