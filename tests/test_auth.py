@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from tunewire.clients.sdk import ApiError, DatasetClient, InferenceClient, TrainingClient
 from tunewire.services.common import auth
@@ -171,6 +172,8 @@ def message_of(call, *args, **kwargs) -> str:
 
 
 def test_every_service_refuses_calls_without_a_valid_key(stack):
+    refused = {"method": "/tunewire.v1.DatasetService/ListDatasets", "code": "UNAUTHENTICATED"}
+    before = REGISTRY.get_sample_value("tunewire_rpc_requests_total", refused) or 0
     for key in ("", "tw_00000000_" + "x" * 43):
         datasets, training, inference = clients(stack, None, key=key)
         assert code_of(datasets.list) == grpc.StatusCode.UNAUTHENTICATED
@@ -178,6 +181,8 @@ def test_every_service_refuses_calls_without_a_valid_key(stack):
         assert code_of(inference.generate, "hi", max_new_tokens=2) == grpc.StatusCode.UNAUTHENTICATED
         # Health stays open to probes.
         inference.wait_until_serving(timeout=10)
+    # Counted by method and code in the metrics.
+    assert REGISTRY.get_sample_value("tunewire_rpc_requests_total", refused) == before + 2
 
 
 def test_projects_see_only_their_own_datasets_jobs_and_adapters(stack):
@@ -339,7 +344,9 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_the_ca(tmp_path):
 
     with ServerThread(make_dataset) as server:
         address = f"127.0.0.1:{server.address.rsplit(':', 1)[1]}"
-        with DatasetClient(address, tls_ca_file=certs["ca"], tls_client_cert_file=certs["client"], tls_client_key_file=certs["client-key"]) as ok:
+        with DatasetClient(
+            address, tls_ca_file=certs["ca"], tls_client_cert_file=certs["client"], tls_client_key_file=certs["client-key"]
+        ) as ok:
             assert ok.upload(prompt_completion_jsonl(4), name="over-tls").dataset.row_count == 4
         for refused in (
             DatasetClient(address, timeout=5, tls_ca_file=certs["ca"]),  # TLS, no client certificate

@@ -1,7 +1,11 @@
 """The whole flow over real processes and sockets: three services, local Ray,
 the bundled SmolLM2 model, two Ray Train workers. Minutes, not seconds."""
 
+import json
+import urllib.request
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tunewire.clients.demo import HELD_OUT_PROMPTS, HYPERPARAMETERS, demo_dataset
 from tunewire.clients.local_stack import LocalStack
@@ -14,6 +18,8 @@ pytestmark = pytest.mark.e2e
 def test_upload_finetune_hotload_generate(tmp_path):
     home = tmp_path / "home"
     ports = {"TUNEWIRE_DATASET_PORT": "50151", "TUNEWIRE_TRAINING_PORT": "50152", "TUNEWIRE_INFERENCE_PORT": "50153"}
+    metrics_ports = {"dataset": 50154, "training": 50155, "inference": 50156}
+    ports |= {f"TUNEWIRE_{service.upper()}_METRICS_PORT": str(port) for service, port in metrics_ports.items()}
     with LocalStack(env={"TUNEWIRE_HOME": str(home), **ports}, log_dir=home / "logs") as stack:
         with (
             DatasetClient(stack.address("dataset")) as datasets,
@@ -23,7 +29,11 @@ def test_upload_finetune_hotload_generate(tmp_path):
             dataset = datasets.upload(demo_dataset(), name="pirate").dataset
             assert dataset.row_count == 100
 
-            job = training.create_job("smollm2-135m-instruct", dataset.id, HYPERPARAMETERS, num_workers=2)
+            # A request id sent to the orchestrator reaches the dataset service's logs.
+            spec = training.spec("smollm2-135m-instruct", dataset.id, HYPERPARAMETERS, num_workers=2)
+            job = training.stub.CreateJob(
+                training_pb2.CreateJobRequest(spec=spec), metadata=(("x-request-id", "e2e-create-job"),), timeout=60
+            ).job
             events = list(training.stream_events(job.id, timeout=900))
             job = training.get_job(job.id)
             assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
@@ -40,3 +50,26 @@ def test_upload_finetune_hotload_generate(tmp_path):
             tuned = inference.generate(prompt, adapter=job.adapter_id, max_new_tokens=40).text
             assert tuned != base
             assert tuned.startswith("Arr") and "Arr" not in base
+
+            # Every service's Prometheus metrics, scraped over HTTP.
+            upload = {"method": "/tunewire.v1.DatasetService/UploadDataset", "code": "OK"}
+            assert scrape(metrics_ports["dataset"], "tunewire_rpc_requests_total", upload) == 1
+            assert scrape(metrics_ports["training"], "tunewire_training_jobs", {"state": "SUCCEEDED"}) == 1
+            assert scrape(metrics_ports["training"], "tunewire_training_tokens_total") > 0
+            assert scrape(metrics_ports["inference"], "tunewire_inference_tokens_total") >= 2
+            assert scrape(metrics_ports["inference"], "tunewire_inference_time_to_first_token_seconds_count") >= 2
+            assert scrape(metrics_ports["inference"], "tunewire_inference_adapters_loaded") == 1
+
+    # Logs are JSON lines; the request id crossed from the orchestrator to the dataset service.
+    pinned = [json.loads(line) for line in (home / "logs" / "dataset.log").read_text().splitlines() if "pinned for" in line]
+    assert pinned and pinned[0]["request_id"] == "e2e-create-job" and pinned[0]["level"] == "INFO"
+
+
+def scrape(port: int, name: str, labels: dict | None = None) -> float | None:
+    """A sample's value from a service's /metrics (None when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels or {}).items() <= sample.labels.items():
+                return sample.value
+    return None

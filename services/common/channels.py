@@ -8,6 +8,7 @@ import grpc
 from tunewire.services.common.auth import PROJECT_HEADER
 from tunewire.services.common.grpc_server import MAX_MESSAGE_BYTES
 from tunewire.services.common.settings import Settings
+from tunewire.services.common.telemetry import REQUEST_ID_HEADER, request_id
 
 
 def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
@@ -24,8 +25,11 @@ def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
 
 
 def call_metadata(settings: Settings, project: str = "") -> tuple[tuple[str, str], ...]:
-    """The service's key, and the project it acts for ('' for its own)."""
+    """The service's key, the project it acts for ('' for its own), and the
+    id of the request being handled, so its logs and ours share it."""
     metadata: list[tuple[str, str]] = []
+    if request_id():
+        metadata.append((REQUEST_ID_HEADER, request_id()))
     key = settings.service_api_key.get_secret_value()
     if key:
         metadata.append(("authorization", f"Bearer {key}"))

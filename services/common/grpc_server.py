@@ -5,8 +5,11 @@ SIGTERM-aware serve loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tunewire.services.common import auth, errors
+from tunewire.services.common import auth, errors, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,9 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler of the server: authenticates the caller (keys from
-    the KeyRing; with none, every caller is the local admin), makes it the
-    handler's `auth.caller()`, and maps TunewireError to its status code."""
+    the KeyRing; with none, every caller is the local admin) and makes it the
+    handler's `auth.caller()`, sets the request id for logs and onward calls,
+    maps TunewireError to its status code, and counts and times the RPC."""
 
     def __init__(self, keys: auth.KeyRing | None):
         self.keys = keys
@@ -88,86 +92,78 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             raise errors.Unauthenticated("API key not recognised (unknown or revoked): ask an admin for a key of your project")
         return caller.acting_for(metadata.get(auth.PROJECT_HEADER, ""))
 
+    @contextlib.asynccontextmanager
+    async def _handling(self, method: str, metadata: dict[str, str], context):
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            telemetry.set_request_id(metadata.get(telemetry.REQUEST_ID_HEADER, ""))
+            if not method.startswith(OPEN_METHOD_PREFIXES):
+                auth.set_caller(self.identify(metadata))
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED  # the caller went away
+            raise
+        except (grpc.aio.AbortError, grpc.RpcError):
+            code = _code_of(context)  # the handler ended the RPC itself
+            raise
+        except errors.TunewireError as exc:
+            code = status_code_for(exc)
+            await abort_with(context, exc)
+        except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
+            await _abort_internal(context, method, exc)
+        finally:
+            telemetry.RPCS.labels(method, code.name).inc()
+            telemetry.RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        open_method = method.startswith(OPEN_METHOD_PREFIXES)
         metadata = {k: v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
-
-        async def guard(exc: Exception, context) -> None:
-            if isinstance(exc, errors.TunewireError):
-                await abort_with(context, exc)
-            await _abort_internal(context, method, exc)
-
-        def passthrough(exc: BaseException) -> bool:
-            # Aborts and cancellations are the RPC's normal ways to end.
-            return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, grpc.RpcError))
-
-        def enter() -> None:
-            if not open_method:
-                auth.set_caller(self.identify(metadata))
-
-        kwargs = dict(
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        handling = functools.partial(self._handling, method, metadata)
+        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_unary:
-            inner = handler.unary_unary
+            inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):
-                try:
-                    enter()
-                    return await inner(request, context)
-                except Exception as exc:
-                    if passthrough(exc):
-                        raise
-                    await guard(exc, context)
+                async with handling(context):
+                    return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
         if handler.stream_unary:
             inner_su = handler.stream_unary
 
             async def stream_unary(request_iterator, context):
-                try:
-                    enter()
+                async with handling(context):
                     return await inner_su(request_iterator, context)
-                except Exception as exc:
-                    if passthrough(exc):
-                        raise
-                    await guard(exc, context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
             async def unary_stream(request, context):
-                try:
-                    enter()
+                async with handling(context):
                     async for response in inner_us(request, context):
                         yield response
-                except Exception as exc:
-                    if passthrough(exc):
-                        raise
-                    await guard(exc, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
+        inner_ss = handler.stream_stream
 
-            async def stream_stream(request_iterator, context):
-                try:
-                    enter()
-                    async for response in inner_ss(request_iterator, context):
-                        yield response
-                except Exception as exc:
-                    if passthrough(exc):
-                        raise
-                    await guard(exc, context)
+        async def stream_stream(request_iterator, context):
+            async with handling(context):
+                async for response in inner_ss(request_iterator, context):
+                    yield response
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
-        return handler
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
+def _code_of(context) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
 @dataclass
@@ -284,19 +280,17 @@ async def serve_until_signal(handle: ServerHandle, grace: float) -> None:
     await handle.stop(grace)
 
 
-def run_service(create_server, make_deps) -> None:
-    """The body of each service process: settings from the environment, then
-    create_server(settings, make_deps(settings)) served until SIGTERM."""
+def run_service(service: str, create_server, make_deps) -> None:
+    """The body of each service process: settings from the environment, logs
+    and the metrics endpoint, then create_server(settings, make_deps(settings))
+    served until SIGTERM."""
     from tunewire.services.common.settings import load_settings
 
     async def main() -> None:
         settings = load_settings()
-        configure_logging(settings.log_level)
+        telemetry.configure_logging(settings.log_level, settings.log_format)
+        telemetry.start_metrics_server(getattr(settings, f"{service}_metrics_port"))
         handle = await create_server(settings, make_deps(settings))
         await serve_until_signal(handle, settings.grace_period_seconds)
 
     asyncio.run(main())
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     import_roots: str = ""
     grace_period_seconds: float = Field(5.0, ge=0)
     log_level: str = "INFO"
+    # JSON lines (with each RPC's request id), or text for people.
+    log_format: Literal["json", "text"] = "json"
+    # Prometheus /metrics of each service over HTTP; 0: not served.
+    dataset_metrics_port: int = Field(0, ge=0, le=65535)
+    training_metrics_port: int = Field(0, ge=0, le=65535)
+    inference_metrics_port: int = Field(0, ge=0, le=65535)
 
     # Authentication: the keys file (see services/common/auth.py); without
     # one every caller is an admin, which only a loopback host allows.

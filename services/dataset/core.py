@@ -185,6 +185,7 @@ class DatasetManager:
             raise InvalidArgument.field("holder", "required: who uses the dataset (a job id)")
         info = self.get(project, dataset_id)
         self.store.pin(dataset_id, holder)
+        log.info("dataset %s pinned for %s", dataset_id, holder)
         return info
 
     def unpin(self, project: str, dataset_id: str, holder: str) -> None:

@@ -52,4 +52,4 @@ async def create_server(settings: Settings, deps: DatasetDeps, port: int | None 
 
 
 def serve() -> None:
-    run_service(create_server, DatasetDeps.from_settings)
+    run_service("dataset", create_server, DatasetDeps.from_settings)

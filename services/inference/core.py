@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunewire.services.common import telemetry
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -143,6 +144,8 @@ class InferenceManager:
             adapter_id, uri, weights.task_type, weights.rank, weights.labels, now, time.perf_counter() - started, latency, project
         )
         self._loaded[adapter_id] = loaded
+        telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self._loaded))
+        telemetry.INFERENCE_ADAPTER_LOAD_SECONDS.observe(loaded.load_seconds)
         log.info(
             "adapter %s (%s, rank %d) servable in %.2fs%s",
             adapter_id,
@@ -156,6 +159,7 @@ class InferenceManager:
     async def unload_adapter(self, adapter_id: str) -> None:
         await asyncio.to_thread(self.engine.remove_adapter, adapter_id)
         self._loaded.pop(adapter_id, None)
+        telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self._loaded))
 
     # Requests
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from tunewire.services.common import telemetry
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import base_model_aliases, resolve_model
 from tunewire.services.common.text import prompt_text
@@ -176,6 +177,7 @@ class _Sequence:
     generator: torch.Generator | None = None
     generated: int = 0
     finish_reason: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -362,6 +364,7 @@ class BatchEngine:
             adapter = self._use(request.adapter, CAUSAL_LM)
             sequence = _Sequence(adapter, prompt_ids, request, progress, on_done, cancelled, deadline, generator)
             self._waiting.append(sequence)
+            telemetry.INFERENCE_QUEUE_DEPTH.set(len(self._waiting))
             self._lock.notify_all()
 
     def classify(self, adapter_id: str, text: str) -> Future:
@@ -440,6 +443,7 @@ class BatchEngine:
         self._drop_cancelled()
         self._run_classifications()
         admitted = self._admit()
+        telemetry.INFERENCE_QUEUE_DEPTH.set(len(self._waiting))
         if admitted:
             self._prefill(admitted)
         if self._running and len(self._running) > len(admitted):
@@ -551,6 +555,7 @@ class BatchEngine:
         tokens = self._sample(logits, decoding)
         self._next_tokens = tokens
         self.steps += 1
+        telemetry.INFERENCE_BATCH_SIZE.observe(len(decoding))
         self._accept(decoding, tokens.tolist())
 
     def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
@@ -567,6 +572,9 @@ class BatchEngine:
             if sequence.finish_reason is not None:
                 continue
             sequence.generated += 1
+            telemetry.INFERENCE_TOKENS.inc()
+            if sequence.generated == 1:
+                telemetry.INFERENCE_TIME_TO_FIRST_TOKEN.observe(now - sequence.submitted)
             if token in self._eos_ids:
                 sequence.finish_reason = STOP
                 continue

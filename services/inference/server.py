@@ -76,4 +76,4 @@ async def create_server(settings: Settings, deps: InferenceDeps, port: int | Non
 
 
 def serve() -> None:
-    run_service(create_server, InferenceDeps.from_settings)
+    run_service("inference", create_server, InferenceDeps.from_settings)

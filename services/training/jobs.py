@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from tunewire.services.common import telemetry
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import check_model_name
@@ -150,7 +151,7 @@ class JobManager:
         )
         if not created:  # a concurrent retry won the race
             return self._same_request(job, spec)
-        self.notifier.notify()
+        self.notify()
         return job
 
     @staticmethod
@@ -187,7 +188,7 @@ class JobManager:
             # Running: the scheduler's runner stops the workers at their next step.
             self.cancel_event(job_id).set()
             self.record(job_id, "log", {"message": "cancellation requested: the workers stop at their next step"})
-        self.notifier.notify()
+        self.notify()
         return self.get(project, job_id)
 
     def cancel_event(self, job_id: str) -> asyncio.Event:
@@ -224,17 +225,27 @@ class JobManager:
 
     def record(self, job_id: str, kind: str, data: dict) -> JobEvent:
         event = self.store.append_event(job_id, kind, data)
+        if kind == "step":
+            telemetry.TRAINING_TOKENS.inc(data.get("tokens", 0))
+            telemetry.TRAINING_TOKENS_PER_SECOND.set(data.get("tokens_per_second", 0.0))
+            telemetry.TRAINING_STEP_SECONDS.observe(data.get("step_seconds", 0.0))
         self.notifier.notify()
         return event
 
     def transition(self, job_id: str, state: str, *, from_states: tuple[str, ...], error: str = "") -> bool:
         changed = self.store.transition(job_id, state, from_states=from_states, error=error)
-        self.notifier.notify()
+        self.notify()
         return changed
+
+    def notify(self) -> None:
+        """Wakes the streams and the scheduler, and counts jobs by state for /metrics."""
+        for state, count in self.store.count_by_state().items():
+            telemetry.TRAINING_JOBS.labels(state).set(count)
+        self.notifier.notify()
 
     def publish_adapter(self, job: Job, adapter_id: str, uri: str) -> Adapter | None:
         adapter = self.store.publish_adapter(job.id, adapter_id, job.spec["base_model"], uri)
-        self.notifier.notify()
+        self.notify()
         return adapter
 
     def recover(self) -> list[str]:

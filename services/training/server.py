@@ -91,4 +91,4 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
 
 
 def serve() -> None:
-    run_service(create_server, TrainingDeps.from_settings)
+    run_service("training", create_server, TrainingDeps.from_settings)

@@ -199,6 +199,12 @@ class JobStore:
         with Session(self.engine) as session:
             return [Job.from_record(r) for r in session.scalars(query)]
 
+    def count_by_state(self) -> dict[str, int]:
+        """Every state's number of jobs (0 for states no job is in)."""
+        query = select(JobRecord.state, func.count()).group_by(JobRecord.state)
+        with Session(self.engine) as session:
+            return {state: 0 for state in (QUEUED, RUNNING, *FINAL_STATES)} | dict(session.execute(query).all())
+
     def count_active(self, project: str) -> int:
         """The project's queued and running jobs."""
         query = select(func.count()).select_from(JobRecord).where(JobRecord.project == project, JobRecord.state.in_((QUEUED, RUNNING)))
