@@ -4,7 +4,10 @@ download, seconds to build) and helpers to run servers on port 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -172,3 +175,79 @@ def prompt_completion_jsonl(rows: int, start: int = 0) -> bytes:
         json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {i} plus {i} be {2 * i}."}) + "\n"
         for i in range(start, start + rows)
     ).encode()
+
+
+class CopyAdapterRunner:
+    """Stands in for Ray Train: 'trains' by handing over a prepared adapter,
+    once `release` is set (tests clear it to hold jobs RUNNING)."""
+
+    def __init__(self, adapter_dir: Path):
+        self.adapter_dir = adapter_dir
+        self.release = threading.Event()
+        self.release.set()
+
+    def checkpoints(self, job_id):
+        return []
+
+    @contextlib.asynccontextmanager
+    async def run(self, job, emit, cancel):
+        await asyncio.to_thread(self.release.wait)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "adapter"
+            shutil.copytree(self.adapter_dir, out)
+            yield out
+
+
+@contextlib.contextmanager
+def three_services(tmp: Path, model_dir: Path, **overrides):
+    """The dataset, training and inference services on port 0, wired to each
+    other as in production (the orchestrator looks datasets up over gRPC; the
+    inference service follows published adapters), with training done by a
+    CopyAdapterRunner. Yields the servers, the runner and the settings."""
+    from tunewire.services.common.artifacts import ArtifactStore
+    from tunewire.services.common.settings import load_settings
+    from tunewire.services.dataset.server import DatasetDeps
+    from tunewire.services.dataset.server import create_server as create_dataset_server
+    from tunewire.services.inference.core import InferenceManager
+    from tunewire.services.inference.engine import BatchEngine, EngineLimits
+    from tunewire.services.inference.server import InferenceDeps
+    from tunewire.services.inference.server import create_server as create_inference_server
+    from tunewire.services.training.dataset_lookup import GrpcDatasetLookup
+    from tunewire.services.training.server import TrainingDeps
+    from tunewire.services.training.server import create_server as create_training_server
+    from tunewire.services.training.store import JobStore
+
+    common = dict(home=tmp / "home", base_model=str(model_dir), import_roots=str(tmp / "own"), **overrides)
+    settings = load_settings(**common)
+    runner = CopyAdapterRunner(write_lora_adapter(model_dir, tmp / "prepared"))
+
+    async def make_dataset():
+        return await create_dataset_server(settings, DatasetDeps.from_settings(settings), port=0)
+
+    with ServerThread(make_dataset) as dataset:
+        settings = load_settings(**common, dataset_address=dataset.address)
+
+        async def make_training():
+            deps = TrainingDeps(
+                JobStore(settings.training_database_url),
+                ArtifactStore(settings.artifact_root),
+                GrpcDatasetLookup(settings.dataset_address, settings),
+                runner,
+            )
+            return await create_training_server(settings, deps, port=0)
+
+        with ServerThread(make_training) as training:
+
+            async def make_inference():
+                engine = BatchEngine(settings.base_model, settings.model_cache, EngineLimits())
+                manager = InferenceManager(
+                    engine,
+                    ArtifactStore(settings.artifact_root),
+                    tmp / "adapter-cache",
+                    settings.import_root_list,
+                    max_requests_per_project=settings.project_max_generation_requests,
+                )
+                return await create_inference_server(settings, InferenceDeps(manager, training.address), port=0)
+
+            with ServerThread(make_inference) as inference:
+                yield {"dataset": dataset, "training": training, "inference": inference, "runner": runner, "settings": settings}

@@ -3,12 +3,7 @@ every service (datasets, jobs, adapters), admin-only operations, quotas."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import shutil
-import tempfile
-import threading
 from pathlib import Path
 
 import grpc
@@ -17,21 +12,12 @@ from prometheus_client import REGISTRY
 
 from tunewire.clients.sdk import ApiError, DatasetClient, InferenceClient, TrainingClient
 from tunewire.services.common import auth
-from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.settings import SettingsError, load_settings
 from tunewire.services.dataset.server import DatasetDeps
 from tunewire.services.dataset.server import create_server as create_dataset_server
-from tunewire.services.inference.core import InferenceManager
-from tunewire.services.inference.engine import BatchEngine, EngineLimits
-from tunewire.services.inference.server import InferenceDeps
-from tunewire.services.inference.server import create_server as create_inference_server
-from tunewire.services.training.dataset_lookup import GrpcDatasetLookup
-from tunewire.services.training.server import TrainingDeps
-from tunewire.services.training.server import create_server as create_training_server
-from tunewire.services.training.store import JobStore
 from tunewire.v1 import training_pb2
 
-from conftest import ServerThread, prompt_completion_jsonl, write_lora_adapter
+from conftest import ServerThread, prompt_completion_jsonl, three_services, write_lora_adapter
 
 
 def test_keys_authenticate_until_revoked(tmp_path):
@@ -70,83 +56,32 @@ def test_serving_beyond_loopback_needs_keys(tmp_path):
         load_settings(home=tmp_path, tls_cert_file=keys)
 
 
-class CopyAdapterRunner:
-    """Stands in for Ray Train: 'trains' by handing over a prepared adapter,
-    once `release` is set."""
-
-    def __init__(self, adapter_dir: Path):
-        self.adapter_dir = adapter_dir
-        self.release = threading.Event()
-        self.release.set()
-
-    def checkpoints(self, job_id):
-        return []
-
-    @contextlib.asynccontextmanager
-    async def run(self, job, emit, cancel):
-        await asyncio.to_thread(self.release.wait)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "adapter"
-            shutil.copytree(self.adapter_dir, out)
-            yield out
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
-    """The three services with keys: projects alpha and beta (a member each,
-    and a second beta member), and the admin key the services share."""
+    """The three services with keys: projects alpha and beta (a member
+    each), and the admin key the services share."""
     tmp = tmp_path_factory.mktemp("auth")
     keys = {
         name: auth.new_key(project, role)
-        for name, project, role in (
-            ("alpha", "alpha", auth.MEMBER),
-            ("beta", "beta", auth.MEMBER),
-            ("admin", "ops", auth.ADMIN),
-        )
+        for name, project, role in (("alpha", "alpha", auth.MEMBER), ("beta", "beta", auth.MEMBER), ("admin", "ops", auth.ADMIN))
     }
     keys_file = tmp / "keys.json"
     keys_file.write_text(json.dumps({"keys": [entry for _, entry in keys.values()]}))
-    common = dict(
-        home=tmp / "home",
-        base_model=str(tiny_model_dir),
+    with three_services(
+        tmp,
+        tiny_model_dir,
         api_keys_file=keys_file,
         service_api_key=keys["admin"][0],
         project_max_active_jobs=2,
         project_max_dataset_bytes=100_000,
-    )
-    settings = load_settings(**common)
-    runner = CopyAdapterRunner(write_lora_adapter(tiny_model_dir, tmp / "prepared"))
-
-    async def make_dataset():
-        return await create_dataset_server(settings, DatasetDeps.from_settings(settings), port=0)
-
-    with ServerThread(make_dataset) as dataset:
-        settings = load_settings(**common, dataset_address=dataset.address)
-
-        async def make_training():
-            deps = TrainingDeps(
-                JobStore(settings.training_database_url),
-                ArtifactStore(settings.artifact_root),
-                GrpcDatasetLookup(settings.dataset_address, settings),
-                runner,
-            )
-            return await create_training_server(settings, deps, port=0)
-
-        with ServerThread(make_training) as training:
-
-            async def make_inference():
-                engine = BatchEngine(settings.base_model, settings.model_cache, EngineLimits())
-                manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), tmp / "adapter-cache", (str(tmp / "own"),))
-                return await create_inference_server(settings, InferenceDeps(manager, training.address), port=0)
-
-            with ServerThread(make_inference) as inference:
-                yield {
-                    "addresses": {"dataset": dataset.address, "training": training.address, "inference": inference.address},
-                    "keys": {name: key for name, (key, _) in keys.items()},
-                    "model": str(tiny_model_dir),
-                    "tmp": tmp,
-                    "runner": runner,
-                }
+    ) as servers:
+        yield {
+            "addresses": {name: servers[name].address for name in ("dataset", "training", "inference")},
+            "keys": {name: key for name, (key, _) in keys.items()},
+            "model": str(tiny_model_dir),
+            "tmp": tmp,
+            "runner": servers["runner"],
+        }
 
 
 def clients(stack, who: str | None, project: str = "", key: str = ""):

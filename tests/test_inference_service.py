@@ -2,11 +2,7 @@
 an adapter that a real TrainingService publishes, while requests run."""
 
 import concurrent.futures
-import contextlib
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -24,7 +20,7 @@ from tunewire.services.training.server import create_server as create_training_s
 from tunewire.services.training.store import JobStore
 from tunewire.v1 import inference_pb2, training_pb2
 
-from conftest import ServerThread, write_lora_adapter
+from conftest import CopyAdapterRunner, ServerThread, write_lora_adapter
 
 
 class OneDataset:
@@ -33,23 +29,6 @@ class OneDataset:
 
     async def acquire(self, project, dataset_id, holder):
         return await self.get(project, dataset_id)
-
-
-class CopyAdapterRunner:
-    """Stands in for Ray Train: 'trains' by handing over a prepared adapter."""
-
-    def __init__(self, adapter_dir: Path):
-        self.adapter_dir = adapter_dir
-
-    def checkpoints(self, job_id):
-        return []
-
-    @contextlib.asynccontextmanager
-    async def run(self, job, emit, cancel):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "adapter"
-            shutil.copytree(self.adapter_dir, out)
-            yield out
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -106,7 +107,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         except (grpc.aio.AbortError, grpc.RpcError):
             code = _code_of(context)  # the handler ended the RPC itself
             raise
-        except errors.TunewireError as exc:
+        except (errors.TunewireError, DecodeError) as exc:
+            if isinstance(exc, DecodeError):
+                exc = errors.InvalidArgument(f"a request message of {method} is not valid protobuf: {exc}")
             code = status_code_for(exc)
             await abort_with(context, exc)
         except Exception as exc:
@@ -124,14 +127,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         metadata = {k: v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
         handling = functools.partial(self._handling, method, metadata)
         kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        # A unary request is parsed inside the handler, so that bytes which are
+        # no valid message get INVALID_ARGUMENT (gRPC's own parsing says UNKNOWN).
+        parse = handler.request_deserializer or (lambda raw: raw)
+        raw_kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
-            async def unary_unary(request, context):
+            async def unary_unary(raw, context):
                 async with handling(context):
-                    return await inner_uu(request, context)
+                    return await inner_uu(parse(raw), context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **raw_kwargs)
         if handler.stream_unary:
             inner_su = handler.stream_unary
 
@@ -143,12 +150,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
-            async def unary_stream(request, context):
+            async def unary_stream(raw, context):
                 async with handling(context):
-                    async for response in inner_us(request, context):
+                    async for response in inner_us(parse(raw), context):
                         yield response
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **raw_kwargs)
         inner_ss = handler.stream_stream
 
         async def stream_stream(request_iterator, context):

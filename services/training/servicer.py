@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tunewire.services.common.auth import caller
 from tunewire.services.common.convert import to_timestamp
+from tunewire.services.common.errors import InvalidArgument
 from tunewire.services.training import config as training_config
 from tunewire.services.training.jobs import JobManager, JobSpec
 from tunewire.services.training.store import Adapter, Job, JobEvent
@@ -23,12 +24,21 @@ def state_to_proto(state: str) -> int:
 
 
 def state_from_proto(state: int) -> str:
-    return "" if state == training_pb2.JOB_STATE_UNSPECIFIED else training_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+    if state == training_pb2.JOB_STATE_UNSPECIFIED:
+        return ""
+    if state not in training_pb2.JobState.values():
+        raise InvalidArgument.field("state", f"{state} is not a JobState")
+    return training_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+def _enum_name(enum, number: int) -> str:
+    return enum.Name(number) if number in enum.values() else f"unknown ({number})"
 
 
 def spec_from_proto(spec: training_pb2.JobSpec, project: str, idempotency_key: str = "") -> JobSpec:
     hyperparameters = {f.name: (list(v) if f.is_repeated else v) for f, v in spec.hyperparameters.ListFields()}
-    method = METHOD_FROM_PROTO.get(spec.method, training_pb2.TrainingMethod.Name(spec.method))
+    # An unknown number becomes a name the method check refuses with the field.
+    method = METHOD_FROM_PROTO.get(spec.method) or _enum_name(training_pb2.TrainingMethod, spec.method)
     return JobSpec(
         base_model=spec.base_model,
         dataset_id=spec.dataset_id,
