@@ -24,7 +24,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/tunewire demo
 
+# The tests also need a PostgreSQL server's binaries (installed if missing).
 test: install
+	sh scripts/install_postgres.sh
 	$(BIN)/python -m pytest
 
 serve: install

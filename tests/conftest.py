@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import subprocess
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -251,3 +254,86 @@ def three_services(tmp: Path, model_dir: Path, **overrides):
 
             with ServerThread(make_inference) as inference:
                 yield {"dataset": dataset, "training": training, "inference": inference, "runner": runner, "settings": settings}
+
+
+# PostgreSQL: the store-backed service tests run on SQLite and on a real
+# PostgreSQL server, started once per session from the system's binaries.
+DATABASES = ("sqlite", "postgresql")
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on a free loopback port (trust auth).
+    PostgreSQL refuses to run as root: as root, its commands run as the
+    `postgres` user the system package created."""
+
+    def __init__(self, bin_dir: Path):
+        import pwd
+        import socket
+        import tempfile
+
+        self.bin_dir = bin_dir
+        self.data = Path(tempfile.mkdtemp(prefix="tunewire-pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.data, owner.pw_uid, owner.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin_dir / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._run("initdb", "-D", str(self.data / "db"), "-U", "tunewire", "--auth=trust", "--no-sync")
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data / "db"), "-o", options, "-l", str(self.data / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._run("pg_ctl", "-D", str(self.data / "db"), "-m", "immediate", "stop")
+        shutil.rmtree(self.data, ignore_errors=True)
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="tunewire", dbname="postgres", autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://tunewire@127.0.0.1:{self.port}/{name}"
+
+
+def postgres_bin_dir() -> Path | None:
+    """Where initdb and pg_ctl are: on PATH, or the newest Debian/Ubuntu install."""
+    import glob
+
+    found = shutil.which("initdb")
+    candidates = [Path(found).resolve().parent] if found else []
+    candidates += [Path(p).parent for p in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)]
+    return next((c for c in candidates if (c / "pg_ctl").exists()), None)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.fail(
+            "PostgreSQL is not installed, and the service tests run on it: `make install` installs it "
+            "(scripts/install_postgres.sh), or install the `postgresql` package of your system"
+        )
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_env(request, monkeypatch):
+    """Points the services' settings at fresh databases of `request.param`
+    (use with @pytest.fixture(params=DATABASES) or indirect parametrization)."""
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        suffix = uuid.uuid4().hex[:12]
+        monkeypatch.setenv("TUNEWIRE_DATASET_DATABASE_URL", server.create_database(f"dataset_{suffix}"))
+        monkeypatch.setenv("TUNEWIRE_TRAINING_DATABASE_URL", server.create_database(f"training_{suffix}"))
+    return request.param

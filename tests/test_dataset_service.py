@@ -17,9 +17,17 @@ from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
 from tunewire.v1 import dataset_pb2
 
-from conftest import ServerThread, prompt_completion_jsonl
+from conftest import DATABASES, ServerThread, prompt_completion_jsonl
 
 F = dataset_pb2
+
+# Every test here runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.parametrize("database_env", DATABASES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _database(database_env):
+    return database_env
 
 
 @pytest.fixture

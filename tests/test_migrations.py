@@ -12,16 +12,23 @@ from tunewire.services.common.db import make_engine, migrate
 from tunewire.services.dataset import store as dataset_store
 from tunewire.services.training import store as training_store
 
+from conftest import DATABASES
+
 SERVICES = {
     "dataset": (dataset_store.DatasetStore, dataset_store.Base, "datasets"),
     "training": (training_store.JobStore, training_store.Base, "jobs"),
 }
 
 
+@pytest.mark.parametrize("database", DATABASES)
 @pytest.mark.parametrize("service", SERVICES)
-def test_migrations_build_the_schema_the_store_uses(tmp_path, service):
+def test_migrations_build_the_schema_the_store_uses(request, tmp_path, service, database):
     store_class, base, _ = SERVICES[service]
-    store = store_class(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    if database == "postgresql":
+        url = request.getfixturevalue("postgres").create_database(f"schema_{service}")
+    else:
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store = store_class(url)
     with store.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"version_table": f"tunewire_{service}_schema"})
         assert compare_metadata(context, base.metadata) == []

@@ -19,9 +19,17 @@ from tunewire.services.training.server import TrainingDeps, create_server
 from tunewire.services.training.store import RUNNING, JobStore
 from tunewire.v1 import training_pb2
 
-from conftest import ServerThread
+from conftest import DATABASES, ServerThread
 
 DATASET = DatasetRef(id="ds-1", format="prompt_completion", uri="unused", train_rows=40, validation_rows=4)
+
+# Every test here runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.parametrize("database_env", DATABASES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _database(database_env):
+    return database_env
 
 
 class FakeDatasets:

@@ -7,6 +7,7 @@ passed in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -79,10 +80,12 @@ class ChangeNotifier:
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except TimeoutError:
-            pass
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+        # cancellation that arrives as the event is set, and a stopping
+        # orchestrator then waited forever for its scheduler.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
 
 
 class JobManager:
