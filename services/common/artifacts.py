@@ -2,7 +2,10 @@
 
 A local directory by default, any fsspec URL (s3://, a mounted volume) at
 scale. Writes are staged under a temporary name and moved into place, so a
-reader never sees half an artifact.
+reader never sees half an artifact. On a local disk the move is one rename.
+An object store has no rename: a move copies object by object, so there the
+artifact counts as present only once its COMPLETE marker, written last,
+exists; one interrupted half-way is replaced by the next publish.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
+
+COMPLETE_MARKER = "_COMPLETE"
 
 
 class ArtifactStore:
@@ -36,7 +41,10 @@ class ArtifactStore:
         return "/".join([self._root_path, *parts])
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        """Whether a whole artifact is at parts."""
+        if self.is_local:
+            return self.fs.exists(self.path(*parts))
+        return self.fs.exists(self.path(*parts, COMPLETE_MARKER))
 
     @contextlib.contextmanager
     def staged_dir(self) -> Iterator[Path]:
@@ -50,14 +58,21 @@ class ArtifactStore:
         An existing artifact at that path is left as it is (content-addressed
         artifacts are identical)."""
         final = self.path(*parts)
-        if self.fs.exists(final):
+        if self.exists(*parts):
             return self.uri(*parts)
+        if self.fs.exists(final):  # an object-store move cut short: its marker never came
+            self.fs.rm(final, recursive=True)
         staging = self.path(".staging", uuid.uuid4().hex)
         self.fs.makedirs(staging.rsplit("/", 1)[0], exist_ok=True)
-        if self.is_local:
-            shutil.copytree(local_dir, staging)
-        else:
-            self.fs.put(str(local_dir), staging, recursive=True)
+        try:
+            if self.is_local:
+                shutil.copytree(local_dir, staging)
+            else:
+                self.fs.put(str(local_dir), staging, recursive=True)
+        except BaseException:
+            with contextlib.suppress(OSError):  # best effort: the store may be what failed
+                self.fs.rm(staging, recursive=True)
+            raise
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         try:
             self.fs.mv(staging, final, recursive=True)
@@ -67,6 +82,8 @@ class ArtifactStore:
             if not self.fs.exists(final):
                 raise
             self.fs.rm(staging, recursive=True)
+        if not self.is_local:
+            self.fs.pipe_file(self.path(*parts, COMPLETE_MARKER), b"")
         return self.uri(*parts)
 
     def local_copy(self, uri: str, cache_dir: Path) -> Path:
