@@ -71,7 +71,7 @@ def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_
             job = training.get_job(job.id)
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     logs = [e.log for e in events if e.WhichOneof("event") == "log"]
-    assert any("orchestrator restarted" in line for line in logs), logs
+    assert any("orchestrator running this job stopped" in line for line in logs), logs
     # From the latest checkpoint written before the kill (the stream may lag the workers).
     resumed_at = [int(m.group(1)) for line in logs if (m := re.search(r"resuming from the checkpoint of step (\d+)", line))]
     assert resumed_at and resumed_at[0] >= checkpoint_step, logs

@@ -4,6 +4,7 @@ dataset lookup (Ray Train itself is tested in test_ray_training.py)."""
 import contextlib
 import datetime
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -83,8 +84,8 @@ class FakeRunner:
             yield Path(tmp)
 
 
-def make_service(tmp_path, runner):
-    settings = load_settings(home=tmp_path / "home")
+def make_service(tmp_path, runner, **overrides):
+    settings = load_settings(home=tmp_path / "home", **overrides)
 
     async def make():
         deps = TrainingDeps(
@@ -183,7 +184,7 @@ def test_jobs_left_running_by_a_dead_orchestrator_run_again(tmp_path):
     with server, TrainingClient(server.address) as client:
         events = list(client.stream_events(job.id, timeout=30))
         assert states(events) == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
-        assert any("restarted" in e.log for e in events)
+        assert any("orchestrator running this job stopped" in e.log for e in events)
         assert runner.ran == [job.id]
 
 
@@ -233,3 +234,43 @@ def test_jobs_list_by_state_and_page(tmp_path):
         assert client.list_jobs(training_pb2.JOB_STATE_RUNNING) == []
         [checkpoint] = client.stub.ListCheckpoints(training_pb2.ListCheckpointsRequest(job_id=ids[0])).checkpoints
         assert checkpoint.step == 2 and checkpoint.validation_loss == 0.5
+
+
+def wait_for_state(client, job_id, state, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while (job := client.get_job(job_id)).state != state:
+        assert time.monotonic() < deadline, f"job {job_id} still {training_pb2.JobState.Name(job.state)}"
+        time.sleep(0.05)
+    return job
+
+
+def test_two_replicas_on_one_database_run_each_job_once(tmp_path):
+    runners = [FakeRunner(), FakeRunner()]
+    (a, _), (b, _) = (make_service(tmp_path, r, replica_id=f"replica-{i}", job_lease_seconds=2) for i, r in enumerate(runners))
+    with a, b, TrainingClient(a.address) as client_a, TrainingClient(b.address) as client_b:
+        ids = [(client_a if i % 2 else client_b).create_job("smollm2-135m-instruct", "ds-1").id for i in range(8)]
+        for job_id in ids:
+            wait_for_state(client_a, job_id, training_pb2.JOB_STATE_SUCCEEDED)
+    assert sorted(runners[0].ran + runners[1].ran) == sorted(ids)  # every job ran, none twice
+
+
+def test_a_dead_replicas_job_is_taken_over_and_cancels_reach_the_replica_running_it(tmp_path):
+    holding, other = FakeRunner(hold=True), FakeRunner()
+    a, _ = make_service(tmp_path, holding, replica_id="replica-a", job_lease_seconds=1.5)
+    b, _ = make_service(tmp_path, other, replica_id="replica-b", job_lease_seconds=1.5)
+    with a, TrainingClient(a.address) as client_a:
+        cancelled = client_a.create_job("smollm2-135m-instruct", "ds-1").id
+        wait_for_state(client_a, cancelled, training_pb2.JOB_STATE_RUNNING)
+        with b, TrainingClient(b.address) as client_b:
+            # Cancelled through the replica that is not running it.
+            client_b.cancel_job(cancelled)
+            wait_for_state(client_b, cancelled, training_pb2.JOB_STATE_CANCELLED)
+        orphan = client_a.create_job("smollm2-135m-instruct", "ds-1").id
+        wait_for_state(client_a, orphan, training_pb2.JOB_STATE_RUNNING)
+    # Replica a is gone, its lease on `orphan` unrenewed: b takes the job over.
+    b, _ = make_service(tmp_path, other, replica_id="replica-b", job_lease_seconds=1.5)
+    with b, TrainingClient(b.address) as client_b:
+        events = list(client_b.stream_events(orphan, timeout=30))
+    assert states(events)[-3:] == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
+    assert any("orchestrator running this job stopped" in e.log for e in events)
+    assert holding.ran == [cancelled, orphan] and other.ran == [orphan]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,11 @@ class Settings(BaseSettings):
     ray_num_cpus: int = Field(0, ge=0)
     # Jobs the orchestrator runs at once.
     max_concurrent_jobs: int = Field(1, ge=1)
+    # Orchestrator replicas sharing a database: each names itself in the leases
+    # of the jobs it runs (default host:port) and renews them; a job whose
+    # lease lapses for this long is taken over by another replica.
+    replica_id: str = ""
+    job_lease_seconds: float = Field(30.0, gt=0)
 
     # The model the inference service serves.
     base_model: str = DEFAULT_BASE_MODEL
@@ -105,6 +111,8 @@ class Settings(BaseSettings):
         self.model_cache = self.model_cache.expanduser().resolve()
         if not self.dataset_address:
             self.dataset_address = f"{self.host}:{self.dataset_port}"
+        if not self.replica_id:
+            self.replica_id = f"{socket.gethostname()}:{self.training_port}"
         if not self.training_address:
             self.training_address = f"{self.host}:{self.training_port}"
         if not self.dataset_database_url:

@@ -98,8 +98,13 @@ class JobManager:
         checkpoints: Callable[[str], list[dict]] | None = None,
         model_cache: Path | None = None,
         max_active_jobs_per_project: int = 0,
+        owner: str = "orchestrator",
+        lease_seconds: float = 30.0,
     ):
         self.store = store
+        # This replica's name in job leases; replicas sharing a database need distinct ones.
+        self.owner = owner
+        self.lease_seconds = lease_seconds
         self.max_active_jobs_per_project = max_active_jobs_per_project
         self.datasets = datasets
         self.notifier = notifier or ChangeNotifier()
@@ -188,7 +193,10 @@ class JobManager:
         if job.is_final:
             raise FailedPrecondition(f"job {job_id} is already {job.state}: only queued or running jobs can be cancelled")
         if not self.store.transition(job_id, CANCELLED, from_states=(QUEUED,)):
-            # Running: the scheduler's runner stops the workers at their next step.
+            # Running, here or on another replica: the replica running it sees
+            # the request (at once here, at its next lease renewal elsewhere)
+            # and its runner stops the workers at their next step.
+            self.store.request_cancel(job_id)
             self.cancel_event(job_id).set()
             self.record(job_id, "log", {"message": "cancellation requested: the workers stop at their next step"})
         self.notify()
@@ -236,9 +244,18 @@ class JobManager:
         return event
 
     def transition(self, job_id: str, state: str, *, from_states: tuple[str, ...], error: str = "") -> bool:
-        changed = self.store.transition(job_id, state, from_states=from_states, error=error)
+        """Moves the job if it is in from_states and, when running, this replica holds it."""
+        changed = self.store.transition(
+            job_id, state, from_states=from_states, error=error, owner=self.owner, lease_seconds=self.lease_seconds
+        )
         self.notify()
         return changed
+
+    def renew_leases(self, job_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Renews this replica's leases: the jobs it no longer holds (another
+        replica took them over), and those whose cancellation was asked for."""
+        held = self.store.renew_leases(self.owner, job_ids, self.lease_seconds)
+        return set(job_ids) - held, self.store.cancel_requested(list(held))
 
     def notify(self) -> None:
         """Wakes the streams and the scheduler, and counts jobs by state for /metrics."""
@@ -247,13 +264,21 @@ class JobManager:
         self.notifier.notify()
 
     def publish_adapter(self, job: Job, adapter_id: str, uri: str) -> Adapter | None:
-        adapter = self.store.publish_adapter(job.id, adapter_id, job.spec["base_model"], uri)
+        adapter = self.store.publish_adapter(job.id, adapter_id, job.spec["base_model"], uri, owner=self.owner)
         self.notify()
         return adapter
 
-    def recover(self) -> list[str]:
-        """Called at start-up: jobs a previous process left RUNNING are queued again."""
-        return self.store.requeue_interrupted("the orchestrator restarted during this job; it runs again from the start")
+    def requeue_lapsed(self, restarted: bool = False) -> list[str]:
+        """Jobs whose replica died (its lease lapsed; or, just after a
+        restart, it was this replica) are queued again; they resume from their
+        latest checkpoint."""
+        requeued = self.store.requeue_lapsed(
+            "the orchestrator running this job stopped; another run resumes it from its latest checkpoint",
+            owner=self.owner if restarted else None,
+        )
+        if requeued:
+            self.notify()
+        return requeued
 
     async def events(self, project: str, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events after `after_sequence`: its history, then live

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -52,9 +53,13 @@ class Scheduler:
         self._running: dict[str, asyncio.Task] = {}
 
     async def run_forever(self) -> None:
-        for job_id in self.jobs.recover():
-            log.warning("requeued interrupted job %s", job_id)
+        for job_id in self.jobs.requeue_lapsed(restarted=True):
+            log.warning("requeued job %s, left running when this orchestrator stopped", job_id)
+        leases_kept_at = time.monotonic()
         while True:
+            if time.monotonic() - leases_kept_at > self.jobs.lease_seconds / 3:
+                self._keep_leases()
+                leases_kept_at = time.monotonic()
             for job in self.jobs.queued():
                 if len(self._running) >= self.max_concurrent:
                     break
@@ -63,6 +68,19 @@ class Scheduler:
                     self._running[job.id] = task
                     task.add_done_callback(lambda _t, job_id=job.id: self._running.pop(job_id, None))
             await self.jobs.notifier.wait(self.jobs.poll_seconds)
+
+    def _keep_leases(self) -> None:
+        """Renews the leases of the jobs running here, stops those another
+        replica took over and those cancelled through another replica, and
+        requeues the jobs of replicas that died."""
+        lost, cancelled = self.jobs.renew_leases(list(self._running))
+        for job_id in lost:
+            log.warning("job %s: lease lost (another orchestrator took it over); stopping it here", job_id)
+            self._running[job_id].cancel()
+        for job_id in cancelled:
+            self.jobs.cancel_event(job_id).set()
+        for job_id in self.jobs.requeue_lapsed():
+            log.warning("requeued job %s: the orchestrator running it stopped renewing its lease", job_id)
 
     async def stop(self) -> None:
         for task in list(self._running.values()):
@@ -91,8 +109,9 @@ class Scheduler:
             kind = "user error" if exc.user_error else "system error"
             self._fail(job, f"{kind}: {exc}")
         except asyncio.CancelledError:
-            # The orchestrator is stopping: the job stays RUNNING in the
-            # database and is requeued by recover() at the next start.
+            # The orchestrator is stopping (or lost the lease): the job stays
+            # RUNNING in the database until its lease lapses, then another
+            # replica (or this one, restarted) runs it again.
             raise
         except Exception as exc:  # noqa: BLE001 - any failure must end the job, not the scheduler
             log.exception("job %s failed", job.id)

@@ -53,6 +53,8 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
         checkpoints=deps.runner.checkpoints,
         model_cache=settings.model_cache,
         max_active_jobs_per_project=settings.project_max_active_jobs,
+        owner=settings.replica_id,
+        lease_seconds=settings.job_lease_seconds,
     )
     scheduler = Scheduler(jobs, deps.runner, deps.artifacts, settings.max_concurrent_jobs)
     address = f"{settings.host}:{settings.training_port if port is None else port}"

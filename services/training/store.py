@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, func, select, update
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -53,6 +53,13 @@ class JobRecord(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The orchestrator replica running the job, until lease_expires_at; it
+    # renews the lease while it runs, and another replica takes the job over
+    # once it lapses (the holder died).
+    lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A cancellation of a running job, for whichever replica runs it.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class EventRecord(Base):
@@ -211,20 +218,37 @@ class JobStore:
         with Session(self.engine) as session:
             return int(session.scalar(query))
 
-    def transition(self, job_id: str, state: str, *, from_states: tuple[str, ...], error: str = "", adapter_id: str = "") -> bool:
+    def transition(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        from_states: tuple[str, ...],
+        error: str = "",
+        adapter_id: str = "",
+        owner: str = "",
+        lease_seconds: float = 0.0,
+    ) -> bool:
         """Moves the job to `state` if it is in one of from_states, with its
-        event, atomically. False if the job was elsewhere (say, cancelled)."""
+        event, atomically. False if the job was elsewhere (say, cancelled).
+        With an owner, a RUNNING job moves only if that owner holds it, and a
+        move to RUNNING gives the owner the lease."""
         values: dict = {"state": state}
         if state == RUNNING:
-            values["started_at"] = _now()
+            values |= {"started_at": _now(), "lease_owner": owner, "lease_expires_at": _now() + dt.timedelta(seconds=lease_seconds)}
+        else:
+            values |= {"lease_owner": "", "lease_expires_at": None}
         if state in FINAL_STATES:
             values["ended_at"] = _now()
         if error:
             values["error"] = error
         if adapter_id:
             values["adapter_id"] = adapter_id
+        condition = [JobRecord.id == job_id, JobRecord.state.in_(from_states)]
+        if owner:
+            condition.append(or_(JobRecord.state != RUNNING, JobRecord.lease_owner == owner))
         with Session(self.engine) as session, session.begin():
-            result = session.execute(update(JobRecord).where(JobRecord.id == job_id, JobRecord.state.in_(from_states)).values(**values))
+            result = session.execute(update(JobRecord).where(*condition).values(**values))
             if result.rowcount != 1:
                 return False
             data = {"state": state}
@@ -258,14 +282,18 @@ class JobStore:
 
     # Adapters
 
-    def publish_adapter(self, job_id: str, adapter_id: str, base_model: str, uri: str) -> Adapter | None:
+    def publish_adapter(self, job_id: str, adapter_id: str, base_model: str, uri: str, owner: str = "") -> Adapter | None:
         """Records the adapter and marks the job SUCCEEDED in one transaction;
-        None if the job left RUNNING meanwhile (cancelled)."""
+        None if the job left RUNNING meanwhile (cancelled), or its lease
+        passed to another owner."""
+        condition = [JobRecord.id == job_id, JobRecord.state == RUNNING]
+        if owner:
+            condition.append(JobRecord.lease_owner == owner)
         with Session(self.engine) as session, session.begin():
             result = session.execute(
                 update(JobRecord)
-                .where(JobRecord.id == job_id, JobRecord.state == RUNNING)
-                .values(state=SUCCEEDED, ended_at=_now(), adapter_id=adapter_id)
+                .where(*condition)
+                .values(state=SUCCEEDED, ended_at=_now(), adapter_id=adapter_id, lease_owner="", lease_expires_at=None)
             )
             if result.rowcount != 1:
                 return None
@@ -281,13 +309,52 @@ class JobStore:
         with Session(self.engine) as session:
             return [Adapter.from_record(r) for r in session.scalars(query)]
 
-    def requeue_interrupted(self, reason: str) -> list[str]:
-        """Jobs left RUNNING by a process that died go back to the queue."""
+    # Leases
+
+    def renew_leases(self, owner: str, job_ids: list[str], lease_seconds: float) -> set[str]:
+        """Extends the owner's leases on these running jobs; returns the ones it still holds."""
+        if not job_ids:
+            return set()
+        held = [JobRecord.id.in_(job_ids), JobRecord.state == RUNNING, JobRecord.lease_owner == owner]
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(JobRecord).where(*held).values(lease_expires_at=_now() + dt.timedelta(seconds=lease_seconds)))
+            return set(session.scalars(select(JobRecord.id).where(*held)))
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Records a cancellation for the replica running the job."""
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(JobRecord).where(JobRecord.id == job_id, JobRecord.state == RUNNING).values(cancel_requested=True)
+            )
+            return result.rowcount == 1
+
+    def cancel_requested(self, job_ids: list[str]) -> set[str]:
         with Session(self.engine) as session:
-            ids = list(session.scalars(select(JobRecord.id).where(JobRecord.state == RUNNING)))
+            return set(session.scalars(select(JobRecord.id).where(JobRecord.id.in_(job_ids), JobRecord.cancel_requested)))
+
+    def requeue_lapsed(self, reason: str, owner: str | None = None) -> list[str]:
+        """Running jobs whose holder is gone go back to the queue: their lease
+        lapsed, or `owner` held them (the caller is that owner, restarted)."""
+        lapsed = or_(JobRecord.lease_expires_at.is_(None), JobRecord.lease_expires_at < _now())
+        if owner is not None:
+            lapsed = or_(lapsed, JobRecord.lease_owner == owner)
         requeued = []
-        for job_id in ids:
-            if self.transition(job_id, QUEUED, from_states=(RUNNING,)):
-                self.append_event(job_id, "log", {"message": reason})
-                requeued.append(job_id)
+        with Session(self.engine) as session:
+            found = session.execute(select(JobRecord.id, JobRecord.cancel_requested).where(JobRecord.state == RUNNING, lapsed)).all()
+        for job_id, cancel in found:
+            # A job whose cancellation was asked for ends cancelled instead.
+            state, ended = (CANCELLED, _now()) if cancel else (QUEUED, None)
+            with Session(self.engine) as session, session.begin():
+                # Checked again in the update: the holder may have renewed meanwhile.
+                moved = session.execute(
+                    update(JobRecord)
+                    .where(JobRecord.id == job_id, JobRecord.state == RUNNING, lapsed)
+                    .values(state=state, ended_at=ended, lease_owner="", lease_expires_at=None)
+                )
+                if moved.rowcount != 1:
+                    continue
+                self._append(session, job_id, "state", {"state": state})
+                if state == QUEUED:
+                    self._append(session, job_id, "log", {"message": reason})
+                    requeued.append(job_id)
         return requeued
