@@ -167,6 +167,8 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.thread.is_alive():  # stopped already (a test restarting a server)
+            return
         if self.handle is not None:
             self.run(self.handle.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
