@@ -222,7 +222,7 @@ def three_services(tmp: Path, model_dir: Path, **overrides):
     from tunewire.services.training.server import create_server as create_training_server
     from tunewire.services.training.store import JobStore
 
-    common = dict(home=tmp / "home", base_model=str(model_dir), import_roots=str(tmp / "own"), **overrides)
+    common = dict(home=tmp / "home", base_model=str(model_dir), import_roots=str(tmp / "own"), model_roots=str(model_dir), **overrides)
     settings = load_settings(**common)
     runner = CopyAdapterRunner(write_lora_adapter(model_dir, tmp / "prepared"))
 

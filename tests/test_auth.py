@@ -290,3 +290,22 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_the_ca(tmp_path):
             with refused, pytest.raises(ApiError) as caught:
                 refused.list()
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_requests_may_name_model_directories_only_under_the_model_roots(stack, tmp_path):
+    datasets, training, _ = clients(stack, "alpha")
+    dataset = datasets.upload(prompt_completion_jsonl(12, start=700), name="roots").dataset
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    messages = {}
+    for path in (str(outside), str(tmp_path / "missing"), "/etc"):
+        with pytest.raises(ApiError) as caught:
+            training.create_job(path, dataset.id)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.violations[0].field == "spec.base_model"
+        messages[path] = caught.value.message.replace(path, "X")
+    assert len(set(messages.values())) == 1  # the same words whether the directory exists or not
+    with pytest.raises(ApiError) as caught:
+        datasets.upload(prompt_completion_jsonl(5), name="stats", token_stats_model=str(outside))
+    assert caught.value.violations[0].field == "metadata.token_stats_model"
+    assert training.create_job(stack["model"], dataset.id).id  # under the roots

@@ -31,10 +31,12 @@ def _database(database_env):
 
 
 @pytest.fixture
-def service(tmp_path):
+def service(tmp_path, tiny_model_dir):
     imports = tmp_path / "imports"
     imports.mkdir()
-    settings = load_settings(home=tmp_path / "home", max_upload_bytes=300_000, max_row_bytes=2_000, import_roots=str(imports))
+    settings = load_settings(
+        home=tmp_path / "home", max_upload_bytes=300_000, max_row_bytes=2_000, import_roots=str(imports), model_roots=str(tiny_model_dir)
+    )
 
     async def make():
         return await create_server(settings, DatasetDeps.from_settings(settings), port=0)

@@ -83,7 +83,7 @@ class OneDataset:
 def test_inference_killed_mid_generation_and_orchestrator_restarts(tmp_path, tiny_model_dir):
     home = tmp_path / "home"
     training_port = free_port()
-    settings = load_settings(home=home, training_port=training_port)
+    settings = load_settings(home=home, training_port=training_port, model_roots=str(tiny_model_dir))
     runner = CopyAdapterRunner(write_lora_adapter(tiny_model_dir, tmp_path / "prepared", seed=4))
 
     def orchestrator() -> ServerThread:

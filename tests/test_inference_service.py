@@ -33,7 +33,7 @@ class OneDataset:
 
 @pytest.fixture
 def services(tmp_path, tiny_model_dir):
-    settings = load_settings(home=tmp_path / "home", base_model=str(tiny_model_dir))
+    settings = load_settings(home=tmp_path / "home", base_model=str(tiny_model_dir), model_roots=str(tiny_model_dir))
     adapter = write_lora_adapter(tiny_model_dir, tmp_path / "prepared")
 
     async def make_training():

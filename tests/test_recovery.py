@@ -31,7 +31,12 @@ def _is_training(process: psutil.Process) -> bool:
 
 
 def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
-    env = {"TUNEWIRE_HOME": str(tmp_path / "home"), "TUNEWIRE_DATASET_PORT": "50261", "TUNEWIRE_TRAINING_PORT": "50262"}
+    env = {
+        "TUNEWIRE_HOME": str(tmp_path / "home"),
+        "TUNEWIRE_DATASET_PORT": "50261",
+        "TUNEWIRE_TRAINING_PORT": "50262",
+        "TUNEWIRE_MODEL_ROOTS": str(tiny_model_dir),
+    }
     rows = "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."}) + "\n" for i in range(60)).encode()
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:

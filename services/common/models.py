@@ -84,6 +84,23 @@ def check_model_name(name: str, field: str = "base_model") -> None:
     )
 
 
+def check_requested_model(name: str, field: str, model_roots: tuple[str, ...]) -> None:
+    """check_model_name for a model a request names: a model directory only
+    under the operator's TUNEWIRE_MODEL_ROOTS, checked before anything is
+    said about the path, so a request can neither make a service read an
+    arbitrary directory (another project's fully fine-tuned model among them)
+    nor learn what exists there."""
+    if name and name not in BUNDLED_MODELS and not _HUB_ID.match(name):
+        path = Path(name).expanduser().resolve()
+        if not any(path.is_relative_to(Path(root).expanduser().resolve()) for root in model_roots):
+            raise InvalidArgument.field(
+                field,
+                f"{name!r}: model directories are read only under the operator's TUNEWIRE_MODEL_ROOTS "
+                f"({', '.join(model_roots) or 'none set'}); use one of {sorted(BUNDLED_MODELS)} or a Hugging Face id",
+            )
+    check_model_name(name, field)
+
+
 def base_model_aliases(name: str) -> set[str]:
     """The names an adapter trained on `name` may give as its base model."""
     bundled = BUNDLED_MODELS.get(name)

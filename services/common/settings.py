@@ -55,6 +55,9 @@ class Settings(BaseSettings):
 
     # The model the inference service serves.
     base_model: str = DEFAULT_BASE_MODEL
+    # Comma-separated directories whose models requests may name as
+    # base_model or token_stats_model (bundled models and hub ids always).
+    model_roots: str = ""
     # Inference batching: rows decoded together, requests waiting to join
     # (more get RESOURCE_EXHAUSTED), adapters held in LoRA slots (least
     # recently used ones are evicted and reloaded on demand), largest rank.
@@ -135,7 +138,15 @@ class Settings(BaseSettings):
 
     @property
     def import_root_list(self) -> tuple[str, ...]:
-        return tuple(root.strip() for root in self.import_roots.split(",") if root.strip())
+        return _comma_list(self.import_roots)
+
+    @property
+    def model_root_list(self) -> tuple[str, ...]:
+        return _comma_list(self.model_roots)
+
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _is_loopback(host: str) -> bool:

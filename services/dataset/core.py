@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.common.models import check_requested_model
 from tunewire.services.common.sources import check_source
 from tunewire.services.dataset import readers, validation
 from tunewire.services.dataset.report import QualityAccumulator, QualityReport, TokenCounter
@@ -89,10 +90,6 @@ def _check_request(request: UploadRequest) -> None:
         if not theirs:
             raise InvalidArgument.field(f"metadata.column_mapping[{ours}]", "names no column")
     request.split.check()
-    if request.token_stats_model:
-        from tunewire.services.common.models import check_model_name
-
-        check_model_name(request.token_stats_model, "metadata.token_stats_model")
 
 
 def _canonical(row: dict) -> bytes:
@@ -114,8 +111,10 @@ class DatasetManager:
         import_roots: tuple[str, ...] = (),
         model_cache: Path | None = None,
         max_project_bytes: int | None = None,
+        model_roots: tuple[str, ...] = (),
     ):
         self.store = store
+        self.model_roots = model_roots
         self.max_project_bytes = max_project_bytes
         self.artifacts = artifacts
         self.max_upload_bytes = max_upload_bytes
@@ -204,6 +203,11 @@ class DatasetManager:
 
     # Uploads
 
+    def _check_request(self, request: UploadRequest) -> None:
+        _check_request(request)
+        if request.token_stats_model:
+            check_requested_model(request.token_stats_model, "metadata.token_stats_model", self.model_roots)
+
     def _size_check(self, project: str):
         """A check of the bytes received so far: the upload limit, and the
         project's quota of stored bytes (ResourceExhausted past either)."""
@@ -223,7 +227,7 @@ class DatasetManager:
         return check
 
     async def upload(self, project: str, request: UploadRequest, chunks: AsyncIterator[bytes]) -> UploadResult:
-        _check_request(request)
+        self._check_request(request)
         check_size = self._size_check(project)
         with tempfile.TemporaryFile() as spool:
             size = 0
@@ -234,7 +238,7 @@ class DatasetManager:
             return await asyncio.to_thread(self._ingest, project, request, spool)
 
     async def import_from(self, project: str, request: UploadRequest, source_uri: str) -> UploadResult:
-        _check_request(request)
+        self._check_request(request)
         source = self._check_import_source(source_uri)
         check_size = self._size_check(project)
         import fsspec
@@ -393,9 +397,8 @@ class DatasetManager:
     def _token_counter(self, model: str, fmt: str) -> TokenCounter:
         from transformers import AutoConfig, AutoTokenizer
 
-        from tunewire.services.common.models import check_model_name, resolve_model
+        from tunewire.services.common.models import resolve_model
 
-        check_model_name(model, "metadata.token_stats_model")
         path = resolve_model(model, self.model_cache or Path(tempfile.gettempdir()) / "tunewire-models")
         tokenizer = AutoTokenizer.from_pretrained(path)
         context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or tokenizer.model_max_length

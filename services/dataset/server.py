@@ -35,6 +35,7 @@ async def create_server(settings: Settings, deps: DatasetDeps, port: int | None 
         import_roots=settings.import_root_list,
         model_cache=settings.model_cache,
         max_project_bytes=settings.project_max_dataset_bytes,
+        model_roots=settings.model_root_list,
     )
     address = f"{settings.host}:{settings.dataset_port if port is None else port}"
     handle = await create_grpc_server(

@@ -17,7 +17,7 @@ from typing import Protocol
 from tunewire.services.common import telemetry
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from tunewire.services.common.models import check_model_name
+from tunewire.services.common.models import check_requested_model
 from tunewire.services.training import config as training_config
 from tunewire.services.training.config import TrainingConfig
 from tunewire.services.training.store import (
@@ -100,8 +100,10 @@ class JobManager:
         max_active_jobs_per_project: int = 0,
         owner: str = "orchestrator",
         lease_seconds: float = 30.0,
+        model_roots: tuple[str, ...] = (),
     ):
         self.store = store
+        self.model_roots = model_roots
         # This replica's name in job leases; replicas sharing a database need distinct ones.
         self.owner = owner
         self.lease_seconds = lease_seconds
@@ -116,7 +118,7 @@ class JobManager:
     async def _checked(self, spec: JobSpec, dataset: DatasetRef | None = None) -> tuple[int, TrainingConfig]:
         """Workers and resolved config of a valid spec; InvalidArgument or
         FailedPrecondition naming what is wrong otherwise."""
-        check_model_name(spec.base_model, "spec.base_model")
+        check_requested_model(spec.base_model, "spec.base_model", self.model_roots)
         if spec.method not in training_config.METHODS:
             raise InvalidArgument.field("spec.method", f"unsupported method {spec.method!r}: use one of {training_config.METHODS}")
         if spec.method == training_config.QLORA and not spec.use_gpu:

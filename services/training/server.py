@@ -54,6 +54,7 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
         model_cache=settings.model_cache,
         max_active_jobs_per_project=settings.project_max_active_jobs,
         owner=settings.replica_id,
+        model_roots=settings.model_root_list,
         lease_seconds=settings.job_lease_seconds,
     )
     scheduler = Scheduler(jobs, deps.runner, deps.artifacts, settings.max_concurrent_jobs)
