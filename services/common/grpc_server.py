@@ -86,7 +86,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         key = metadata.get("authorization", "").removeprefix("Bearer ").strip() or metadata.get("x-api-key", "")
         if not key:
             raise errors.Unauthenticated(
-                "no credentials: send an API key as 'authorization: Bearer <key>' metadata (tunewire --api-key, or TUNEWIRE_API_KEY)"
+                "no credentials: send an API key as 'authorization: Bearer <key>' metadata (the CLI and SDK send TUNEWIRE_API_KEY)"
             )
         caller = self.keys.authenticate(key)
         if caller is None:
