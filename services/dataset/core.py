@@ -203,7 +203,7 @@ class DatasetManager:
 
     # Uploads
 
-    def _check_request(self, request: UploadRequest) -> None:
+    def _check_upload(self, request: UploadRequest) -> None:
         _check_request(request)
         if request.token_stats_model:
             check_requested_model(request.token_stats_model, "metadata.token_stats_model", self.model_roots)
@@ -227,7 +227,7 @@ class DatasetManager:
         return check
 
     async def upload(self, project: str, request: UploadRequest, chunks: AsyncIterator[bytes]) -> UploadResult:
-        self._check_request(request)
+        self._check_upload(request)
         check_size = self._size_check(project)
         with tempfile.TemporaryFile() as spool:
             size = 0
@@ -238,7 +238,7 @@ class DatasetManager:
             return await asyncio.to_thread(self._ingest, project, request, spool)
 
     async def import_from(self, project: str, request: UploadRequest, source_uri: str) -> UploadResult:
-        self._check_request(request)
+        self._check_upload(request)
         source = self._check_import_source(source_uri)
         check_size = self._size_check(project)
         import fsspec
