@@ -127,8 +127,8 @@ class Settings(BaseSettings):
         if self.api_keys_file is None and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host} accepts connections from other machines, and no API keys are configured: "
-                "create keys with `tunewire keys create --project P --role admin >> keys.json` and set TUNEWIRE_API_KEYS_FILE, "
-                "or serve on 127.0.0.1"
+                "create keys with `tunewire keys create --project P --role admin --file keys.json` and set "
+                "TUNEWIRE_API_KEYS_FILE=keys.json, or serve on 127.0.0.1"
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both TUNEWIRE_TLS_CERT_FILE and TUNEWIRE_TLS_KEY_FILE")
