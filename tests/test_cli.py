@@ -89,3 +89,22 @@ def test_adapters_load_list_classify_and_unload(tmp_path, tiny_model_dir):
         assert runner.invoke(app, ["adapters", "unload", "reviews", *address]).exit_code == 0
         gone = runner.invoke(app, ["classify", "hello", "--adapter", "reviews", *address])
         assert gone.exit_code == 1 and "NOT_FOUND" in gone.output
+
+
+def test_keys_create_list_revoke_and_the_created_key_works(tmp_path, monkeypatch):
+    from tunewire.services.common.auth import KeyRing
+
+    keys = tmp_path / "keys.json"
+    created = runner.invoke(app, ["keys", "create", "--project", "support", "--role", "member", "--file", str(keys)])
+    assert created.exit_code == 0, created.output
+    key = created.output.strip().splitlines()[-1]
+    assert key.startswith("tw_") and key not in keys.read_text()  # shown once, stored as a hash
+    assert oct(keys.stat().st_mode & 0o777) == "0o600"
+    caller = KeyRing(keys).authenticate(key)
+    assert (caller.project, caller.role) == ("support", "member")
+    listed = runner.invoke(app, ["keys", "list", "--file", str(keys)])
+    assert caller.key_id in listed.output and "support" in listed.output
+    assert runner.invoke(app, ["keys", "create", "--project", "Bad Name!", "--file", str(keys)]).exit_code != 0
+    assert runner.invoke(app, ["keys", "revoke", caller.key_id, "--file", str(keys)]).exit_code == 0
+    assert KeyRing(keys).authenticate(key) is None
+    assert runner.invoke(app, ["keys", "revoke", caller.key_id, "--file", str(keys)]).exit_code == 1
