@@ -311,4 +311,4 @@ class JobManager:
                 await self.notifier.wait(self.poll_seconds)
 
     def list_adapters(self, project: str) -> list[Adapter]:
-        return [a for a in self.store.adapters_after(0) if a.project == project]
+        return self.store.adapters_after(0, project=project)

@@ -304,8 +304,11 @@ class JobStore:
             self._append(session, job_id, "state", {"state": SUCCEEDED, "adapter_id": adapter_id})
             return Adapter.from_record(record)
 
-    def adapters_after(self, after_sequence: int) -> list[Adapter]:
+    def adapters_after(self, after_sequence: int, project: str = "") -> list[Adapter]:
+        """Adapters published after `after_sequence`: of one project, or of all ('')."""
         query = select(AdapterRecord).where(AdapterRecord.sequence > after_sequence).order_by(AdapterRecord.sequence)
+        if project:
+            query = query.where(AdapterRecord.project == project)
         with Session(self.engine) as session:
             return [Adapter.from_record(r) for r in session.scalars(query)]
 
