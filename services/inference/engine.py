@@ -568,11 +568,12 @@ class BatchEngine:
 
     def _accept(self, sequences: list[_Sequence], tokens: list[int]) -> None:
         now = time.monotonic()
+        accepted = 0
         for sequence, token in zip(sequences, tokens, strict=True):
             if sequence.finish_reason is not None:
                 continue
             sequence.generated += 1
-            telemetry.INFERENCE_TOKENS.inc()
+            accepted += 1
             if sequence.generated == 1:
                 telemetry.INFERENCE_TIME_TO_FIRST_TOKEN.observe(now - sequence.submitted)
             if token in self._eos_ids:
@@ -585,6 +586,7 @@ class BatchEngine:
                 sequence.finish_reason = LENGTH
             elif sequence.cancelled.is_set() or (sequence.deadline is not None and now > sequence.deadline):
                 sequence.finish_reason = CANCELLED
+        telemetry.INFERENCE_TOKENS.inc(accepted)  # once a step, not once a token
 
     def _retire(self) -> None:
         keep = [row for row, s in enumerate(self._running) if s.finish_reason is None]
