@@ -8,10 +8,10 @@ services call each other on a caller's behalf.
 
 Keys are `tw_<id>_<secret>` with 32 random bytes of secret. The keys file
 holds only their SHA-256: a key that random cannot be guessed from its hash,
-so a slow password hash would only slow every call. Operators create keys
-with `tunewire keys create` and put the printed entry into the file
-(TUNEWIRE_API_KEYS_FILE), which is re-read when it changes: keys are added
-and revoked without a restart.
+so a slow password hash would only slow every call. Operators create and
+revoke keys with `tunewire keys create|revoke`, which rewrite the file
+(TUNEWIRE_API_KEYS_FILE); the services re-read it when it changes, so keys
+are added and revoked without a restart.
 
 No grpc here: the server's interceptor authenticates and sets the caller for
 the handler (`caller()`), and servicers pass the caller's project on.
