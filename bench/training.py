@@ -167,6 +167,7 @@ def run_in_process(model_path: str, train_rows, validation_rows, args) -> dict:
     tokenizer = tasks.load_tokenizer(model_path)
     model = tasks.load_model("sft", model_path, "lora", config, [], tokenizer, use_gpu=False)
     model.train()
+    dtype = tasks.compute_dtype(config.precision, use_gpu=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = tasks.make_batches(train_rows, "sft", config.batch_size, random.Random(0))
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -177,7 +178,9 @@ def run_in_process(model_path: str, train_rows, validation_rows, args) -> dict:
         step_start = time.perf_counter()
         first_step_at = first_step_at or step_start
         batch = tasks.collate("sft", rows, tokenizer, config.max_seq_length, {}, "cpu")
-        model(**batch.inputs).loss.backward()
+        with tasks.mixed_precision("cpu", dtype):
+            loss = tasks.batch_loss(model, model, batch)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()

@@ -28,6 +28,7 @@ def test_defaults_fill_what_is_unset_and_say_so():
         ("warmup_fraction", 1.0),
         ("weight_decay", -0.1),
         ("lora_target_modules", ["q_proj; rm -rf"]),
+        ("precision", "fp8"),
     ],
 )
 def test_each_bad_hyperparameter_names_its_field(field, value):

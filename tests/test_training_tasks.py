@@ -95,6 +95,73 @@ def test_packing_changes_no_logit_and_no_loss(tiny_model_dir, tokenizer):
     assert float(packed_out.loss) == pytest.approx(total / count, rel=1e-4)
 
 
+def test_batch_loss_runs_the_head_only_where_labels_are_and_equals_the_models_loss(tiny_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": "q" * n, "completion": f"answer {n} " * (n % 5 + 1)} for n in (3, 40, 7, 25, 1)]
+    batch = tasks.collate("sft", rows, tokenizer, 64, {}, "cpu")
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: head_rows.append(out.shape[0]))
+    loss = tasks.batch_loss(model, model, batch)
+    assert head_rows == [batch.targets] < [batch.real_tokens]  # prompts and padding got no logits
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    head_rows.clear()
+    reference = model(**batch.inputs).loss
+    reference.backward()
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters(), strict=True))
+
+    # Nothing to train on: a zero loss that still reaches every trainable weight.
+    nothing = tasks.collate("sft", rows[:1], tokenizer, 64, {}, "cpu")
+    nothing.inputs["labels"][:] = IGNORE_INDEX
+    empty = tasks.batch_loss(model, model, nothing)
+    assert float(empty) == 0.0 and empty.requires_grad
+
+
+def test_lora_input_dropout_drops_p_of_the_inputs_and_rescales_the_rest(tiny_model_dir):
+    import torch
+
+    torch.manual_seed(0)
+    dropout = tasks.LoraInputDropout(0.05)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x)
+    dropped = float((y == 0).float().mean())
+    assert dropped == pytest.approx(0.05, abs=0.002)
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.95))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask
+    assert not torch.equal(dropout(x), y)  # a new mask each call
+    dropout.eval()
+    assert dropout(x) is x
+
+    config = resolve_config({"lora_dropout": 0.1}, train_rows=10)
+    model = tasks.load_model("sft", str(tiny_model_dir), "lora", config, [], None, use_gpu=False)
+    replaced = [m for m in model.modules() if isinstance(m, tasks.LoraInputDropout)]
+    assert replaced and all(m.p == 0.1 for m in replaced)
+    assert not any(type(m) is torch.nn.Dropout for name, m in model.named_modules() if "lora_dropout" in name)
+
+
+def test_precision_auto_takes_bfloat16_only_where_the_hardware_computes_it(monkeypatch):
+    import torch
+
+    assert tasks.compute_dtype("float32", use_gpu=False) == torch.float32
+    assert tasks.compute_dtype("bfloat16", use_gpu=False) == torch.bfloat16
+    monkeypatch.setattr(tasks, "native_bfloat16", lambda device_type: device_type == "cpu")
+    assert tasks.compute_dtype("auto", use_gpu=False) == torch.bfloat16
+    monkeypatch.setattr(tasks, "native_bfloat16", lambda device_type: False)
+    assert tasks.compute_dtype("auto", use_gpu=False) == torch.float32
+    linear = torch.nn.Linear(4, 4)
+    with tasks.mixed_precision("cpu", torch.bfloat16):
+        assert linear(torch.ones(1, 4)).dtype == torch.bfloat16
+    with tasks.mixed_precision("cpu", torch.float32):
+        assert linear(torch.ones(1, 4)).dtype == torch.float32
+    assert linear.weight.dtype == torch.float32
+
+
 def test_a_model_that_lets_packed_rows_see_each_other_gets_padding(tiny_model_dir, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM

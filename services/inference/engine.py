@@ -32,6 +32,7 @@ import torch
 
 from tunewire.services.common import telemetry
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.common.hardware import native_bfloat16
 from tunewire.services.common.models import base_model_aliases, resolve_model
 from tunewire.services.common.text import prompt_text
 from tunewire.services.inference.kv_cache import BatchCache, new_cache
@@ -189,16 +190,10 @@ class _Classification:
 
 def serving_dtype(name: str) -> torch.dtype:
     """float32, bfloat16, or auto: bfloat16 where the hardware computes it
-    natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32."""
+    natively (`hardware.native_bfloat16`), else float32."""
     if name != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if (" avx512_bf16" in flags or " amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if native_bfloat16("cuda" if torch.cuda.is_available() else "cpu") else torch.float32
 
 
 def not_loaded(adapter_id: str) -> NotFound:

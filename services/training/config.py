@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from tunewire.services.common.errors import FieldViolation, InvalidArgument
 
 LORA, FULL, QLORA = "lora", "full", "qlora"
+PRECISIONS = ("auto", "float32", "bfloat16")
 METHODS = (LORA, FULL, QLORA)
 MAX_WORKERS = 64
 
@@ -39,6 +40,8 @@ class TrainingConfig:
     early_stopping_patience: int = 3
     gradient_checkpointing: bool = False
     keep_checkpoints: int = 2
+    # auto: bfloat16 autocast where the hardware computes bfloat16 natively.
+    precision: str = "auto"
     auto: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -71,6 +74,7 @@ DEFAULTS = dict(
     early_stopping_patience=3,
     gradient_checkpointing=False,
     keep_checkpoints=2,
+    precision="auto",
 )
 # Full fine-tuning moves every weight: a far smaller step than LoRA's.
 FULL_LEARNING_RATE = 2e-5
@@ -98,6 +102,7 @@ _CHECKS = {
     "early_stopping_patience": (lambda v: 0 <= v <= 1000, "must be in [0, 1000] (0: never stop early)"),
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "must be true or false"),
     "keep_checkpoints": (lambda v: 1 <= v <= 100, "must be in [1, 100]"),
+    "precision": (lambda v: v in PRECISIONS, "must be one of " + ", ".join(PRECISIONS)),
 }
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 

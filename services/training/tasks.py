@@ -1,13 +1,17 @@
 """What differs between fine-tuning tasks: the model and its head, how rows
-become batches, and the test metrics. Plain torch/transformers/PEFT, no Ray,
-so each piece is testable on a tiny model."""
+become batches, the loss, and the test metrics. Plain torch/transformers/PEFT,
+no Ray, so each piece is testable on a tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from importlib import resources
 
+import torch
+
+from tunewire.services.common.hardware import native_bfloat16
 from tunewire.services.common.text import IGNORE_INDEX, row_to_messages, tokenize_for_training
 from tunewire.services.training import metrics
 from tunewire.services.training.config import CLASSIFY, FULL, PRETRAIN, QLORA, SUMMARIZE, TrainingConfig
@@ -25,13 +29,35 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def compute_dtype(precision: str, use_gpu: bool):
+    """The dtype matmuls run in: bfloat16 when asked, or for `auto` where the
+    hardware computes it natively; else float32."""
+
+    if precision == "bfloat16" or (precision == "auto" and native_bfloat16("cuda" if use_gpu else "cpu")):
+        return torch.bfloat16
+    return torch.float32
+
+
+def mixed_precision(device, dtype):
+    """Autocast to `dtype` for the forward pass (a no-op for float32). On a
+    CPU the weights and the residual stream stay float32 and only matmuls and
+    attention run in bfloat16, so the loss follows float32 training's."""
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def load_model(task: str, model_path: str, method: str, config: TrainingConfig, labels: list[str], tokenizer, use_gpu: bool):
     """The model to train: a causal LM or a sequence classifier, wrapped in
-    LoRA unless the method is full fine-tuning."""
-    import torch
+    LoRA unless the method is full fine-tuning. On a GPU computing in
+    bfloat16 the frozen weights are stored in it too (half the memory); on a
+    CPU they stay float32 under autocast (`mixed_precision`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    dtype = torch.bfloat16 if use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = torch.float32
+    if use_gpu and torch.cuda.is_available() and compute_dtype(config.precision, use_gpu) == torch.bfloat16:
+        dtype = torch.bfloat16
     options: dict = {"dtype": dtype}
     if method == QLORA:
         from transformers import BitsAndBytesConfig
@@ -77,7 +103,40 @@ def load_peft(model, task: str, config: TrainingConfig):
         target_modules=targets,
         task_type=TaskType.SEQ_CLS if task == CLASSIFY else TaskType.CAUSAL_LM,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if isinstance(dropout, torch.nn.Dropout):
+                    dropouts[name] = LoraInputDropout(dropout.p)
+    return model
+
+
+class LoraInputDropout(torch.nn.Module):
+    """Dropout of a LoRA layer's input, as PEFT's `lora_dropout`, drawing a
+    quarter of the random bits on a CPU. torch's CPU dropout draws one random
+    number per element, and with LoRA on every linear layer that was a fifth
+    of a training step; this draws 64 bits at a time and uses 16 per element,
+    so the drop probability is p rounded to a multiple of 1/65536 (0.05 is
+    0.050003). On other devices it is torch's dropout."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 65536) - 32768  # an int16 below this is dropped
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, training=True)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n].view(x.shape)
+        return x * ((bits >= self.threshold) * (1 / (1 - self.p))).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def length_grouped(rows: list[dict], batch_size: int, rng) -> list[list[dict]]:
@@ -114,7 +173,6 @@ def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: 
     longest, with class ids as labels; token-level tasks packed (`pack`), or
     one row each for a model whose attention does not keep packed rows apart
     (`packing_works`)."""
-    import torch
 
     if task == CLASSIFY:
         encoded = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -149,7 +207,6 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, packing: bool
     for every token: on CPU, bins of 512 for rows of 170 ran 25% slower.)
     Without `packing` every sequence has a row of its own: plain right
     padding, which causal attention never looks at."""
-    import torch
 
     longest_first = sorted((e for e in examples if e[0]), key=lambda e: -len(e[0]))
     capacity = len(longest_first[0][0]) if longest_first and packing else 0
@@ -187,13 +244,38 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, packing: bool
     return Batch(inputs, real, float((labels_tensor[:, 1:] != IGNORE_INDEX).sum()))
 
 
+def batch_loss(forward, model, batch: Batch) -> torch.Tensor:
+    """The batch's mean loss through `forward` (the model, or its DDP
+    wrapper). For token-level tasks the vocabulary head runs only where a
+    label is set: prompt tokens and padding need no logits, and the head (a
+    49k-word vocabulary on SmolLM2) is a fifth of a small model's compute.
+    A batch with nothing to train on (all truncated away) gives a zero loss
+    that still has a graph, so it takes part in DDP's gradient all-reduce."""
+    if "position_ids" not in batch.inputs:  # classification: the model's own loss
+        return forward(**batch.inputs).loss
+    labels = batch.inputs["labels"]
+    targets = labels[:, 1:]
+    # The logits at position t predict the token at t + 1.
+    keep = torch.nn.functional.pad(targets != IGNORE_INDEX, (0, 1))
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep], *args[1:]))
+    try:
+        logits = forward(**{k: v for k, v in batch.inputs.items() if k != "labels"}).logits
+    finally:
+        handle.remove()
+    if logits.dim() == 3:  # a model that does not call its head as a module
+        logits = logits[keep]
+    if not logits.shape[0]:
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX])
+
+
 def packing_works(model, device) -> bool:
     """Whether the model keeps packed sequences apart. Architectures built on
     transformers' mask utilities turn restarting positions into a
     block-diagonal mask; one that does not would let a sequence attend to the
     one before it, so the same three tokens twice would not give the same
     logits twice."""
-    import torch
 
     ids = torch.tensor([[5, 6, 7, 5, 6, 7]], device=device)
     positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
@@ -211,7 +293,6 @@ def loss_sum(
     task: str, model, rows: list[dict], tokenizer, max_length: int, label_ids: dict[str, int], device, batch_size: int = 8
 ) -> tuple[float, float]:
     """Summed loss and target count over rows, without gradients."""
-    import torch
 
     total = count = 0.0
     packing = task != CLASSIFY and packing_works(model, device)
@@ -219,14 +300,13 @@ def loss_sum(
         for start in range(0, len(rows), batch_size):
             batch = collate(task, rows[start : start + batch_size], tokenizer, max_length, label_ids, device, packing)
             if batch.targets:
-                total += float(model(**batch.inputs).loss) * batch.targets
+                total += float(batch_loss(model, model, batch)) * batch.targets
                 count += batch.targets
     return total, count
 
 
 def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, device) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding."""
-    import torch
 
     texts = [
         tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
@@ -250,7 +330,6 @@ def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
 
 def test_metrics(task: str, model, tokenizer, rows: list[dict], max_length: int, label_ids: dict[str, int], device) -> dict[str, float]:
     """The task's metrics on held-out rows (generation on at most MAX_TEST_GENERATIONS)."""
-    import torch
 
     if not rows:
         return {}

@@ -144,6 +144,14 @@ def train_loop(loop_config: dict) -> None:
         )
     n_trainable = sum(p.numel() for p in trainable)
     send("log", {"message": f"{loop_config['base_model']} loaded for {task} ({method}); {n_trainable:,} trainable parameters"})
+    dtype = tasks.compute_dtype(config.precision, loop_config["use_gpu"])
+    if dtype != torch.float32:
+        why = "this hardware computes it natively" if config.precision == "auto" else "as the job asks"
+        send("log", {"message": f"matmuls run in bfloat16 ({why}); set precision=float32 to train in float32"})
+
+    def autocast():
+        return tasks.mixed_precision(device, dtype)
+
     packing = task != CLASSIFY and tasks.packing_works(model, device)
     if task != CLASSIFY and not packing:
         send("log", {"message": "this model's attention does not keep packed rows apart: batches are padded instead (slower)"})
@@ -211,7 +219,8 @@ def train_loop(loop_config: dict) -> None:
             for rows in batches("validation"):
                 batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device, packing)
                 if batch.targets:
-                    total += float(ddp_model(**batch.inputs).loss) * batch.targets
+                    with autocast():
+                        total += float(tasks.batch_loss(ddp_model, model, batch)) * batch.targets
                     count += batch.targets
         ddp_model.train()
         total, count = all_sum(total, count)
@@ -269,10 +278,8 @@ def train_loop(loop_config: dict) -> None:
         for rows, last in _with_last(batches("train")):
             batch = tasks.collate(task, rows, tokenizer, config.max_seq_length, label_ids, device, packing)
             n = batch.targets
-            outputs = ddp_model(**batch.inputs)
-            # A batch with nothing to train on (all truncated away) still takes
-            # part in the gradient all-reduce, with zero gradients, not NaN.
-            loss = outputs.loss if n else outputs.logits.sum() * 0.0
+            with autocast():
+                loss = tasks.batch_loss(ddp_model, model, batch)
             (loss / config.gradient_accumulation_steps).backward()
             trained_in_epoch += n
             loss_total, loss_tokens, real_tokens = (
