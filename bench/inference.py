@@ -7,7 +7,8 @@ in the same run:
 - PEFT's mixed-adapter batch (`generate(adapter_names=...)`) and its
   single-adapter batch of 8;
 - the same 8 requests one at a time, through the service and with plain
-  PEFT `generate`;
+  PEFT `generate`; and on the base model (a single stream) through the
+  service and with plain transformers `model.generate`;
 - LoadAdapter: the wall time until a new adapter is servable.
 
 Throughput counts real completion tokens (up to each row's end of turn or
@@ -80,7 +81,8 @@ def service_run(client: InferenceClient, adapters: list[str], max_new_tokens: in
 
 
 class PeftBaseline:
-    """Plain PEFT + transformers generate, as one would serve without tunewire."""
+    """Plain PEFT + transformers generate, as one would serve without
+    tunewire; with no adapters, plain transformers `model.generate`."""
 
     def __init__(self, model_path: str, adapter_dirs: list[Path], dtype):
         import torch
@@ -89,8 +91,9 @@ class PeftBaseline:
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-        self.model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name="adapter-0").eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+        if adapter_dirs:
+            self.model = PeftModel.from_pretrained(self.model, str(adapter_dirs[0]), adapter_name="adapter-0").eval()
         for i, path in enumerate(adapter_dirs[1:], start=1):
             self.model.load_adapter(str(path), adapter_name=f"adapter-{i}")
         self.eos = self.model.generation_config.eos_token_id
@@ -110,9 +113,8 @@ class PeftBaseline:
     def timed(self, prompts, adapter_names, max_new_tokens, one_at_a_time=False) -> tuple[int, float]:
         start = time.perf_counter()
         if one_at_a_time:
-            tokens = sum(
-                self.run([p], None if adapter_names is None else [a], max_new_tokens) for p, a in zip(prompts, adapter_names, strict=True)
-            )
+            names = adapter_names or [None] * len(prompts)
+            tokens = sum(self.run([p], None if a is None else [a], max_new_tokens) for p, a in zip(prompts, names, strict=True))
         else:
             tokens = self.run(prompts, adapter_names, max_new_tokens)
         return tokens, time.perf_counter() - start
@@ -168,6 +170,10 @@ def main() -> None:
             record("tunewire: 8 concurrent, 1 adapter", lambda: service_run(client, single, args.max_new_tokens, True))
             record("tunewire: 8 concurrent, base model", lambda: service_run(client, [""] * n, args.max_new_tokens, True))
             record("tunewire: the 8 one at a time, 4 adapters", lambda: service_run(client, mixed, args.max_new_tokens, False))
+            record(
+                "tunewire: the 8 one at a time, base model (single stream)",
+                lambda: service_run(client, [""] * n, args.max_new_tokens, False),
+            )
             start = time.perf_counter()
             loaded = client.load_adapter("adapter-new", str(adapter_dirs[4]))
             load_wall = time.perf_counter() - start
@@ -178,6 +184,11 @@ def main() -> None:
         record("PEFT generate: batch of 8, 4 adapters (adapter_names)", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens))
         record("PEFT generate: batch of 8, 1 adapter", lambda: baseline.timed(PROMPTS, single, args.max_new_tokens))
         record("PEFT generate: the 8 one at a time, 4 adapters", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens, True))
+        plain = PeftBaseline(model_path, [], dtype)
+        record(
+            "plain model.generate: the 8 one at a time, base model (single stream)",
+            lambda: plain.timed(PROMPTS, None, args.max_new_tokens, True),
+        )
 
     reference = rows[0]["tokens/s"]
     for row in rows:

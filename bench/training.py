@@ -5,16 +5,19 @@ against what users would otherwise run, in the same run on the same data
 - baseline: a plain Hugging Face `Trainer` + PEFT script with default
   settings (TrainingArguments defaults, padding to the longest row of each
   shuffled batch);
+- for reference, the baseline with `bf16=True`, the one setting a user who
+  knows the CPU computes bfloat16 natively might add;
 - in-process: the training loop's own pieces (tunewire.services.training.tasks:
-  model, random batches packed without padding) in one process, no gRPC, no Ray;
+  model, random batches packed without padding, the loss) in one process, no
+  gRPC, no Ray;
 - tunewire: the job through gRPC and Ray Train, with 1 worker (the in-process
   loop's twin, for the orchestration overhead) and with 2 workers.
 
 Throughput counts real (non-padding) tokens. The final validation loss of each
-is computed the same way (token-weighted over the validation split). Model
-FLOPs utilisation: 4 x parameters FLOPs per token (forward, and the backward
-pass's input gradients; LoRA's own weight gradients are negligible) over the
-measured matmul peak of the dtype on this machine.
+is computed the same way (token-weighted over the validation split, float32).
+Model FLOPs utilisation: 4 x parameters FLOPs per token (forward, and the
+backward pass's input gradients; LoRA's own weight gradients are negligible)
+over the measured matmul peak of the dtype on this machine.
 
     .venv/bin/python -m bench.training
 """
@@ -100,8 +103,9 @@ def matmul_peak(dtype) -> float:
     return runs * 2 * 2048**3 / (time.perf_counter() - start)
 
 
-def run_trainer_baseline(model_path: str, train_rows, validation_rows, args, out: Path) -> dict:
-    """The script a user would write: Trainer defaults, PEFT LoRA, same data and hyperparameters."""
+def run_trainer_baseline(model_path: str, train_rows, validation_rows, args, out: Path, bf16: bool = False) -> dict:
+    """The script a user would write: Trainer defaults, PEFT LoRA, same data
+    and hyperparameters (with `bf16`, the one setting a user might add)."""
     import datasets
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -135,6 +139,7 @@ def run_trainer_baseline(model_path: str, train_rows, validation_rows, args, out
         report_to=[],
         save_strategy="no",
         use_cpu=True,
+        bf16=bf16,
     )
     trainer = Trainer(
         model=model,
@@ -232,6 +237,9 @@ def run_service_job(stack: LocalStack, dataset_id: str, workers: int, model_path
 def main() -> None:
     import torch
 
+    from tunewire.services.training import tasks
+    from tunewire.services.training.config import DEFAULTS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=Path(".tunewire"), help="TUNEWIRE_HOME whose converted model is reused")
     parser.add_argument("--rows", type=int, default=176, help="training rows (one epoch)")
@@ -243,17 +251,19 @@ def main() -> None:
     rows = make_rows(args.rows + validation_count, seed=0)
     train_rows, validation_rows = rows[:-validation_count], rows[-validation_count:]
     n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_path).parameters())
-    peak = matmul_peak(torch.float32)
+    peaks = {dtype: matmul_peak(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    tunewire_dtype = tasks.compute_dtype(DEFAULTS["precision"], use_gpu=False)
     results = []
 
-    def record(what: str, figures: dict) -> None:
+    def record(what: str, figures: dict, dtype=torch.float32) -> None:
         tokens_per_second = figures["tokens"] / figures["train seconds"]
         row = {
             "what": what,
+            "dtype": str(dtype).removeprefix("torch."),
             "real tokens": figures["tokens"],
             "train s": figures["train seconds"],
             "tokens/s": tokens_per_second,
-            "MFU %": 100 * 4 * n_params * tokens_per_second / peak,
+            "MFU %": 100 * 4 * n_params * tokens_per_second / peaks[dtype],
             "start-up s": figures.get("start-up seconds", 0.0),
             "val loss": figures["val loss"],
         }
@@ -266,8 +276,13 @@ def main() -> None:
             "plain Trainer + PEFT, defaults (baseline)",
             run_trainer_baseline(model_path, train_rows, validation_rows, args, tmp / "trainer"),
         )
+        record(
+            "plain Trainer + PEFT, defaults and bf16=True",
+            run_trainer_baseline(model_path, train_rows, validation_rows, args, tmp / "trainer-bf16", bf16=True),
+            torch.bfloat16,
+        )
         in_process = run_in_process(model_path, train_rows, validation_rows, args)
-        record("tunewire loop in-process (no gRPC, no Ray)", in_process)
+        record("tunewire loop in-process (no gRPC, no Ray)", in_process, tunewire_dtype)
         data = tmp / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
         env = {
@@ -284,19 +299,22 @@ def main() -> None:
                 record(
                     f"tunewire job: gRPC + Ray Train, {workers} worker(s)",
                     run_service_job(stack, dataset.id, workers, model_path, validation_rows, args),
+                    tunewire_dtype,
                 )
 
     baseline = results[0]["tokens/s"]
     for row in results:
         row["x baseline"] = row["tokens/s"] / baseline
-    one_worker = results[2]
+    one_worker = results[3]
     write_results(
         "training",
         results,
         notes=(
-            f"SmolLM2-135M-Instruct ({n_params / 1e6:.0f}M parameters), LoRA rank 16 on every linear layer, float32, 8 rows a step, "
-            f"1 epoch of {len(train_rows)} rows ({results[0]['real tokens']:,} real tokens), lr {args.learning_rate}. "
-            f"Matmul peak measured here: {peak / 1e9:.0f} GFLOP/s (float32). Orchestration overhead, 1 worker vs in-process: "
+            f"SmolLM2-135M-Instruct ({n_params / 1e6:.0f}M parameters), LoRA rank 16 on every linear layer, 8 rows a step, "
+            f"1 epoch of {len(train_rows)} rows ({results[0]['real tokens']:,} real tokens), lr {args.learning_rate}; "
+            "tunewire's precision=auto (bfloat16 autocast where the CPU computes bfloat16 natively, float32 weights). "
+            f"Matmul peak measured here: {peaks[torch.float32] / 1e9:.0f} GFLOP/s float32, {peaks[torch.bfloat16] / 1e9:.0f} bfloat16; "
+            "MFU is against the peak of the row's dtype. Orchestration overhead, 1 worker vs in-process: "
             f"{100 * (one_worker['train s'] / one_worker['real tokens'] / (in_process['train seconds'] / in_process['tokens']) - 1):+.1f}% "
             f"per token of training, {one_worker['start-up s'] - in_process['start-up seconds']:+.1f}s of start-up."
         ),

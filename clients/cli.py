@@ -224,6 +224,7 @@ def jobs_create(
     lora_rank: int | None = None,
     eval_every_steps: int | None = typer.Option(None, help="validate every N steps (default: each epoch)"),
     early_stopping_patience: int | None = None,
+    precision: str | None = typer.Option(None, help="auto (bfloat16 where the hardware computes it natively), float32 or bfloat16"),
     workers: int = typer.Option(1, help="Ray Train workers"),
     gpu: bool = typer.Option(False, help="train on GPUs"),
     idempotency_key: str = typer.Option("", help="a retried create with the same key returns the same job"),
@@ -242,6 +243,7 @@ def jobs_create(
         lora_rank=lora_rank,
         eval_every_steps=eval_every_steps,
         early_stopping_patience=early_stopping_patience,
+        precision=precision,
     )
     with sdk.TrainingClient(address) as client, _api_errors():
         job = client.create_job(base_model, dataset_id, given, workers, gpu, METHODS[method], idempotency_key)

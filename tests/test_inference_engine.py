@@ -13,6 +13,7 @@ import torch
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest
+from tunewire.services.inference.lora import RowSlots, SlottedLoRALinear
 
 from conftest import build_tiny_bert, build_tiny_causal_lm, write_lora_adapter
 
@@ -95,6 +96,36 @@ def engine(tiny_model_dir, adapters, tmp_path_factory):
         add(engine, name, path)
     yield engine
     engine.stop()
+
+
+def test_each_lora_path_adds_each_rows_own_update():
+    """One adapter for all rows (a plain matmul) and mixed rows (gathered
+    weights), one token a row or several, all add x @ a @ b of the row's own
+    adapter, and nothing for the base model's rows or an empty slot."""
+    torch.manual_seed(0)
+    row_slots = RowSlots()
+    base = torch.nn.Linear(6, 5)
+    layer = SlottedLoRALinear(base, row_slots, capacity=3)
+    weights = {1: (torch.randn(6, 2), torch.randn(2, 5)), 3: (torch.randn(6, 4), torch.randn(4, 5))}  # slot 2 stays empty
+    for slot, (a, b) in weights.items():
+        layer.set_slot(slot, a, b)
+
+    def check(slots: list[int], tokens: int) -> None:
+        x = torch.randn(len(slots), tokens, 6)
+        want = torch.stack([base(x[i]) + (x[i] @ weights[s][0] @ weights[s][1] if s in weights else 0) for i, s in enumerate(slots)])
+        row_slots.set(slots)
+        with torch.inference_mode():
+            assert torch.allclose(layer(x), want, atol=1e-5), (slots, tokens)
+
+    for tokens in (1, 3):
+        for slots in ([1, 1, 1, 1], [0, 0], [2, 2], [3, 0, 1, 3], [2, 0, 2], [1, 2]):
+            check(slots, tokens)
+    weights[1] = (torch.randn(6, 6), torch.randn(6, 5))  # replaced, by a rank the table must grow to
+    layer.set_slot(1, *weights[1])
+    check([3, 0, 1, 3], 1)
+    layer.clear_slot(3)
+    del weights[3]
+    check([3, 0, 1, 3], 2)
 
 
 def test_each_adapter_alone_equals_plain_peft(engine, expected):
