@@ -32,7 +32,6 @@ def load_tokenizer(model_path: str):
 def compute_dtype(precision: str, use_gpu: bool):
     """The dtype matmuls run in: bfloat16 when asked, or for `auto` where the
     hardware computes it natively; else float32."""
-
     if precision == "bfloat16" or (precision == "auto" and native_bfloat16("cuda" if use_gpu else "cpu")):
         return torch.bfloat16
     return torch.float32
@@ -42,7 +41,6 @@ def mixed_precision(device, dtype):
     """Autocast to `dtype` for the forward pass (a no-op for float32). On a
     CPU the weights and the residual stream stay float32 and only matmuls and
     attention run in bfloat16, so the loss follows float32 training's."""
-
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
@@ -173,7 +171,6 @@ def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: 
     longest, with class ids as labels; token-level tasks packed (`pack`), or
     one row each for a model whose attention does not keep packed rows apart
     (`packing_works`)."""
-
     if task == CLASSIFY:
         encoded = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         inputs = {
@@ -207,7 +204,6 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, packing: bool
     for every token: on CPU, bins of 512 for rows of 170 ran 25% slower.)
     Without `packing` every sequence has a row of its own: plain right
     padding, which causal attention never looks at."""
-
     longest_first = sorted((e for e in examples if e[0]), key=lambda e: -len(e[0]))
     capacity = len(longest_first[0][0]) if longest_first and packing else 0
     bins: list[list[tuple[list[int], list[int]]]] = []
@@ -276,7 +272,6 @@ def packing_works(model, device) -> bool:
     block-diagonal mask; one that does not would let a sequence attend to the
     one before it, so the same three tokens twice would not give the same
     logits twice."""
-
     ids = torch.tensor([[5, 6, 7, 5, 6, 7]], device=device)
     positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
     was_training = model.training
@@ -293,7 +288,6 @@ def loss_sum(
     task: str, model, rows: list[dict], tokenizer, max_length: int, label_ids: dict[str, int], device, batch_size: int = 8
 ) -> tuple[float, float]:
     """Summed loss and target count over rows, without gradients."""
-
     total = count = 0.0
     packing = task != CLASSIFY and packing_works(model, device)
     with torch.no_grad():
@@ -307,7 +301,6 @@ def loss_sum(
 
 def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, device) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding."""
-
     texts = [
         tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
         if tokenizer.chat_template
@@ -330,7 +323,6 @@ def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
 
 def test_metrics(task: str, model, tokenizer, rows: list[dict], max_length: int, label_ids: dict[str, int], device) -> dict[str, float]:
     """The task's metrics on held-out rows (generation on at most MAX_TEST_GENERATIONS)."""
-
     if not rows:
         return {}
     model.eval()
