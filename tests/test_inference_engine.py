@@ -100,8 +100,9 @@ def engine(tiny_model_dir, adapters, tmp_path_factory):
 
 def test_each_lora_path_adds_each_rows_own_update():
     """One adapter for all rows (a plain matmul) and mixed rows (gathered
-    weights), one token a row or several, all add x @ a @ b of the row's own
-    adapter, and nothing for the base model's rows or an empty slot."""
+    weights, kept while the rows stay the same), one token a row or several,
+    all add x @ a @ b of the row's own adapter, and nothing for the base
+    model's rows or an empty slot."""
     torch.manual_seed(0)
     row_slots = RowSlots()
     base = torch.nn.Linear(6, 5)
@@ -120,6 +121,8 @@ def test_each_lora_path_adds_each_rows_own_update():
     for tokens in (1, 3):
         for slots in ([1, 1, 1, 1], [0, 0], [2, 2], [3, 0, 1, 3], [2, 0, 2], [1, 2]):
             check(slots, tokens)
+    # The same rows again keep their gathered weights, until a slot changes.
+    check([3, 0, 1, 3], 1)
     weights[1] = (torch.randn(6, 6), torch.randn(6, 5))  # replaced, by a rank the table must grow to
     layer.set_slot(1, *weights[1])
     check([3, 0, 1, 3], 1)

@@ -4,6 +4,7 @@ handed to the batching engine and awaited from asyncio."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import logging
@@ -69,8 +70,7 @@ class InferenceManager:
         self._loading: dict[str, asyncio.Future] = {}
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.engine.load)
-        self.engine.start()
+        await asyncio.to_thread(self.engine.start)  # loads the base model on the model thread
 
     def close(self) -> None:
         self.engine.stop()
@@ -136,7 +136,7 @@ class InferenceManager:
             raise NotFound(f"source_uri {uri!r}: no such adapter directory")
         if not local.is_dir():
             raise InvalidArgument.field("source_uri", f"{uri!r} is not a directory: give the adapter's directory")
-        weights = await asyncio.to_thread(self.engine.read_adapter, local)
+        weights = await _in_own_thread(self.engine.read_adapter, local)
         await asyncio.to_thread(self.engine.add_adapter, adapter_id, uri, local, weights)
         now = dt.datetime.now(dt.UTC)
         latency = (now - published_at).total_seconds() if published_at else None
@@ -233,3 +233,12 @@ def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Ca
             pass
 
     return put
+
+
+async def _in_own_thread(fn: Callable, *args):
+    """Runs fn in a thread that ends with it. A torch op that runs in parallel
+    leaves an OpenMP thread pool on its thread for good, and a second pool
+    slows the model thread (BatchEngine.start); a short-lived thread takes
+    its pool with it."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-read") as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)

@@ -5,7 +5,10 @@ holding a table of LoRA weights with one slot per resident adapter; slot 0 is
 all zeros and stands for the base model alone. A forward pass reads every
 row's slot from RowSlots and adds x·A[slot]·B[slot] for the whole batch in two
 batched matmuls over the gathered weights (as S-LoRA and Punica do), so a
-batch that mixes adapters costs one pass, not one pass per adapter.
+batch that mixes adapters costs one pass, not one pass per adapter. Each
+layer keeps the weights gathered for the batch's rows while they stay the
+same, as they do from one decoding step to the next (up to the batch size
+times an adapter's weights, in float32).
 
 Ranks differ between adapters; the table's rank is the largest loaded, and
 smaller adapters are zero-padded, which leaves their product unchanged.
@@ -45,8 +48,14 @@ class RowSlots:
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
         self.uniform: int | None = 0
+        self._slots: list[int] = []
 
     def set(self, slots: list[int]) -> None:
+        # The same rows keep the same `rows` tensor, which the layers' gathered
+        # weights are keyed on: decoding steps run the same rows many times.
+        if slots == self._slots:
+            return
+        self._slots = list(slots)
         first = slots[0]
         if all(s == first for s in slots):
             self.uniform, self.rows = first, None
@@ -66,6 +75,8 @@ class SlottedLoRALinear(nn.Module):
         self.register_buffer("a", torch.zeros(capacity + 1, base.in_features, 0, device=device))
         self.register_buffer("b", torch.zeros(capacity + 1, 0, base.out_features, device=device))
         self.active = [False] * (capacity + 1)
+        # Each row's (a, b) for the rows tensor they were gathered for.
+        self._gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -81,12 +92,22 @@ class SlottedLoRALinear(nn.Module):
             update = (x @ self.a[slots.uniform]) @ self.b[slots.uniform]
         else:
             # x: (batch, tokens, in); gathered a: (batch, in, r), b: (batch, r, out).
-            # index_select gathers far faster than advanced indexing on CPU.
-            update = torch.bmm(torch.bmm(x, self.a.index_select(0, slots.rows)), self.b.index_select(0, slots.rows))
+            a, b = self._rows_weights(slots.rows)
+            update = torch.bmm(torch.bmm(x, a), b)
         return y + update.to(y.dtype)
+
+    def _rows_weights(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's a and b, gathered once and kept while the batch's rows
+        and the weights stay the same (copying them every decoding step was
+        the larger part of a mixed batch's LoRA cost)."""
+        if self._gathered is None or self._gathered[0] is not rows:
+            # index_select gathers far faster than advanced indexing on CPU.
+            self._gathered = (rows, self.a.index_select(0, rows), self.b.index_select(0, rows))
+        return self._gathered[1], self._gathered[2]
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: (in, r), b: (r, out), scale already applied."""
+        self._gathered = None
         rank = a.shape[1]
         if rank > self.rank:
             self._grow(rank)
@@ -97,6 +118,7 @@ class SlottedLoRALinear(nn.Module):
         self.active[slot] = True
 
     def clear_slot(self, slot: int) -> None:
+        self._gathered = None
         self.a[slot].zero_()
         self.b[slot].zero_()
         self.active[slot] = False
