@@ -121,7 +121,12 @@ def test_each_lora_path_adds_each_rows_own_update():
     for tokens in (1, 3):
         for slots in ([1, 1, 1, 1], [0, 0], [2, 2], [3, 0, 1, 3], [2, 0, 2], [1, 2]):
             check(slots, tokens)
-    # The same rows again keep their gathered weights, until a slot changes.
+    # The same rows again keep their gathered weights, until a slot changes;
+    # other rows drop them.
+    check([3, 0, 1, 3], 1)
+    assert set(row_slots.gathered) == {layer}
+    check([1, 1], 1)
+    assert row_slots.gathered == {}
     check([3, 0, 1, 3], 1)
     weights[1] = (torch.randn(6, 6), torch.randn(6, 5))  # replaced, by a rank the table must grow to
     layer.set_slot(1, *weights[1])

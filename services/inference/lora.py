@@ -43,19 +43,21 @@ _UNSUPPORTED_OPTIONS = {
 class RowSlots:
     """The adapter slot of each row of the batch being run, shared by every
     SlottedLoRALinear of a model. `uniform` is set when all rows share one
-    slot, which takes a plain matmul instead of the gathered one."""
+    slot, which takes a plain matmul instead of the gathered one. `gathered`
+    holds each layer's weights gathered for these rows; it goes when the
+    rows change, and with it their memory."""
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
         self.uniform: int | None = 0
+        self.gathered: dict[SlottedLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: list[int] = []
 
     def set(self, slots: list[int]) -> None:
-        # The same rows keep the same `rows` tensor, which the layers' gathered
-        # weights are keyed on: decoding steps run the same rows many times.
-        if slots == self._slots:
+        if slots == self._slots:  # the next decoding step of the same rows
             return
         self._slots = list(slots)
+        self.gathered = {}
         first = slots[0]
         if all(s == first for s in slots):
             self.uniform, self.rows = first, None
@@ -75,8 +77,6 @@ class SlottedLoRALinear(nn.Module):
         self.register_buffer("a", torch.zeros(capacity + 1, base.in_features, 0, device=device))
         self.register_buffer("b", torch.zeros(capacity + 1, 0, base.out_features, device=device))
         self.active = [False] * (capacity + 1)
-        # Each row's (a, b) for the rows tensor they were gathered for.
-        self._gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -92,22 +92,24 @@ class SlottedLoRALinear(nn.Module):
             update = (x @ self.a[slots.uniform]) @ self.b[slots.uniform]
         else:
             # x: (batch, tokens, in); gathered a: (batch, in, r), b: (batch, r, out).
-            a, b = self._rows_weights(slots.rows)
+            a, b = self._rows_weights()
             update = torch.bmm(torch.bmm(x, a), b)
         return y + update.to(y.dtype)
 
-    def _rows_weights(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's a and b, gathered once and kept while the batch's rows
         and the weights stay the same (copying them every decoding step was
         the larger part of a mixed batch's LoRA cost)."""
-        if self._gathered is None or self._gathered[0] is not rows:
+        gathered = self.row_slots.gathered.get(self)
+        if gathered is None:
+            rows = self.row_slots.rows
             # index_select gathers far faster than advanced indexing on CPU.
-            self._gathered = (rows, self.a.index_select(0, rows), self.b.index_select(0, rows))
-        return self._gathered[1], self._gathered[2]
+            gathered = self.row_slots.gathered[self] = (self.a.index_select(0, rows), self.b.index_select(0, rows))
+        return gathered
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: (in, r), b: (r, out), scale already applied."""
-        self._gathered = None
+        self.row_slots.gathered.pop(self, None)
         rank = a.shape[1]
         if rank > self.rank:
             self._grow(rank)
@@ -118,7 +120,7 @@ class SlottedLoRALinear(nn.Module):
         self.active[slot] = True
 
     def clear_slot(self, slot: int) -> None:
-        self._gathered = None
+        self.row_slots.gathered.pop(self, None)
         self.a[slot].zero_()
         self.b[slot].zero_()
         self.active[slot] = False
