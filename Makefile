@@ -32,12 +32,13 @@ test: install
 serve: install
 	$(BIN)/tunewire serve
 
-# Every benchmark, each against its baselines in the same run (about 20
+# Every benchmark, each against its baselines in the same run (about 50
 # minutes on 2 cores); tables and JSON in bench/results/.
 bench: install
 	$(BIN)/python -m bench.dataset_upload --megabytes 100
 	$(BIN)/python -m bench.training
 	$(BIN)/python -m bench.inference
+	$(BIN)/python -m bench.quality
 
 # Load test: concurrent streams and uploads while adapters are swapped; it
 # fails when a request that should succeed does not (report in bench/results/load.md).

@@ -206,10 +206,27 @@ def dataset_format_name(value: int) -> str:
 
 
 METHODS = {"lora": 1, "full": 2, "qlora": 3}
+SEARCH_MODES = {"auto": 0, "on": 1, "off": 2}
 
 
 def _hyperparameters(**given) -> dict:
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _numbers(value: str, kind, option: str) -> list:
+    try:
+        return [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"a comma-separated list of numbers, got {value!r}", param_hint=option) from None
+
+
+def _search(mode: str, max_trials: int, seconds: int, learning_rates: str, lora_ranks: str) -> dict:
+    if mode not in SEARCH_MODES:
+        raise typer.BadParameter(f"use one of {', '.join(SEARCH_MODES)}", param_hint="--search")
+    search = {"mode": SEARCH_MODES[mode], "max_trials": max_trials, "max_seconds": seconds}
+    search["learning_rates"] = _numbers(learning_rates, float, "--search-learning-rates")
+    search["lora_ranks"] = _numbers(lora_ranks, int, "--search-lora-ranks")
+    return search
 
 
 @jobs_app.command("create")
@@ -225,6 +242,15 @@ def jobs_create(
     eval_every_steps: int | None = typer.Option(None, help="validate every N steps (default: each epoch)"),
     early_stopping_patience: int | None = None,
     precision: str | None = typer.Option(None, help="auto (bfloat16 where the hardware computes it natively), float32 or bfloat16"),
+    forgetting_budget: float | None = typer.Option(
+        None, help="share of the base model's correct general answers that may be lost (default 0.1)"
+    ),
+    retention_weight: float | None = typer.Option(None, help="weight of the penalty that keeps general answers (default 3; 0: off)"),
+    search: str = typer.Option("auto", help="auto (search when --learning-rate is unset), on or off"),
+    max_trials: int = typer.Option(0, help="search trials at most (0: 3)"),
+    search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),
+    search_learning_rates: str = typer.Option("", help="learning rates to try, comma-separated (default: tunewire's)"),
+    search_lora_ranks: str = typer.Option("", help="LoRA ranks to try, comma-separated (default: the job's)"),
     workers: int = typer.Option(1, help="Ray Train workers"),
     gpu: bool = typer.Option(False, help="train on GPUs"),
     idempotency_key: str = typer.Option("", help="a retried create with the same key returns the same job"),
@@ -244,10 +270,14 @@ def jobs_create(
         eval_every_steps=eval_every_steps,
         early_stopping_patience=early_stopping_patience,
         precision=precision,
+        forgetting_budget=forgetting_budget,
+        retention_weight=retention_weight,
     )
+    plan = _search(search, max_trials, search_seconds, search_learning_rates, search_lora_ranks)
     with sdk.TrainingClient(address) as client, _api_errors():
-        job = client.create_job(base_model, dataset_id, given, workers, gpu, METHODS[method], idempotency_key)
-        console.print(f"job [bold]{job.id}[/bold] queued; chosen for you: {', '.join(job.auto_hyperparameters) or 'nothing'}")
+        job = client.create_job(base_model, dataset_id, given, workers, gpu, METHODS[method], idempotency_key, plan)
+        searched = " (the learning rate by a search)" if "learning_rate" in job.auto_hyperparameters and search != "off" else ""
+        console.print(f"job [bold]{job.id}[/bold] queued; chosen for you{searched}: {', '.join(job.auto_hyperparameters) or 'nothing'}")
         if follow:
             _follow(client, job.id, plot)
 
@@ -259,15 +289,22 @@ def jobs_estimate(
     method: str = typer.Option("lora", help="lora, full or qlora"),
     epochs: int | None = None,
     batch_size: int | None = None,
+    learning_rate: float | None = None,
+    search: str = typer.Option("auto", help="auto, on or off"),
+    max_trials: int = typer.Option(0, help="search trials at most (0: 3)"),
+    search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),
     workers: int = 1,
     gpu: bool = False,
     address: str = TRAINING,
 ) -> None:
-    """Tokens, steps, memory and time a job would take, before running it."""
+    """Tokens, steps, memory and time a job would take (its search included), before running it."""
+    given = _hyperparameters(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
+    plan = _search(search, max_trials, search_seconds, "", "")
     with sdk.TrainingClient(address) as client, _api_errors():
-        e = client.estimate(base_model, dataset_id, _hyperparameters(epochs=epochs, batch_size=batch_size), workers, gpu, METHODS[method])
+        e = client.estimate(base_model, dataset_id, given, workers, gpu, METHODS[method], search=plan)
+    runs = f"; a search of {e.trials} trials of up to that many steps each, within {e.search_max_seconds:,} s" if e.trials > 1 else ""
     console.print(
-        f"{e.train_rows:,} training rows, {e.train_tokens:,} tokens; {e.steps:,} steps of {e.resolved_hyperparameters.batch_size} rows x {workers} worker(s)"
+        f"{e.train_rows:,} training rows, {e.train_tokens:,} tokens; {e.steps:,} steps of {e.resolved_hyperparameters.batch_size} rows x {workers} worker(s){runs}"
     )
     console.print(
         f"{e.parameters:,} parameters, {e.trainable_parameters:,} trained; about {e.memory_bytes_per_worker / 2**30:.1f} GiB per worker"
@@ -470,11 +507,12 @@ def keys_revoke(key_id: str, file: Path = KEYS_FILE) -> None:
 
 @app.command()
 def demo(
-    workers: int = typer.Option(2, help="Ray Train workers"),
+    workers: int = typer.Option(1, help="Ray Train workers per trial (on 2 cores one is as fast as two)"),
     home: Path = typer.Option(Path(".tunewire"), envvar="TUNEWIRE_HOME", help="where the services keep their data"),
 ) -> None:
-    """Upload a bundled dataset, fine-tune SmolLM2 on it with Ray Train, wait for
-    the inference service to hot-load the adapter, and compare answers."""
+    """Upload a bundled fact-teaching dataset, fine-tune SmolLM2 on it with no
+    hyperparameters set (searched on Ray Tune, forgetting guarded), wait for the
+    inference service to hot-load the adapter, and compare answers."""
     from tunewire.clients.demo import run_demo
 
     raise typer.Exit(run_demo(console, home=home, workers=workers))

@@ -279,14 +279,24 @@ class TrainingClient(_Client):
         use_gpu: bool = False,
         method: int = training_pb2.TRAINING_METHOD_LORA,
         idempotency_key: str = "",
+        search: dict | None = None,
     ) -> training_pb2.Job:
-        """Queues a job; a retry with the same idempotency_key returns the same job."""
-        spec = self.spec(base_model, dataset_id, hyperparameters, num_workers, use_gpu, method)
+        """Queues a job; a retry with the same idempotency_key returns the same
+        job. Hyperparameters left unset are chosen for you (the learning rate
+        by a search, unless `search` says otherwise: SearchConfig fields, e.g.
+        {"max_trials": 2} or {"mode": training_pb2.SEARCH_MODE_OFF})."""
+        spec = self.spec(base_model, dataset_id, hyperparameters, num_workers, use_gpu, method, search)
         return self._call(self.stub.CreateJob, training_pb2.CreateJobRequest(spec=spec, idempotency_key=idempotency_key)).job
 
     @staticmethod
     def spec(
-        base_model, dataset_id, hyperparameters=None, num_workers=1, use_gpu=False, method=training_pb2.TRAINING_METHOD_LORA
+        base_model,
+        dataset_id,
+        hyperparameters=None,
+        num_workers=1,
+        use_gpu=False,
+        method=training_pb2.TRAINING_METHOD_LORA,
+        search: dict | None = None,
     ) -> training_pb2.JobSpec:
         return training_pb2.JobSpec(
             base_model=base_model,
@@ -294,6 +304,7 @@ class TrainingClient(_Client):
             method=method,
             hyperparameters=training_pb2.Hyperparameters(**(hyperparameters or {})),
             compute=training_pb2.ComputeConfig(num_workers=num_workers, use_gpu=use_gpu),
+            search=training_pb2.SearchConfig(**(search or {})),
         )
 
     def estimate(
@@ -305,9 +316,11 @@ class TrainingClient(_Client):
         use_gpu: bool = False,
         method: int = training_pb2.TRAINING_METHOD_LORA,
         timeout: float | None = 300,
+        search: dict | None = None,
     ) -> training_pb2.EstimateJobResponse:
-        """Tokens, steps, parameters, memory and ETA of a job, before running it."""
-        spec = self.spec(base_model, dataset_id, hyperparameters, num_workers, use_gpu, method)
+        """Tokens, steps, parameters, memory and ETA of a job (its search
+        included), before running it."""
+        spec = self.spec(base_model, dataset_id, hyperparameters, num_workers, use_gpu, method, search)
         return self._call(self.stub.EstimateJob, training_pb2.EstimateJobRequest(spec=spec), timeout)
 
     def cancel_job(self, job_id: str) -> training_pb2.Job:

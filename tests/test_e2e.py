@@ -7,12 +7,17 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tunewire.clients.demo import HELD_OUT_PROMPTS, HYPERPARAMETERS, demo_dataset
+from tunewire.clients.demo import demo_data
 from tunewire.clients.local_stack import LocalStack
 from tunewire.clients.sdk import DatasetClient, InferenceClient, TrainingClient
 from tunewire.v1 import training_pb2
 
 pytestmark = pytest.mark.e2e
+
+# Every hyperparameter set: the job trains once (no search). The pirate set
+# teaches a style, so prompts the dataset never saw show whether it was learned.
+HYPERPARAMETERS = {"learning_rate": 1e-3, "epochs": 3, "lora_rank": 8}
+HELD_OUT_PROMPTS = ["What is the capital of Italy?", "What is 12 plus 30?"]
 
 
 def test_upload_finetune_hotload_generate(tmp_path):
@@ -26,7 +31,7 @@ def test_upload_finetune_hotload_generate(tmp_path):
             TrainingClient(stack.address("training")) as training,
             InferenceClient(stack.address("inference")) as inference,
         ):
-            dataset = datasets.upload(demo_dataset(), name="pirate").dataset
+            dataset = datasets.upload(demo_data("pirate.jsonl"), name="pirate").dataset
             assert dataset.row_count == 100
 
             # A request id sent to the orchestrator reaches the dataset service's logs.

@@ -2,6 +2,7 @@
 an adapter that a real TrainingService publishes, while requests run."""
 
 import concurrent.futures
+import json
 import time
 
 import grpc
@@ -153,3 +154,25 @@ def test_a_cancelled_stream_leaves_the_batch(services, tiny_model_dir):
         time.sleep(0.01)
     assert client.loaded_adapters().adapters[0].requests_in_flight == 0
     assert client.generate("hello", max_new_tokens=4, adapter="slow").completion_tokens == 4
+
+
+def test_an_adapter_over_its_forgetting_budget_is_published_but_not_hot_loaded(services):
+    training, inference, model_dir, tmp_path = services
+    report = tmp_path / "prepared" / "evaluation.json"
+    report.write_text(json.dumps({"within_forgetting_budget": False}))
+    held = training.create_job(model_dir, "ds-1", {"learning_rate": 1e-3})
+    list(training.stream_events(held.id, timeout=60))
+    held = training.get_job(held.id)
+    assert held.state == training_pb2.JOB_STATE_SUCCEEDED
+    assert {a.id: a.held_back for a in training.list_adapters()} == {held.adapter_id: True}
+    # The next adapter, within its budget, is hot-loaded: the held-back one was seen and passed over.
+    report.write_text(json.dumps({"within_forgetting_budget": True}))
+    kept = training.create_job(model_dir, "ds-1", {"learning_rate": 1e-3})
+    list(training.stream_events(kept.id, timeout=60))
+    kept = training.get_job(kept.id)
+    inference.wait_for_adapter(kept.adapter_id, timeout=60)
+    assert [a.id for a in inference.loaded_adapters().adapters] == [kept.adapter_id]
+    # Asked for explicitly, the held-back adapter is served.
+    uri = next(a.uri for a in training.list_adapters() if a.id == held.adapter_id)
+    inference.load_adapter(held.adapter_id, uri)
+    assert inference.generate("the quick brown fox", max_new_tokens=4, adapter=held.adapter_id).text

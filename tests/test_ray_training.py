@@ -42,17 +42,27 @@ def make_job(
     workers: int = 2,
     method: str = "lora",
     labels=(),
+    search: dict | None = None,
     **hyperparameters,
 ) -> Job:
     splits = ["validation" if i % 5 == 0 else "test" if i % 5 == 1 else "train" for i in range(len(rows))]
     table = pa.Table.from_pylist([{**r, "split": s} for r, s in zip(rows, splits, strict=True)])
     pq.write_table(table, tmp_path / "data.parquet")
     count = {s: splits.count(s) for s in ("train", "validation", "test")}
-    config = resolve_config({"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, **hyperparameters}, count["train"], method)
+    # A hyperparameter given as None is left unset (a search chooses it).
+    given = {k: v for k, v in {"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, **hyperparameters}.items() if v is not None}
+    config = resolve_config(given, count["train"], method)
     return Job(
         id=f"job-{tmp_path.name}",  # one per test: checkpoints are found by job id
         state="RUNNING",
-        spec={"base_model": str(model_dir), "num_workers": workers, "use_gpu": False, "method": method},
+        spec={
+            "base_model": str(model_dir),
+            "num_workers": workers,
+            "use_gpu": False,
+            "method": method,
+            "hyperparameters": given,
+            "search": search or {},
+        },
         config=config.to_dict(),
         dataset={
             "uri": str(tmp_path / "data.parquet"),
@@ -225,3 +235,70 @@ def test_rows_truncated_to_nothing_are_the_users_error(runner, tiny_model_dir, t
     with pytest.raises(JobFailed) as caught:
         asyncio.run(train(runner, job))
     assert caught.value.user_error and "max_seq_length=16" in str(caught.value)
+
+
+def test_a_search_runs_its_trials_on_ray_tune_and_publishes_the_best(runner, tiny_model_dir, tmp_path):
+    # The learning rate left unset: a search of two candidates, one of which cannot learn in two epochs.
+    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, learning_rate=None, search={"learning_rates": [5e-3, 1e-6]})
+    events, files = asyncio.run(train(runner, job))
+    trials = of(events, "trial")
+    assert {t["run"] for t in trials} == {"trial-1", "trial-2"}
+    assert [t["learning_rate"] for t in trials if t["run"] == "trial-2"][0] == 1e-6
+    assert {t["state"] for t in trials} >= {"RUNNING", "DONE"}
+    assert {e["run"] for e in of(events, "eval")} == {"trial-1", "trial-2"} and {s["run"] for s in of(events, "step")} == {
+        "trial-1",
+        "trial-2",
+    }
+    [evaluation] = of(events, "evaluation")
+    assert evaluation["run"] == "trial-1" and evaluation["learning_rate"] == 5e-3
+    assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
+    best = min((e for e in of(events, "eval") if e["run"] == "trial-1"), key=lambda e: e["loss"])
+    assert evaluation["best_step"] == best["step"] and evaluation["best_validation_loss"] == pytest.approx(best["loss"])
+    assert json.loads(files["evaluation.json"]) == evaluation
+    assert json.loads(files["tunewire_adapter.json"])["run"] == "trial-1"
+    checkpoints = runner.checkpoints(job.id)
+    assert {c["run"] for c in checkpoints} == {"trial-1", "trial-2"}
+
+
+def test_no_checkpoint_within_the_budget_publishes_the_least_forgetting_and_says_so(runner, tiny_model_dir, tmp_path):
+    # One token over and over, learnt by full fine-tuning at a high learning
+    # rate with no retention penalty: the model comes to predict little else,
+    # so the reference text's perplexity rises far over a budget of zero.
+    rows = [{"text": "zq " * 24 + str(i)} for i in range(60)]
+    job = make_job(
+        tmp_path,
+        tiny_model_dir,
+        rows,
+        fmt="text",
+        workers=1,
+        method="full",
+        epochs=3,
+        learning_rate=5e-2,
+        warmup_fraction=0.0,
+        precision="float32",
+        forgetting_budget=0.0,
+        retention_weight=0.0,
+    )
+    events, files = asyncio.run(train(runner, job))
+    [evaluation] = of(events, "evaluation")
+    assert evaluation["within_forgetting_budget"] is False
+    assert any(d["kind"] == "over_budget" for d in of(events, "diagnostic"))
+    assert any(e.get("within_forgetting_budget") is False for e in of(events, "eval"))
+    over = [c for c in runner.checkpoints(job.id)]
+    assert over and not any(c["within_budget"] for c in over)
+
+
+def test_a_cancelled_search_resumes_its_trials_where_they_stopped(runner, tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=4, learning_rate=None, search={"learning_rates": [5e-3, 1e-3]})
+    with pytest.raises(JobCancelled):
+        asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint" and data["step"] >= 10))
+    saved = {c["run"]: c["step"] for c in runner.checkpoints(job.id)}
+    assert saved.get("trial-1", 0) >= 10
+    # Run again (as after an orchestrator restart): Tune's saved state is
+    # restored and the interrupted trial goes on from its checkpoint.
+    events, files = asyncio.run(train(runner, job))
+    steps = [s["step"] for s in of(events, "step") if s["run"] == "trial-1"]
+    assert steps and steps[0] == saved["trial-1"] + 1 and steps[-1] == 36  # 4 epochs of 9 steps
+    [evaluation] = of(events, "evaluation")
+    assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
+    assert "adapter_model.safetensors" in files

@@ -90,3 +90,49 @@ def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_
     epoch_start = (resumed_at[0] // 12) * 12  # 48 training rows, batches of 4: 12 steps an epoch
     assert resumed[0].step == epoch_start + 1 and resumed[-1].step == job.latest_step.total_steps
     assert resumed[0].loss < first_run[0].loss - 0.2
+
+
+def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model_dir):
+    """The same for a job whose learning rate is searched: Ray Tune's saved
+    state is restored, the interrupted trial resumes from its checkpoint and
+    the search ends with every trial in the report."""
+    env = {
+        "TUNEWIRE_HOME": str(tmp_path / "home"),
+        "TUNEWIRE_DATASET_PORT": "50263",
+        "TUNEWIRE_TRAINING_PORT": "50264",
+        "TUNEWIRE_MODEL_ROOTS": str(tiny_model_dir),
+    }
+    rows = "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."}) + "\n" for i in range(60)).encode()
+    hyperparameters = {"epochs": 6, "batch_size": 4, "eval_every_steps": 2, "early_stopping_patience": 0, "warmup_fraction": 0.0}
+    with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
+        with DatasetClient(datasets.address("dataset")) as client:
+            dataset = client.upload(rows, name="sums").dataset
+        first = LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs")
+        with first, TrainingClient(first.address("training")) as training:
+            job = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters, search={"learning_rates": [1e-2, 5e-3]})
+            checkpoint_step = None
+            for event in training.stream_events(job.id, timeout=300):
+                if event.WhichOneof("event") == "checkpoint" and event.checkpoint.run == "trial-1" and event.checkpoint.step >= 4:
+                    checkpoint_step = event.checkpoint.step
+                    break
+            first.processes["training"].kill()
+            first.processes["training"].wait()
+        assert checkpoint_step is not None
+        with (
+            LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs") as second,
+            TrainingClient(second.address("training")) as training,
+        ):
+            events = list(training.stream_events(job.id, timeout=600))
+            job = training.get_job(job.id)
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    restart = max(i for i, e in enumerate(events) if e.WhichOneof("event") == "log" and "orchestrator running this job stopped" in e.log)
+    after = events[restart:]
+    logs = [e.log for e in after if e.WhichOneof("event") == "log"]
+    resumed_at = [int(m.group(1)) for line in logs if (m := re.search(r"resumed from the checkpoint of step (\d+)", line))]
+    assert resumed_at and resumed_at[0] >= checkpoint_step, logs
+    # trial-1 went on from its checkpoint: its epoch again from the first
+    # batch (48 training rows, batches of 4: 12 steps an epoch), with the trained weights.
+    first_run = [e.step for e in events[:restart] if e.WhichOneof("event") == "step" and e.step.run == "trial-1"]
+    resumed = [e.step for e in after if e.WhichOneof("event") == "step" and e.step.run == "trial-1"]
+    assert resumed[0].step == (resumed_at[0] // 12) * 12 + 1 and resumed[0].loss < first_run[0].loss - 0.2
+    assert [t.run for t in job.evaluation.trials] == ["trial-1", "trial-2"]

@@ -51,3 +51,32 @@ def test_steps_per_epoch_counts_each_workers_share():
     config = resolve_config({"batch_size": 8}, train_rows=100)
     assert config.steps_per_epoch(100, 2) == 7  # 50 rows per worker
     assert config.steps_per_epoch(100, 1) == 13
+
+
+def test_a_job_searches_when_its_learning_rate_is_unset():
+    from tunewire.services.training.config import DEFAULT_MAX_TRIALS, SEARCH_LEARNING_RATES, resolve_search
+
+    plan = resolve_search({}, {}, "lora", 40)
+    assert [c["learning_rate"] for c in plan.candidates] == SEARCH_LEARNING_RATES["lora"][:DEFAULT_MAX_TRIALS]
+    assert resolve_search({}, {"learning_rate": 1e-3}) is None  # every searched value set: it trains once
+    assert resolve_search({"mode": "off"}, {}) is None
+    # On, with a learning rate set: the ranks are searched at that rate.
+    ranks = resolve_search({"mode": "on", "lora_ranks": [4, 16]}, {"learning_rate": 1e-3})
+    assert [(c["learning_rate"], c["lora_rank"]) for c in ranks.candidates] == [(1e-3, 4), (1e-3, 16)]
+    # The trial budget takes the candidates in order.
+    one = resolve_search({"max_trials": 1, "learning_rates": [1e-3, 2e-3]}, {}, "lora", 40)
+    assert [c["learning_rate"] for c in one.candidates] == [1e-3]
+
+
+def test_a_bad_search_is_refused_naming_each_field():
+    from tunewire.services.training.config import resolve_search
+
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_search({"max_trials": 1000, "max_seconds": 5, "learning_rates": [2.0]}, {})
+    assert {v.field for v in caught.value.violations} == {"spec.search.max_trials", "spec.search.max_seconds", "spec.search.learning_rates"}
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_search({"learning_rates": [1e-3]}, {"learning_rate": 1e-3})
+    assert [v.field for v in caught.value.violations] == ["spec.search.learning_rates"]
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_search({"lora_ranks": [8]}, {}, "full")
+    assert [v.field for v in caught.value.violations] == ["spec.search.lora_ranks"]

@@ -157,6 +157,19 @@ def test_invalid_jobs_are_refused_naming_the_field(tmp_path):
         assert caught.value.violations[0].field == "spec.hyperparameters.lora_rank"
 
 
+def test_a_bad_search_is_refused_naming_its_field(tmp_path):
+    server, _ = make_service(tmp_path, FakeRunner())
+    with server, TrainingClient(server.address) as client:
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", search={"max_trials": 1000, "max_seconds": 5})
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert {v.field for v in caught.value.violations} == {"spec.search.max_trials", "spec.search.max_seconds"}
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", {"forgetting_budget": 2.0})
+        assert [v.field for v in caught.value.violations] == ["spec.hyperparameters.forgetting_budget"]
+        assert client.list_jobs() == []
+
+
 def test_failed_job_carries_its_reason(tmp_path):
     server, _ = make_service(tmp_path, FakeRunner(fail=JobFailed("sequence too long for the model", user_error=True)))
     with server, TrainingClient(server.address) as client:

@@ -213,5 +213,16 @@ def test_estimate_counts_parameters_tokens_and_steps(tiny_model_dir, tmp_path):
     assert estimate["parameters"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert 0 < estimate["trainable_parameters"] < estimate["parameters"]
     assert estimate["steps"] == 10 and estimate["train_tokens"] > 40
-    assert estimate["eta_seconds"] == pytest.approx(estimate["train_tokens"] * 2 / 100.0)
     assert estimate["memory_bytes_per_worker"] > estimate["parameters"] * 4
+    # Without the forgetting guard's retention examples, time is the task's tokens alone...
+    plain = estimate_job(spec, dataset, 2, resolve_config({"epochs": 2, "batch_size": 4, "retention_weight": 0}, 40), 100.0)
+    assert plain["eta_seconds"] == pytest.approx(plain["train_tokens"] * 2 / 100.0)
+    # ...with them (the default for generative tasks) each batch carries more.
+    assert estimate["eta_seconds"] > plain["eta_seconds"] * 1.5
+    # A search: at most its trials, and never past its time budget.
+    from tunewire.services.training.config import SearchPlan
+
+    plan = SearchPlan([{"learning_rate": 1e-3}, {"learning_rate": 2e-3}], max_seconds=60, max_concurrent_trials=0)
+    searched = estimate_job(spec, dataset, 2, config, 100.0, plan=plan)
+    assert searched["trials"] == 2 and searched["search_max_seconds"] == 60
+    assert searched["eta_seconds"] == pytest.approx(min(estimate["eta_seconds"] * 2, 60))

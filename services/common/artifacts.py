@@ -105,6 +105,12 @@ class ArtifactStore:
             self.fs.rm(path, recursive=True)
 
 
+def read_text(uri: str) -> str:
+    """A small file of the store (or any fsspec URL), read whole."""
+    with fsspec.open(uri, "r") as f:
+        return f.read()
+
+
 def _is_local(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols

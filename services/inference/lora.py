@@ -24,13 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunewire.services.common import layout
 from tunewire.services.common.errors import InvalidArgument
 
 CAUSAL_LM, SEQ_CLS = "CAUSAL_LM", "SEQ_CLS"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-# Written beside the weights by the orchestrator: the class labels, the job.
-METADATA_FILE = "tunewire_adapter.json"
 _PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA",
@@ -161,15 +158,15 @@ def read_adapter(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
+    config_path, weights_path = adapter_dir / layout.ADAPTER_CONFIG, adapter_dir / layout.ADAPTER_WEIGHTS
     if not config_path.is_file():
-        raise InvalidArgument.field("source", f"no {CONFIG_FILE}: not a PEFT adapter directory")
+        raise InvalidArgument.field("source", f"no {layout.ADAPTER_CONFIG}: not a PEFT adapter directory")
     if not weights_path.is_file():
-        raise InvalidArgument.field("source", f"no {WEIGHTS_FILE}: only safetensors weights are loaded")
+        raise InvalidArgument.field("source", f"no {layout.ADAPTER_WEIGHTS}: only safetensors weights are loaded")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument.field("source", f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+        raise InvalidArgument.field("source", f"{layout.ADAPTER_CONFIG} is not valid JSON: {exc}") from None
     if config.get("peft_type") != "LORA":
         raise InvalidArgument.field("source", f"adapter type {config.get('peft_type')!r}: only LORA adapters are served")
     task_type = config.get("task_type") or CAUSAL_LM
@@ -184,7 +181,7 @@ def read_adapter(
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise InvalidArgument.field("source", f"{WEIGHTS_FILE} is unreadable: {exc}") from None
+        raise InvalidArgument.field("source", f"{layout.ADAPTER_WEIGHTS} is unreadable: {exc}") from None
 
     alpha_default = config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -251,7 +248,7 @@ def _find(linears: dict[str, nn.Linear], name: str, prefixes: tuple[str, ...]) -
 
 
 def _labels(adapter_dir: Path, num_labels: int) -> list[str]:
-    metadata = adapter_dir / METADATA_FILE
+    metadata = adapter_dir / layout.ADAPTER_METADATA
     if metadata.is_file():
         labels = json.loads(metadata.read_text()).get("labels") or []
         if len(labels) == num_labels:

@@ -49,6 +49,10 @@ class AdapterWatcher:
         if adapter.base_model != self.manager.base_model:
             log.debug("adapter %s is for %s, not %s: skipped", adapter.id, adapter.base_model, self.manager.base_model)
             return
+        if adapter.held_back:
+            # Its job forgot more than its budget allows: served only when asked (LoadAdapter).
+            log.info("adapter %s is held back (over its forgetting budget): not hot-loaded", adapter.id)
+            return
         try:
             await self.manager.load_adapter(
                 adapter.id, adapter.uri, adapter.create_time.ToDatetime(tzinfo=dt.UTC), project=adapter.project or DEFAULT_PROJECT

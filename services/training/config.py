@@ -42,6 +42,13 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     # auto: bfloat16 autocast where the hardware computes bfloat16 natively.
     precision: str = "auto"
+    # At most this share of the base model's correct general-probe answers
+    # may be lost, and the reference perplexity may rise by at most this
+    # share; checkpoints and trials are chosen among those within it.
+    forgetting_budget: float = 0.1
+    # Weight of the KL penalty that keeps the base model's answers to general
+    # prompts (generative tasks); 0 turns it off.
+    retention_weight: float = 3.0
     auto: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -75,6 +82,8 @@ DEFAULTS = dict(
     gradient_checkpointing=False,
     keep_checkpoints=2,
     precision="auto",
+    forgetting_budget=0.1,
+    retention_weight=3.0,
 )
 # Full fine-tuning moves every weight: a far smaller step than LoRA's.
 FULL_LEARNING_RATE = 2e-5
@@ -103,6 +112,8 @@ _CHECKS = {
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "must be true or false"),
     "keep_checkpoints": (lambda v: 1 <= v <= 100, "must be in [1, 100]"),
     "precision": (lambda v: v in PRECISIONS, "must be one of " + ", ".join(PRECISIONS)),
+    "forgetting_budget": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a share: 0.1 allows 10% of the base's correct probe answers lost)"),
+    "retention_weight": (lambda v: 0 <= v <= 100, "must be in [0, 100] (0 turns the retention penalty off)"),
 }
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 
@@ -141,3 +152,81 @@ def check_compute(num_workers: int, use_gpu: bool) -> int:
     if not 1 <= workers <= MAX_WORKERS:
         raise InvalidArgument.field("spec.compute.num_workers", f"must be in [1, {MAX_WORKERS}], got {num_workers}")
     return workers
+
+
+# Hyperparameter search: when a job leaves the learning rate unset (or asks
+# for a search), its trials are Ray Tune trials of the same training loop.
+SEARCH_AUTO, SEARCH_ON, SEARCH_OFF = "auto", "on", "off"
+SEARCH_MODES = (SEARCH_AUTO, SEARCH_ON, SEARCH_OFF)
+# The learning rates tried, most promising first (the first trial sets the
+# bar the early-stopping scheduler holds the others to).
+SEARCH_LEARNING_RATES = {LORA: [2e-3, 1e-3, 4e-3], QLORA: [2e-3, 1e-3, 4e-3], FULL: [2e-5, 6e-5, 7e-6]}
+DEFAULT_MAX_TRIALS = 3
+DEFAULT_SEARCH_SECONDS = 360
+MAX_TRIALS = 64
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """The trials of a search: each one's hyperparameters over the job's
+    resolved config, and the budget they share."""
+
+    candidates: list[dict]
+    max_seconds: int
+    max_concurrent_trials: int = 0  # 0: as many as the cluster has room for
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchPlan:
+        return cls(**data)
+
+
+def resolve_search(search: dict, given: dict, method: str = LORA, train_rows: int = 0) -> SearchPlan | None:
+    """The search a job runs, or None to train once. `search` holds the
+    SearchConfig fields the caller set, `given` the hyperparameters."""
+    mode = search.get("mode") or SEARCH_AUTO
+    violations = []
+
+    def bad(name: str, rule: str) -> None:
+        violations.append(FieldViolation(f"spec.search.{name}", rule))
+
+    if mode not in SEARCH_MODES:
+        bad("mode", f"must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    max_trials = search.get("max_trials") or DEFAULT_MAX_TRIALS
+    if not 1 <= max_trials <= MAX_TRIALS:
+        bad("max_trials", f"must be in [1, {MAX_TRIALS}] (0: {DEFAULT_MAX_TRIALS}), got {max_trials}")
+    max_seconds = search.get("max_seconds") or DEFAULT_SEARCH_SECONDS
+    if not 30 <= max_seconds <= 7 * 86400:
+        bad("max_seconds", f"must be in [30, 604800] (0: {DEFAULT_SEARCH_SECONDS}), got {max_seconds}")
+    concurrent = search.get("max_concurrent_trials") or 0
+    if not 0 <= concurrent <= MAX_TRIALS:
+        bad("max_concurrent_trials", f"must be in [0, {MAX_TRIALS}] (0: as the cluster has room), got {concurrent}")
+    rates, ranks = search.get("learning_rates") or [], search.get("lora_ranks") or []
+    if not all(0 < r <= 1 for r in rates):
+        bad("learning_rates", f"each must be in (0, 1], got {rates}")
+    if not all(1 <= r <= 1024 for r in ranks):
+        bad("lora_ranks", f"each must be in [1, 1024], got {ranks}")
+    if ranks and method == FULL:
+        bad("lora_ranks", "applies to LoRA only; the job's method is full fine-tuning")
+    for name, values, fixed in (("learning_rates", rates, "learning_rate"), ("lora_ranks", ranks, "lora_rank")):
+        if values and fixed in given:
+            bad(name, f"hyperparameters.{fixed} is set: leave it unset to search it")
+    if mode == SEARCH_OFF and (rates or ranks):
+        bad("mode", "is off, but candidate values are given: set mode on (or leave it unset)")
+    if violations:
+        raise InvalidArgument("invalid search: " + "; ".join(f"{v.field} {v.description}" for v in violations), violations)
+    if mode == SEARCH_OFF or (mode == SEARCH_AUTO and "learning_rate" in given and not ranks):
+        return None
+    rates = [given["learning_rate"]] if "learning_rate" in given else rates or SEARCH_LEARNING_RATES[method]
+    grid = [(i + j, rate, rank) for i, rate in enumerate(dict.fromkeys(rates)) for j, rank in enumerate(dict.fromkeys(ranks or [0]))]
+    candidates = []
+    # Spread over both lists first when the budget cannot take every pair.
+    epochs = {} if "epochs" in given else {"epochs": auto_epochs(train_rows)}
+    for _, rate, rank in sorted(grid, key=lambda g: g[0]):
+        candidate = {"learning_rate": rate} | epochs
+        if rank:
+            candidate |= {"lora_rank": rank} | ({} if "lora_alpha" in given else {"lora_alpha": 2.0 * rank})
+        candidates.append(candidate)
+    return SearchPlan(candidates[:max_trials], max_seconds, concurrent)

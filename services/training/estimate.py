@@ -5,21 +5,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunewire.services.training.config import CLASSIFY, FULL, TASK_OF_FORMAT, TrainingConfig
+from tunewire.services.training.config import CLASSIFY, FULL, TASK_OF_FORMAT, SearchPlan, TrainingConfig
 
 SAMPLE_ROWS = 2000
 BYTES_PER_PARAMETER = 4  # float32 weights
 
 
 def estimate_job(
-    spec, dataset, workers: int, config: TrainingConfig, measured_tokens_per_second: float, model_cache: Path | None = None
+    spec,
+    dataset,
+    workers: int,
+    config: TrainingConfig,
+    measured_tokens_per_second: float,
+    model_cache: Path | None = None,
+    plan: SearchPlan | None = None,
 ) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from tunewire.services.common.models import resolve_model
-    from tunewire.services.training import tasks
-    from tunewire.services.training.train_loop import read_split
+    from tunewire.services.training import general, tasks
+    from tunewire.services.training.recipe import RETENTION_PER_ROW, read_split
 
     task = TASK_OF_FORMAT[dataset.format]
     path = resolve_model(spec.base_model, model_cache or Path.home() / ".cache" / "tunewire" / "models")
@@ -32,6 +38,12 @@ def estimate_job(
         )
         sample_tokens += batch.real_tokens
     train_tokens = round(sample_tokens * dataset.train_rows / max(len(rows), 1))
+    # Each batch of a generative task also carries the base model's general answers (retention).
+    retention_tokens = 0
+    if task != CLASSIFY and config.retention_weight > 0:
+        prompts = general.retention_prompts()
+        per_example = sum(len(general.prompt_ids(tokenizer, p)) for p in prompts) / len(prompts) + general.RETENTION_ANSWER_TOKENS
+        retention_tokens = round(dataset.train_rows * RETENTION_PER_ROW * per_example)
 
     # Parameters without allocating weights: the model built on the meta device.
     model_config = AutoConfig.from_pretrained(path)
@@ -56,12 +68,15 @@ def estimate_job(
     # roughly 16 saved values per hidden unit per layer per token of activations.
     activations = tokens_per_batch * hidden * layers * 16 * BYTES_PER_PARAMETER // (4 if config.gradient_checkpointing else 1)
     memory = parameters * BYTES_PER_PARAMETER + trainable * BYTES_PER_PARAMETER * 3 + activations
-    tokens_to_process = train_tokens * config.epochs
+    tokens_to_process = (train_tokens + retention_tokens) * config.epochs
+    trials = len(plan.candidates) if plan else 1
     if measured_tokens_per_second > 0:
-        eta, basis = (
-            tokens_to_process / measured_tokens_per_second,
-            f"measured {measured_tokens_per_second:,.0f} tokens/s on earlier jobs of this model, method and worker count",
-        )
+        eta = tokens_to_process / measured_tokens_per_second
+        basis = f"measured {measured_tokens_per_second:,.0f} tokens/s on earlier jobs of this model, method and worker count"
+        if plan:
+            # The scheduler stops trailing trials early: this is the most it takes.
+            eta = min(eta * trials, plan.max_seconds)
+            basis += f"; at most {trials} trials within the search's {plan.max_seconds} s"
     else:
         eta, basis = 0.0, "no earlier job of this model, method and worker count has run yet: no throughput measured"
     return {
@@ -74,4 +89,6 @@ def estimate_job(
         "eta_seconds": eta,
         "measured_tokens_per_second": measured_tokens_per_second,
         "eta_basis": basis,
+        "trials": trials,
+        "search_max_seconds": plan.max_seconds if plan else 0,
     }

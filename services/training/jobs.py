@@ -19,7 +19,7 @@ from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import check_requested_model
 from tunewire.services.training import config as training_config
-from tunewire.services.training.config import TrainingConfig
+from tunewire.services.training.config import SearchPlan, TrainingConfig
 from tunewire.services.training.store import (
     CANCELLED,
     FINAL_STATES,
@@ -62,6 +62,7 @@ class JobSpec:
     dataset_id: str
     method: str = training_config.LORA
     hyperparameters: dict = field(default_factory=dict)  # only the fields the caller set
+    search: dict = field(default_factory=dict)  # the SearchConfig fields the caller set
     num_workers: int = 1
     use_gpu: bool = False
     idempotency_key: str = ""
@@ -115,9 +116,9 @@ class JobManager:
         self._cancel_events: dict[str, asyncio.Event] = {}
         self.model_cache = model_cache
 
-    async def _checked(self, spec: JobSpec, dataset: DatasetRef | None = None) -> tuple[int, TrainingConfig]:
-        """Workers and resolved config of a valid spec; InvalidArgument or
-        FailedPrecondition naming what is wrong otherwise."""
+    async def _checked(self, spec: JobSpec, dataset: DatasetRef | None = None) -> tuple[int, TrainingConfig, SearchPlan | None]:
+        """Workers, resolved config and search plan of a valid spec;
+        InvalidArgument or FailedPrecondition naming what is wrong otherwise."""
         check_requested_model(spec.base_model, "spec.base_model", self.model_roots)
         if spec.method not in training_config.METHODS:
             raise InvalidArgument.field("spec.method", f"unsupported method {spec.method!r}: use one of {training_config.METHODS}")
@@ -133,7 +134,8 @@ class JobManager:
             raise FailedPrecondition(
                 f"dataset {dataset.id} has {dataset.train_rows} training rows, fewer than the {workers} workers: add rows or use fewer workers"
             )
-        return workers, training_config.resolve_config(spec.hyperparameters, dataset.train_rows, spec.method)
+        config = training_config.resolve_config(spec.hyperparameters, dataset.train_rows, spec.method)
+        return workers, config, training_config.resolve_search(spec.search, spec.hyperparameters, spec.method, dataset.train_rows)
 
     async def create(self, spec: JobSpec) -> Job:
         # Keys are the project's own: another project's key never finds this job.
@@ -150,7 +152,7 @@ class JobManager:
             )
         job_id = "job-" + uuid.uuid4().hex[:16]
         dataset = await self.datasets.acquire(spec.project, spec.dataset_id, job_id)
-        workers, resolved = await self._checked(spec, dataset)
+        workers, resolved, _ = await self._checked(spec, dataset)
         job, created = self.store.create(
             job_id=job_id,
             spec={**asdict(spec), "num_workers": workers},
@@ -175,9 +177,9 @@ class JobManager:
         from tunewire.services.training.estimate import estimate_job
 
         dataset = await self.datasets.get(spec.project, spec.dataset_id) if spec.dataset_id else None
-        workers, config = await self._checked(spec, dataset)
+        workers, config, plan = await self._checked(spec, dataset)
         return await asyncio.to_thread(
-            estimate_job, spec, dataset, workers, config, self.measured_throughput(spec, workers), self.model_cache
+            estimate_job, spec, dataset, workers, config, self.measured_throughput(spec, workers), self.model_cache, plan
         ), config
 
     def measured_throughput(self, spec: JobSpec, workers: int) -> float:
@@ -265,8 +267,8 @@ class JobManager:
             telemetry.TRAINING_JOBS.labels(state).set(count)
         self.notifier.notify()
 
-    def publish_adapter(self, job: Job, adapter_id: str, uri: str) -> Adapter | None:
-        adapter = self.store.publish_adapter(job.id, adapter_id, job.spec["base_model"], uri, owner=self.owner)
+    def publish_adapter(self, job: Job, adapter_id: str, uri: str, held_back: bool = False) -> Adapter | None:
+        adapter = self.store.publish_adapter(job.id, adapter_id, job.spec["base_model"], uri, owner=self.owner, held_back=held_back)
         self.notify()
         return adapter
 

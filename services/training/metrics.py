@@ -50,3 +50,12 @@ def loss_metrics(loss_sum: float, tokens: float) -> dict[str, float]:
         return {}
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def is_correct(answer: str, terms: list[str]) -> bool:
+    """Every term (or one of its '|' alternatives) appears in the answer as a
+    word of its own: "4" is not found in "1945"."""
+    return all(
+        any(re.search(rf"(?<![0-9A-Za-z]){re.escape(alt.strip())}(?![0-9A-Za-z])", answer, re.IGNORECASE) for alt in term.split("|"))
+        for term in terms
+    )

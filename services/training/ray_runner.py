@@ -1,27 +1,42 @@
-"""Runs a job as a Ray Train TorchTrainer and relays its progress.
+"""Runs a job on Ray and relays its progress.
+
+A job runs in three phases, each resumable after an orchestrator restart:
+
+1. the base model is measured (`recipe.measure_base`, a Ray task; its result
+   is kept in the job's artifact directory);
+2. training: one Ray Train `TorchTrainer` run, or a search whose trials are
+   Ray Tune trials of such runs (`search`);
+3. the best checkpoint of all runs (validation loss among those within the
+   forgetting budget) is evaluated and made into the directory to publish
+   (`recipe.evaluate_and_publish`, a Ray task).
 
 Ray is started by the orchestrator (a local cluster) unless RAY_ADDRESS names
 one. Workers read the train and validation splits from the artifact store
-through Ray Data shards; rank 0 sends progress through a Ray queue, which this
-runner drains into job events while fit() runs in a thread, and watches a
-second queue for cancellation. Checkpoints go to <artifact root>/ray/<job>.<attempt>/;
-a job that runs again after the orchestrator restarted resumes from the
-latest one.
+through Ray Data shards; rank 0 of each run sends progress through a Ray
+queue, which this runner drains into job events while the phase runs in a
+thread, and watches a second queue for cancellation. Checkpoints go to
+<artifact root>/ray/<job>/<run>.<attempt>/; a run that starts again resumes
+from its latest one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from tunewire.services.common.artifacts import ArtifactStore
-from tunewire.services.training.config import TASK_OF_FORMAT, TrainingConfig
+from tunewire.services.common import layout
+from tunewire.services.common.artifacts import ArtifactStore, read_text
+from tunewire.services.training import diagnostics
+from tunewire.services.training.config import TASK_OF_FORMAT, TrainingConfig, resolve_search
+from tunewire.services.training.recipe import RecipeConfig, list_checkpoints
 from tunewire.services.training.scheduler import EmitEvent, JobCancelled, JobFailed
 from tunewire.services.training.store import Job
-from tunewire.services.training.train_loop import list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +46,6 @@ class RayTrainRunner:
         self.ray_address = ray_address
         self.num_cpus = num_cpus
         self.artifacts = artifacts
-        self.storage_path = artifacts.uri("ray")
         self.model_cache = model_cache
 
     def start(self) -> None:
@@ -49,7 +63,16 @@ class RayTrainRunner:
                 if self.ray_address:
                     ray.init(address=self.ray_address, logging_level=logging.WARNING)
                 else:
-                    ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+                    # The dashboard serves Ray's state API, which Ray Train uses to
+                    # free the workers of a run whose driver was stopped (as Ray Tune
+                    # stops a trial): without it their CPUs stay reserved.
+                    ray.init(
+                        num_cpus=self.num_cpus,
+                        include_dashboard=True,
+                        dashboard_host="127.0.0.1",
+                        dashboard_port=None,
+                        logging_level=logging.WARNING,
+                    )
             except Exception:
                 ray.shutdown()
                 raise
@@ -67,99 +90,325 @@ class RayTrainRunner:
             ray.shutdown()
 
     def checkpoints(self, job_id: str) -> list[dict]:
-        """The job's checkpoints on storage, oldest first: step, loss, uri, time."""
+        """The job's checkpoints on storage, of every run, oldest first."""
         return list_checkpoints(self.artifacts, job_id)
+
+    def recipe(self, job: Job) -> RecipeConfig:
+        dataset = job.dataset
+        return RecipeConfig(
+            job_id=job.id,
+            base_model=job.spec["base_model"],
+            task=TASK_OF_FORMAT[dataset["format"]],
+            method=job.spec["method"],
+            dataset_uri=dataset["uri"],
+            train_rows=dataset["train_rows"],
+            validation_rows=dataset["validation_rows"],
+            num_workers=job.spec["num_workers"],
+            use_gpu=job.spec["use_gpu"],
+            model_cache=str(self.model_cache),
+            artifact_root=self.artifacts.root,
+            training=TrainingConfig.from_dict(job.config),
+            labels=tuple(dataset.get("labels", [])),
+        )
 
     @contextlib.asynccontextmanager
     async def run(self, job: Job, emit: EmitEvent, cancel: asyncio.Event) -> AsyncIterator[Path]:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
-        from tunewire.services.training.train_loop import train_loop
-
-        workers = job.spec["num_workers"]
-        use_gpu = job.spec["use_gpu"]
+        recipe = self.recipe(job)
         gpus = ray.cluster_resources().get("GPU", 0)
-        if use_gpu and gpus < workers:
+        if recipe.use_gpu and gpus < recipe.num_workers:
             raise JobFailed(
-                f"the job asks for {workers} GPU worker(s) but the Ray cluster has {gpus:g} GPUs: "
+                f"the job asks for {recipe.num_workers} GPU worker(s) but the Ray cluster has {gpus:g} GPUs: "
                 "set use_gpu=false or point RAY_ADDRESS at a cluster with GPUs",
                 user_error=True,
             )
-        config = TrainingConfig.from_dict(job.config)
-        dataset = job.dataset
-        steps_per_epoch = config.steps_per_epoch(dataset["train_rows"], workers)
-        progress, control = Queue(), Queue()
-        datasets = {"train": _split(dataset["uri"], "train")}
-        if dataset["validation_rows"] >= workers:
-            datasets["validation"] = _split(dataset["uri"], "validation")
-        loop_config = {
-            "job_id": job.id,
-            "base_model": job.spec["base_model"],
-            "method": job.spec["method"],
-            "task": TASK_OF_FORMAT[dataset["format"]],
-            "labels": dataset.get("labels", []),
-            "dataset_uri": dataset["uri"],
-            "use_gpu": use_gpu,
-            "model_cache": str(self.model_cache),
-            "training": config.to_dict(),
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": steps_per_epoch * config.epochs,
-            "has_validation": "validation" in datasets,
-            "split_rows": {"train": dataset["train_rows"], "validation": dataset["validation_rows"]},
-            "progress": progress,
-            "control": control,
-        }
-        earlier = self.checkpoints(job.id)
-        # Workers resume from the job's latest checkpoint, whether Ray replaced
-        # them mid-run or the orchestrator restarted and runs the job again.
-        loop_config["artifact_root"] = self.artifacts.root
-        attempt = len({c["uri"].rsplit("/", 2)[-2] for c in earlier}) + 1
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-            datasets=datasets,
-            run_config=RunConfig(
-                name=f"{job.id}.{attempt}",
-                storage_path=self.storage_path,
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=config.keep_checkpoints + 1,  # + the final one
-                    checkpoint_score_attribute="val_loss" if loop_config["has_validation"] else None,
-                    checkpoint_score_order="min",
-                ),
-                # A worker that dies is replaced and training resumes from the latest checkpoint.
-                failure_config=FailureConfig(max_failures=2),
-            ),
-        )
-        how = f"resuming from the checkpoint of step {earlier[-1]['step']}" if earlier else "from the start"
-        emit("log", {"message": f"starting Ray Train ({how}): {workers} worker(s), {steps_per_epoch * config.epochs} steps"})
-        fit = asyncio.create_task(asyncio.to_thread(trainer.fit))
+        phases = _Phases(self.artifacts, recipe, emit, cancel, Queue(), Queue())
         try:
-            while not fit.done():
-                if cancel.is_set() and control.empty():
-                    control.put("cancel")
-                await _relay(progress, emit, timeout=0.5)
-            await _relay(progress, emit, timeout=0)
-            result = fit.result()
+            final = layout.job_parts(job.id, layout.FINAL_DIR)
+            if not self.artifacts.exists(*final):
+                base = await phases.measure_base()
+                recipe = recipe.replace(general_uri=base.get("general_uri", ""), base_perplexity=base.get("reference_perplexity", 0.0))
+                plan = resolve_search(job.spec.get("search") or {}, job.spec["hyperparameters"], recipe.method, recipe.train_rows)
+                if plan is None:
+                    trials = await phases.train(recipe)
+                else:
+                    trials = await phases.search(recipe, plan, self._room_for_trials(recipe))
+                await phases.evaluate_and_publish(recipe, plan, trials, base, final)
+            with contextlib.ExitStack() as stack:
+                downloads = stack.enter_context(self.artifacts.staged_dir()) if not self.artifacts.is_local else None
+                yield self.artifacts.local_copy(self.artifacts.uri(*final), downloads or Path())
+        finally:
+            phases.close()
+
+    def _room_for_trials(self, recipe: RecipeConfig) -> int:
+        """Trials side by side: one on a local cluster (its workers already
+        use every core), else as many as the cluster's CPUs (or GPUs) hold."""
+        import ray
+
+        if not self.ray_address:
+            return 1
+        resources = ray.cluster_resources()
+        if recipe.use_gpu:
+            return max(1, int(resources.get("GPU", 0) // recipe.num_workers))
+        return max(1, int(resources.get("CPU", 0) // (recipe.num_workers + 1)))
+
+
+class _Phases:
+    """One job's phases, with what they share: the progress and control
+    queues, the events relayed, and each run's validation history."""
+
+    def __init__(self, artifacts: ArtifactStore, recipe: RecipeConfig, emit: EmitEvent, cancel: asyncio.Event, progress, control):
+        from tunewire.services.training.search import TrialEvents
+
+        self.artifacts = artifacts
+        self.recipe = recipe  # as the job set it, before the base model is measured
+        self.job_id = recipe.job_id
+        self.emit, self.cancel = emit, cancel
+        self.progress, self.control = progress, control
+        self.trial_events = TrialEvents()
+        self.stop = threading.Event()  # the search's: set on cancel
+        self.history: dict[str, list[dict]] = {}
+        self.stopped_early: dict[str, bool] = {}
+        self.outcomes: dict[str, dict] = {}  # each run's typed result (recipe.finish)
+
+    def close(self) -> None:
+        for queue in (self.progress, self.control):
+            with contextlib.suppress(Exception):
+                queue.shutdown()
+
+    async def _relaying(self, blocking: Callable, on_cancel: Callable[[], None] | None = None):
+        """Runs `blocking` in a thread and relays progress while it runs;
+        a cancellation reaches the workers (and the search) at once."""
+        done = asyncio.create_task(asyncio.to_thread(blocking))
+        try:
+            while not done.done():
+                if self.cancel.is_set() and not self.stop.is_set():
+                    self.stop.set()
+                    self.control.put("cancel")
+                    if on_cancel:
+                        on_cancel()
+                await self._relay(timeout=0.5)
+            await self._relay(timeout=0)
+            return done.result()
         except asyncio.CancelledError:
             raise
+        except (JobFailed, JobCancelled):
+            raise
         except Exception as exc:  # Ray wraps the worker's exception
-            raise _job_failure(exc) from exc
-        finally:
-            for queue in (progress, control):
-                with contextlib.suppress(Exception):
-                    queue.shutdown()
-        if result.error is not None:
-            raise _job_failure(result.error)
-        if cancel.is_set() or (result.metrics or {}).get("cancelled"):
+            if self.cancel.is_set():
+                raise JobCancelled() from exc
+            raise _system_failure(exc) from exc
+
+    async def _relay(self, timeout: float) -> None:
+        """Moves everything queued by the workers and the search into job events."""
+        from ray.util.queue import Empty
+
+        for data in self.trial_events.drain():
+            self.stopped_early[data["run"]] = data.get("stopped_early", False)
+            self.emit("trial", data)
+        while True:
+            try:
+                item = await self.progress.get_async(block=timeout > 0, timeout=timeout or None)
+            except Empty:
+                return
+            kind, data = item["kind"], item["data"]
+            if kind == "result":
+                self.outcomes[data["run"]] = data
+                continue
+            if kind == "eval":
+                self.history.setdefault(data["run"], []).append(
+                    {k: data.get(k) for k in ("step", "loss", "general_kept", "within_forgetting_budget")}
+                )
+            self.emit(kind, data)
+            timeout = 0
+
+    async def _task(self, function, *args):
+        """`function(*args)` as a Ray task with a worker's resources."""
+        import ray
+
+        recipe: RecipeConfig = args[0]
+        ref = ray.remote(num_cpus=1, num_gpus=1 if recipe.use_gpu else 0, max_retries=1)(function).remote(*args)
+        result = await self._relaying(lambda: ray.get(ref), on_cancel=lambda: ray.cancel(ref, force=True))
+        if self.cancel.is_set():
             raise JobCancelled()
-        if result.checkpoint is None:
-            raise JobFailed("training finished without reporting a checkpoint")
-        with result.checkpoint.as_directory() as adapter_dir:
-            yield Path(adapter_dir)
+        if isinstance(result, dict) and result.get("user_error"):
+            raise JobFailed(result["user_error"], user_error=True)
+        return result
+
+    async def measure_base(self) -> dict:
+        """The base model's measurements: from the job's directory when an
+        earlier attempt made them, else made now."""
+        from tunewire.services.training.recipe import measure_base
+
+        parts = layout.job_parts(self.job_id, layout.BASE_DIR)
+        if self.artifacts.exists(*parts):
+            return json.loads(read_text(self.artifacts.uri(*parts, layout.BASE_FILE)))
+        self.emit("log", {"message": "measuring the base model: test split, reference text and general probe"})
+        base = await self._task(measure_base, self.recipe)
+        with self.artifacts.staged_dir() as staged:
+            (staged / layout.BASE_FILE).write_text(json.dumps(base))
+            self.artifacts.publish_dir(staged, *parts)
+        if "probe" in base:
+            correct = base["probe"]["correct"]
+            self.emit(
+                "log",
+                {
+                    "message": f"base model: {sum(correct)} of {len(correct)} general questions right, reference perplexity {base['reference_perplexity']:.2f}"
+                },
+            )
+        return base
+
+    async def train(self, recipe: RecipeConfig) -> list[dict]:
+        """The job's one training run."""
+        earlier = list_checkpoints(self.artifacts, self.job_id, recipe.run)
+        how = f"resuming from the checkpoint of step {earlier[-1]['step']}" if earlier else "from the start"
+        self.emit("log", {"message": f"starting Ray Train ({how}): {recipe.num_workers} worker(s), {recipe.total_steps} steps"})
+        trainer = make_trainer(recipe, self.progress, self.control)
+        result = await self._relaying(trainer.fit)
+        outcome = self.outcomes.get(recipe.run, {})
+        if outcome.get("user_error"):
+            raise JobFailed(outcome["user_error"], user_error=True)
+        if result.error is not None:
+            raise _system_failure(result.error)
+        if self.cancel.is_set() or outcome.get("cancelled"):
+            raise JobCancelled()
+        self.stopped_early[recipe.run] = bool(outcome.get("stopped_early"))
+        return []
+
+    async def search(self, recipe: RecipeConfig, plan, room: int) -> list[dict]:
+        """The job's search, as Ray Tune trials; their summaries."""
+        from tunewire.services.training.search import run_search, trial_config, trial_name
+
+        concurrent = plan.max_concurrent_trials or room
+        described = ", ".join(
+            f"{trial_name(i)}: learning rate {trial_config(recipe, plan, trial_name(i)).training.learning_rate:g}"
+            + (f", rank {c['lora_rank']}" if "lora_rank" in c else "")
+            for i, c in enumerate(plan.candidates)
+        )
+        self.emit(
+            "log",
+            {"message": f"searching {len(plan.candidates)} trials ({described}), {concurrent} at a time, within {plan.max_seconds} s"},
+        )
+        storage = self.artifacts.uri(*layout.job_parts(self.job_id))
+        trainer = functools.partial(make_trainer, progress=self.progress, control=self.control)
+        summaries, user_error = await self._relaying(
+            lambda: run_search(recipe, plan, storage, trainer, concurrent, self.trial_events, self.stop)
+        )
+        if self.cancel.is_set():
+            # Tune records the trials it stopped as terminated, and a restored
+            # experiment would never run them again. Their own checkpoints hold
+            # what a later run of the job needs: it starts a fresh experiment
+            # whose trials resume from them. (After a crash Tune's state is
+            # kept: its trials are still running there, and restore resumes them.)
+            self.artifacts.delete(*layout.job_parts(self.job_id), layout.TUNE_DIR)
+            raise JobCancelled()
+        if user_error:
+            raise JobFailed(user_error, user_error=True)
+        if summaries and all(s["state"] == "FAILED" for s in summaries):
+            raise JobFailed(f"every trial of the search failed; the first: {summaries[0]['error']}")
+        for summary in summaries:
+            self.stopped_early[summary["run"]] = summary.get("stopped_early", False)
+        return summaries
+
+    async def evaluate_and_publish(self, recipe: RecipeConfig, plan, trials: list[dict], base: dict, final: tuple[str, ...]) -> None:
+        """Chooses the best checkpoint of every run, evaluates it and writes
+        the directory to publish."""
+        from tunewire.services.training.recipe import evaluate_and_publish
+        from tunewire.services.training.search import trial_config
+
+        found = list_checkpoints(self.artifacts, self.job_id)
+        if not found:
+            raise JobFailed("training finished without a checkpoint: no validation ran (the job may have been cut short)")
+        chosen = min(found, key=lambda c: (c["selection_score"], -c["step"]))
+        run = chosen["run"]
+        config = trial_config(recipe, plan, run) if plan is not None else recipe
+        history = _merged(self.history.get(run, []), json.loads(read_text(f"{chosen['uri']}/{layout.STATE_FILE}")).get("history", []))
+        found_here = [
+            diagnostics.underfitting(history, self.stopped_early.get(run, False)),
+            diagnostics.overfitting(history, chosen["step"]),
+        ]
+        extras = {
+            "best_step": chosen["step"],
+            "best_validation_loss": chosen["validation_loss"],
+            "stopped_early": self.stopped_early.get(run, False),
+            "run": run,
+            "learning_rate": config.training.learning_rate,
+            "lora_rank": config.training.lora_rank,
+            "trials": [t | _best_of(found, t["run"]) for t in trials],
+            "diagnostics": [d for d in found_here if d],
+        }
+        within = "within" if chosen["within_budget"] else "over"
+        self.emit(
+            "log",
+            {
+                "message": f"chose {run}, step {chosen['step']} (validation loss {chosen['validation_loss']:.4f}, {within} the forgetting budget): evaluating it"
+            },
+        )
+        await self._task(evaluate_and_publish, config, chosen["uri"], base, extras, final)
+        report = json.loads(read_text(self.artifacts.uri(*final, layout.EVALUATION_FILE)))
+        for diagnostic in report.get("diagnostics", []):
+            self.emit("diagnostic", diagnostic)
+        self.emit("evaluation", report)
+
+
+def _merged(*histories: list[dict]) -> list[dict]:
+    """Validation records by step, the first history's where both have one."""
+    by_step: dict[int, dict] = {}
+    for history in reversed(histories):
+        by_step |= {h["step"]: h for h in history}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _best_of(checkpoints: list[dict], run: str) -> dict:
+    """A run's best checkpoint, as the trial table shows it."""
+    mine = [c for c in checkpoints if c["run"] == run]
+    if not mine:
+        return {"best_validation_loss": 0.0, "general_kept": 0.0, "within_forgetting_budget": False, "best_step": 0}
+    best = min(mine, key=lambda c: c["selection_score"])
+    forgetting = best.get("forgetting") or {}
+    kept = forgetting.get("kept", 0) / forgetting["base_correct"] if forgetting.get("base_correct") else 1.0
+    return {
+        "best_validation_loss": best["validation_loss"],
+        "general_kept": kept,
+        "within_forgetting_budget": best["within_budget"],
+        "best_step": best["step"],
+    }
+
+
+def make_trainer(config: RecipeConfig, progress, control, callbacks: list | None = None):
+    """One run's TorchTrainer: its workers, data shards, checkpoints (the
+    best `keep_checkpoints` by selection score) and failure handling (a worker
+    that dies is replaced and the run resumes from its latest checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tunewire.services.training.recipe import train_worker
+
+    artifacts = ArtifactStore(config.artifact_root)
+    job_dir = artifacts.path(*layout.job_parts(config.job_id))
+    attempt = 1 + len([p for p in artifacts.fs.glob(f"{job_dir}/{config.run}.*") if artifacts.fs.isdir(p)])
+    # Small splits are read by the workers themselves (recipe.MAX_CACHED_ROWS).
+    splits = ["train"] + (["validation"] if config.has_validation else [])
+    datasets = {split: _split(config.dataset_uri, split) for split in splits if not config.kept_in_memory(split)}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"recipe": config, "progress": progress, "control": control},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        datasets=datasets or None,
+        run_config=RunConfig(
+            name=layout.run_name(config.run, attempt),
+            storage_path=artifacts.uri(*layout.job_parts(config.job_id)),
+            callbacks=callbacks or [],
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.training.keep_checkpoints,
+                checkpoint_score_attribute="selection_score",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+    )
 
 
 def _split(uri: str, split: str):
@@ -169,29 +418,11 @@ def _split(uri: str, split: str):
     return ray.data.read_parquet(uri).map_batches(lambda table: table.filter(pc.equal(table["split"], split)), batch_format="pyarrow")
 
 
-async def _relay(progress, emit: EmitEvent, timeout: float) -> None:
-    """Moves everything queued by the workers into job events."""
-    from ray.util.queue import Empty
-
-    while True:
-        try:
-            item = await progress.get_async(block=timeout > 0, timeout=timeout or None)
-        except Empty:
-            return
-        emit(item["kind"], item["data"])
-        timeout = 0
-
-
-def _job_failure(exc: BaseException) -> JobFailed:
-    """A JobFailed from Ray's wrapped worker exception: the user's fault when
-    the worker said so (JobInputError), the system's otherwise."""
+def _system_failure(exc: BaseException) -> JobFailed:
+    """A JobFailed naming the innermost cause of Ray's wrapped exception."""
     chain = [exc]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
-    text = "\n".join(str(e) for e in chain)
-    if any(type(e).__name__ == "JobInputError" for e in chain) or "JobInputError" in text:
-        said = [ln for ln in text.splitlines() if "JobInputError:" in ln]
-        return JobFailed(said[-1].split("JobInputError:", 1)[-1].strip() if said else text.splitlines()[-1], user_error=True)
     cause = chain[-1]
     lines = str(cause).strip().splitlines()
     return JobFailed(f"{type(cause).__name__}: {lines[-1] if lines else ''}")

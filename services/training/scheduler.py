@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -12,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
+from tunewire.services.common import layout
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.training.jobs import JobManager
 from tunewire.services.training.store import CANCELLED, FAILED, QUEUED, RUNNING, Job
@@ -97,8 +99,18 @@ class Scheduler:
         try:
             async with self.runner.run(job, lambda kind, data: self.jobs.record(job.id, kind, data), cancel) as adapter_dir:
                 adapter_id = "ad-" + uuid.uuid4().hex[:16]
-                uri = await asyncio.to_thread(self.artifacts.publish_dir, adapter_dir, "adapters", adapter_id)
-            if self.jobs.publish_adapter(job, adapter_id, uri) is None:
+                held_back = not _within_forgetting_budget(adapter_dir)
+                uri = await asyncio.to_thread(self.artifacts.publish_dir, adapter_dir, layout.ADAPTERS, adapter_id)
+            if held_back:
+                self.jobs.record(
+                    job.id,
+                    "log",
+                    {
+                        "message": f"adapter {adapter_id} is published but not hot-loaded: no checkpoint stayed within the forgetting "
+                        f"budget. To serve it anyway: tunewire adapters load {adapter_id} {uri}"
+                    },
+                )
+            if self.jobs.publish_adapter(job, adapter_id, uri, held_back=held_back) is None:
                 log.info("job %s left RUNNING before its adapter was published; adapter %s not published", job.id, adapter_id)
                 return
             log.info("job %s succeeded: adapter %s at %s", job.id, adapter_id, uri)
@@ -122,3 +134,12 @@ class Scheduler:
     def _fail(self, job: Job, error: str) -> None:
         log.warning("job %s failed: %s", job.id, error)
         self.jobs.transition(job.id, FAILED, from_states=(QUEUED, RUNNING), error=error)
+
+
+def _within_forgetting_budget(adapter_dir: Path) -> bool:
+    """What the evaluation report says; true where it does not say (no probe
+    for the task, or an adapter made before forgetting was measured)."""
+    report = adapter_dir / layout.EVALUATION_FILE
+    if not report.exists():
+        return True
+    return bool(json.loads(report.read_text()).get("within_forgetting_budget", True))

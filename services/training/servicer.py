@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from google.protobuf import json_format
+
 from tunewire.services.common.auth import caller
 from tunewire.services.common.convert import to_timestamp
 from tunewire.services.common.errors import InvalidArgument
@@ -35,15 +37,30 @@ def _enum_name(enum, number: int) -> str:
     return enum.Name(number) if number in enum.values() else f"unknown ({number})"
 
 
+SEARCH_MODE_FROM_PROTO = {
+    training_pb2.SEARCH_MODE_UNSPECIFIED: training_config.SEARCH_AUTO,
+    training_pb2.SEARCH_MODE_ON: training_config.SEARCH_ON,
+    training_pb2.SEARCH_MODE_OFF: training_config.SEARCH_OFF,
+}
+SEARCH_MODE_TO_PROTO = {v: k for k, v in SEARCH_MODE_FROM_PROTO.items()}
+
+
+def _set_fields(message) -> dict:
+    return {f.name: (list(v) if f.is_repeated else v) for f, v in message.ListFields()}
+
+
 def spec_from_proto(spec: training_pb2.JobSpec, project: str, idempotency_key: str = "") -> JobSpec:
-    hyperparameters = {f.name: (list(v) if f.is_repeated else v) for f, v in spec.hyperparameters.ListFields()}
     # An unknown number becomes a name the method check refuses with the field.
     method = METHOD_FROM_PROTO.get(spec.method) or _enum_name(training_pb2.TrainingMethod, spec.method)
+    search = _set_fields(spec.search)
+    if "mode" in search:
+        search["mode"] = SEARCH_MODE_FROM_PROTO.get(spec.search.mode) or _enum_name(training_pb2.SearchMode, spec.search.mode)
     return JobSpec(
         base_model=spec.base_model,
         dataset_id=spec.dataset_id,
         method=method,
-        hyperparameters=hyperparameters,
+        hyperparameters=_set_fields(spec.hyperparameters),
+        search=search,
         num_workers=spec.compute.num_workers,
         use_gpu=spec.compute.use_gpu,
         idempotency_key=idempotency_key,
@@ -62,19 +79,53 @@ def job_to_proto(job: Job) -> training_pb2.Job:
             method=METHOD_TO_PROTO[spec["method"]],
             hyperparameters=training_pb2.Hyperparameters(**spec["hyperparameters"]),
             compute=training_pb2.ComputeConfig(num_workers=spec["num_workers"], use_gpu=spec["use_gpu"]),
+            search=_search_to_proto(spec.get("search") or {}),
         ),
         state=state_to_proto(job.state),
         resolved_hyperparameters=training_pb2.Hyperparameters(**resolved),
         auto_hyperparameters=job.config.get("auto", []),
         error=job.error,
         adapter_id=job.adapter_id,
-        latest_step=training_pb2.StepMetrics(**job.latest_step) if job.latest_step else None,
+        latest_step=from_dict(training_pb2.StepMetrics, job.latest_step) if job.latest_step else None,
         create_time=to_timestamp(job.created_at),
         start_time=to_timestamp(job.started_at),
         end_time=to_timestamp(job.ended_at),
-        evaluation=training_pb2.EvaluationReport(**job.evaluation) if job.evaluation else None,
+        evaluation=from_dict(training_pb2.EvaluationReport, job.evaluation) if job.evaluation else None,
         task=training_config.TASK_OF_FORMAT.get(job.dataset.get("format", ""), ""),
     )
+
+
+def _search_to_proto(search: dict) -> training_pb2.SearchConfig:
+    fields = {k: v for k, v in search.items() if k != "mode"}
+    return training_pb2.SearchConfig(mode=SEARCH_MODE_TO_PROTO.get(search.get("mode", ""), 0), **fields)
+
+
+def from_dict(message_class, data: dict):
+    """A message from a dict of its fields, as events and reports are stored;
+    keys it has no field for (written by another version) are left out, and
+    trial states are named as in TrialState."""
+    return json_format.ParseDict(_with_trial_states(data), message_class(), ignore_unknown_fields=True)
+
+
+def _with_trial_states(data):
+    if isinstance(data, list):
+        return [_with_trial_states(d) for d in data]
+    if not isinstance(data, dict):
+        return data
+    out = {k: _with_trial_states(v) for k, v in data.items() if v is not None}
+    if isinstance(out.get("state"), str) and not out["state"].startswith("TRIAL_STATE_") and "run" in out:
+        out["state"] = f"TRIAL_STATE_{out['state']}"
+    return out
+
+
+EVENT_MESSAGES = {
+    "step": training_pb2.StepMetrics,
+    "eval": training_pb2.EvalMetrics,
+    "checkpoint": training_pb2.Checkpoint,
+    "evaluation": training_pb2.EvaluationReport,
+    "trial": training_pb2.TrialUpdate,
+    "diagnostic": training_pb2.Diagnostic,
+}
 
 
 def event_to_proto(event: JobEvent) -> training_pb2.StreamJobEventsResponse:
@@ -83,14 +134,8 @@ def event_to_proto(event: JobEvent) -> training_pb2.StreamJobEventsResponse:
     if event.kind == "state":
         message.state = state_to_proto(data["state"])
         message.error = data.get("error", "")
-    elif event.kind == "step":
-        message.step.CopyFrom(training_pb2.StepMetrics(**data))
-    elif event.kind == "eval":
-        message.eval.CopyFrom(training_pb2.EvalMetrics(**data))
-    elif event.kind == "checkpoint":
-        message.checkpoint.CopyFrom(training_pb2.Checkpoint(step=data["step"], validation_loss=data["validation_loss"]))
-    elif event.kind == "evaluation":
-        message.evaluation.CopyFrom(training_pb2.EvaluationReport(**data))
+    elif event.kind in EVENT_MESSAGES:
+        getattr(message, event.kind).CopyFrom(from_dict(EVENT_MESSAGES[event.kind], data))
     else:
         message.log = data.get("message", "")
     return message
@@ -105,6 +150,7 @@ def adapter_to_proto(adapter: Adapter) -> training_pb2.Adapter:
         create_time=to_timestamp(adapter.created_at),
         sequence=adapter.sequence,
         project=adapter.project,
+        held_back=adapter.held_back,
     )
 
 
@@ -122,7 +168,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def ListCheckpoints(self, request: training_pb2.ListCheckpointsRequest, context):
         checkpoints = [
             training_pb2.Checkpoint(
-                step=c["step"], validation_loss=c["validation_loss"], uri=c["uri"], create_time=to_timestamp(c["modified"])
+                step=c["step"],
+                validation_loss=c["validation_loss"],
+                uri=c["uri"],
+                create_time=to_timestamp(c["modified"]),
+                run=c.get("run", ""),
+                within_forgetting_budget=c.get("within_budget", True),
             )
             for c in self.jobs.checkpoints(caller().project, request.job_id)
         ]

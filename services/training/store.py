@@ -82,6 +82,8 @@ class AdapterRecord(Base):
     base_model: Mapped[str] = mapped_column(String(512))
     uri: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # Published but not hot-loaded: no checkpoint stayed within the job's forgetting budget.
+    held_back: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class JobEvent:
     job_id: str
     sequence: int
     time: dt.datetime
-    kind: str  # "state" | "step" | "eval" | "checkpoint" | "evaluation" | "log"
+    kind: str  # "state" | "step" | "eval" | "checkpoint" | "evaluation" | "trial" | "diagnostic" | "log"
     data: dict
 
 
@@ -141,10 +143,11 @@ class Adapter:
     created_at: dt.datetime
     sequence: int
     project: str = "default"
+    held_back: bool = False
 
     @classmethod
     def from_record(cls, r: AdapterRecord) -> Adapter:
-        return cls(r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.sequence, r.project)
+        return cls(r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.sequence, r.project, bool(r.held_back))
 
 
 class JobStore:
@@ -282,7 +285,9 @@ class JobStore:
 
     # Adapters
 
-    def publish_adapter(self, job_id: str, adapter_id: str, base_model: str, uri: str, owner: str = "") -> Adapter | None:
+    def publish_adapter(
+        self, job_id: str, adapter_id: str, base_model: str, uri: str, owner: str = "", held_back: bool = False
+    ) -> Adapter | None:
         """Records the adapter and marks the job SUCCEEDED in one transaction;
         None if the job left RUNNING meanwhile (cancelled), or its lease
         passed to another owner."""
@@ -298,7 +303,9 @@ class JobStore:
             if result.rowcount != 1:
                 return None
             project = session.scalar(select(JobRecord.project).where(JobRecord.id == job_id))
-            record = AdapterRecord(id=adapter_id, project=project, job_id=job_id, base_model=base_model, uri=uri, created_at=_now())
+            record = AdapterRecord(
+                id=adapter_id, project=project, job_id=job_id, base_model=base_model, uri=uri, created_at=_now(), held_back=held_back
+            )
             session.add(record)
             session.flush()
             self._append(session, job_id, "state", {"state": SUCCEEDED, "adapter_id": adapter_id})

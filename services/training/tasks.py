@@ -164,6 +164,9 @@ class Batch:
     inputs: dict
     real_tokens: int  # tokens of the rows, without padding
     targets: float  # what the mean loss averages over (tokens, or rows for classification)
+    # Packed token-level batches: the index of the example each position
+    # came from (-1 for padding), so losses can be told apart by example.
+    sources: torch.Tensor | None = None
 
 
 def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: dict[str, int], device, packing: bool = True) -> Batch:
@@ -179,16 +182,20 @@ def collate(task: str, rows: list[dict], tokenizer, max_length: int, label_ids: 
             "labels": torch.tensor([label_ids[r["label"]] for r in rows], device=device),
         }
         return Batch(inputs, int(encoded["attention_mask"].sum()), float(len(rows)))
+    return pack(token_examples(task, rows, tokenizer, max_length), tokenizer.pad_token_id, packing, device)
+
+
+def token_examples(task: str, rows: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of each row of a token-level task: every token of a
+    text row, the completion/assistant tokens of the others."""
     if task == PRETRAIN:
         examples = []
         for r in rows:
-            ids = tokenizer(r["text"] + (tokenizer.eos_token or ""), truncation=True, max_length=max_length, add_special_tokens=False)[
-                "input_ids"
-            ]
+            text = r["text"] + (tokenizer.eos_token or "")
+            ids = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
             examples.append((ids, ids))
-    else:
-        examples = [(e.input_ids, e.labels) for e in (tokenize_for_training(tokenizer, row_to_messages(r), max_length) for r in rows)]
-    return pack(examples, tokenizer.pad_token_id, packing, device)
+        return examples
+    return [(e.input_ids, e.labels) for e in (tokenize_for_training(tokenizer, row_to_messages(r), max_length) for r in rows)]
 
 
 def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, packing: bool, device) -> Batch:
@@ -204,31 +211,35 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, packing: bool
     for every token: on CPU, bins of 512 for rows of 170 ran 25% slower.)
     Without `packing` every sequence has a row of its own: plain right
     padding, which causal attention never looks at."""
-    longest_first = sorted((e for e in examples if e[0]), key=lambda e: -len(e[0]))
-    capacity = len(longest_first[0][0]) if longest_first and packing else 0
-    bins: list[list[tuple[list[int], list[int]]]] = []
-    for example in longest_first:
+    longest_first = sorted((i for i, e in enumerate(examples) if e[0]), key=lambda i: -len(examples[i][0]))
+    capacity = len(examples[longest_first[0]][0]) if longest_first and packing else 0
+    bins: list[list[int]] = []  # example indices
+    for index in longest_first:
         for packed in bins:
-            if sum(len(ids) for ids, _ in packed) + len(example[0]) <= capacity:
-                packed.append(example)
+            if sum(len(examples[i][0]) for i in packed) + len(examples[index][0]) <= capacity:
+                packed.append(index)
                 break
         else:
-            bins.append([example])
-    bins = bins or [[([pad_id], [IGNORE_INDEX])]]
-    width = max(sum(len(ids) for ids, _ in packed) for packed in bins)
-    input_ids, labels, positions, real = [], [], [], 0
+            bins.append([index])
+    if not bins:
+        examples, bins = [([pad_id], [IGNORE_INDEX])], [[0]]  # nothing to train on: one padding row
+    width = max(sum(len(examples[i][0]) for i in packed) for packed in bins)
+    input_ids, labels, positions, sources, real = [], [], [], [], 0
     for packed in bins:
-        row_ids, row_labels, row_positions = [], [], []
-        for ids, lab in packed:
+        row_ids, row_labels, row_positions, row_sources = [], [], [], []
+        for index in packed:
+            ids, lab = examples[index]
             row_ids += ids
             row_labels += [IGNORE_INDEX, *lab[1 : len(ids)]]
             row_positions += range(len(ids))
+            row_sources += [index] * len(ids)
         real += len(row_ids)
         padding = width - len(row_ids)
         # Padding is a sequence of its own: nothing real attends to it.
         input_ids.append(row_ids + [pad_id] * padding)
         labels.append(row_labels + [IGNORE_INDEX] * padding)
         positions.append(row_positions + list(range(padding)))
+        sources.append(row_sources + [-1] * padding)
     labels_tensor = torch.tensor(labels, dtype=torch.long)
     inputs = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long).to(device),
@@ -237,7 +248,7 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, packing: bool
         # A cache would make transformers take the positions for generation's.
         "use_cache": False,
     }
-    return Batch(inputs, real, float((labels_tensor[:, 1:] != IGNORE_INDEX).sum()))
+    return Batch(inputs, real, float((labels_tensor[:, 1:] != IGNORE_INDEX).sum()), torch.tensor(sources, dtype=torch.long))
 
 
 def batch_loss(forward, model, batch: Batch) -> torch.Tensor:
@@ -249,6 +260,17 @@ def batch_loss(forward, model, batch: Batch) -> torch.Tensor:
     that still has a graph, so it takes part in DDP's gradient all-reduce."""
     if "position_ids" not in batch.inputs:  # classification: the model's own loss
         return forward(**batch.inputs).loss
+    logits, targets, _ = label_logits(forward, model, batch)
+    if not logits.shape[0]:
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def label_logits(forward, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits of the positions whose next token is a label, that label,
+    and the example each came from, in the batch's row-major order (an
+    example's positions are consecutive and in order). The vocabulary head
+    runs on those positions only."""
     labels = batch.inputs["labels"]
     targets = labels[:, 1:]
     # The logits at position t predict the token at t + 1.
@@ -261,9 +283,8 @@ def batch_loss(forward, model, batch: Batch) -> torch.Tensor:
         handle.remove()
     if logits.dim() == 3:  # a model that does not call its head as a module
         logits = logits[keep]
-    if not logits.shape[0]:
-        return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX])
+    sources = batch.sources[keep.cpu()] if batch.sources is not None else torch.full((logits.shape[0],), -1)
+    return logits, targets[targets != IGNORE_INDEX], sources
 
 
 def packing_works(model, device) -> bool:
@@ -352,7 +373,7 @@ def test_metrics(task: str, model, tokenizer, rows: list[dict], max_length: int,
 def reference_perplexity(model, tokenizer, max_length: int, device) -> float:
     """Perplexity on a short general-English text: how much a fine-tune has
     made the model forget about ordinary language."""
-    text = (resources.files("tunewire.services.training") / "reference_text.txt").read_text()
+    text = (resources.files("tunewire.services.training") / "data" / "reference_text.txt").read_text()
     rows = [{"text": p} for p in text.split("\n\n") if p.strip()]
     model.eval()
     try:

@@ -1,0 +1,277 @@
+"""General ability: what a fine-tune must not break, measured and kept.
+
+Two bundled sets of general prompts, kept apart:
+
+- **The probe** (`data/general_probe.json`): questions with reference answers
+  (facts, arithmetic, simple instructions). An answer is correct when it
+  contains every reference term. Forgetting is the share of the questions the
+  base model answers correctly that the tuned model gets wrong.
+- **The retention prompts** (`data/general_prompts.json`): the base model's
+  own answers to them are what training keeps. Each step adds a KL penalty
+  between the tuned model's next-token distribution on those answers and the
+  base model's (its top TOP_K tokens and the rest of the mass as one), so the
+  task is learned without moving what the model says elsewhere.
+
+The base model answers both once; `GeneralReference` holds the result and is
+cached in the artifact store per base model. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+import torch
+
+from tunewire.services.common.text import IGNORE_INDEX
+from tunewire.services.training import tasks
+from tunewire.services.training.metrics import is_correct
+
+PROBE_ANSWER_TOKENS = 32
+# A probe question counts when the base model's answer is correct within its
+# first this many tokens: a right answer reached only at the end of a long
+# ramble flips with any change to the ramble, and would measure noise, not
+# forgetting.
+PROBE_MATCH_TOKENS = 16
+# The first tokens of an answer carry what it says; later ones cost compute.
+RETENTION_ANSWER_TOKENS = 16
+TOP_K = 32
+GENERATION_BATCH = 32
+# Bumped when what a reference holds, or how it is made, changes.
+FORMAT = 1
+
+
+def _data(name: str) -> str:
+    return (resources.files("tunewire.services.training") / "data" / name).read_text()
+
+
+def probe_questions() -> list[dict]:
+    """[{prompt, answer: [terms, each 'a|b' for alternatives]}]"""
+    return json.loads(_data("general_probe.json"))
+
+
+def retention_prompts() -> list[str]:
+    return json.loads(_data("general_prompts.json"))
+
+
+def reference_version() -> str:
+    """Names a cached reference: the bundled prompts and how they are answered."""
+    made_with = json.dumps(
+        [FORMAT, PROBE_ANSWER_TOKENS, PROBE_MATCH_TOKENS, RETENTION_ANSWER_TOKENS, TOP_K, probe_questions(), retention_prompts()]
+    )
+    return hashlib.sha256(made_with.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    prompt: str
+    terms: list[str]
+    base_answer: str
+    base_correct: bool
+    prompt_ids: list[int]
+    # The base model's answer tokens up to the first point its text is correct.
+    answer_ids: list[int]
+
+
+@dataclass(frozen=True)
+class RetentionTarget:
+    """A prompt and the base model's answer, with the base model's top-K
+    next-token log-probabilities at each answer position."""
+
+    input_ids: list[int]
+    answer_start: int
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass(frozen=True)
+class GeneralReference:
+    probe: list[ProbeAnswer]
+    retention: list[RetentionTarget]
+
+    @property
+    def base_correct(self) -> int:
+        return sum(p.base_correct for p in self.probe)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "probe": [asdict(p) for p in self.probe], "retention": [asdict(r) for r in self.retention]})
+
+    @classmethod
+    def from_json(cls, text: str) -> GeneralReference:
+        data = json.loads(text)
+        return cls([ProbeAnswer(**p) for p in data["probe"]], [RetentionTarget(**r) for r in data["retention"]])
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    messages = [{"role": "user", "content": prompt}]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+class _AnswerFound:
+    """Stops generating a row once its answer holds its reference terms
+    (more tokens cannot take them out again), so correct answers cost only
+    the tokens they need."""
+
+    def __init__(self, tokenizer, width: int, terms: list[list[str]]):
+        self.tokenizer, self.width, self.terms = tokenizer, width, terms
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
+        return torch.tensor([is_correct(t, terms) for t, terms in zip(texts, self.terms, strict=True)], device=input_ids.device)
+
+
+def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, with_scores: bool = False, terms=None):
+    """Greedy answers to tokenised prompts, batched with left padding: the
+    answer tokens (up to and with the end of turn) and, with_scores, the
+    log-probabilities of each step. With `terms` (per prompt), a row stops
+    as soon as its answer is correct."""
+    from transformers import StoppingCriteriaList
+
+    pad = tokenizer.pad_token_id
+    stops = {tokenizer.eos_token_id, pad} - {None}
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), GENERATION_BATCH):
+            chunk = prompts[start : start + GENERATION_BATCH]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            found = [_AnswerFound(tokenizer, width, terms[start : start + GENERATION_BATCH])] if terms else []
+            with torch.no_grad():
+                generated = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    do_sample=False,
+                    output_scores=with_scores,
+                    return_dict_in_generate=True,
+                    stopping_criteria=StoppingCriteriaList(found),
+                )
+            new = generated.sequences[:, width:].tolist()
+            for row, tokens in enumerate(new):
+                length = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+                scores = [generated.scores[i][row].float().log_softmax(-1) for i in range(length)] if with_scores else None
+                out.append((tokens[:length], scores))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def build_reference(model, tokenizer, device) -> GeneralReference:
+    """The base model's answers to the probe and the retention prompts (the
+    model must be the base: a fresh LoRA wrapper is)."""
+    questions = probe_questions()
+    probe_prompts = [prompt_ids(tokenizer, q["prompt"]) for q in questions]
+    probe = []
+    answers = _generate(model, tokenizer, probe_prompts, PROBE_ANSWER_TOKENS, device)
+    for q, prompt, (answer, _) in zip(questions, probe_prompts, answers, strict=True):
+        text = _text(tokenizer, answer)
+        # The shortest prefix whose text is already correct: a tuned model
+        # that still predicts these tokens greedily still answers correctly.
+        upto = next((k for k in range(1, len(answer) + 1) if is_correct(_text(tokenizer, answer[:k]), q["answer"])), None)
+        correct = upto is not None and upto <= PROBE_MATCH_TOKENS
+        probe.append(ProbeAnswer(q["prompt"], q["answer"], text, correct, prompt, answer[:upto] if correct else []))
+    prompts = [prompt_ids(tokenizer, p) for p in retention_prompts()]
+    retention = []
+    for prompt, (answer, scores) in zip(prompts, _generate(model, tokenizer, prompts, RETENTION_ANSWER_TOKENS, device, True), strict=True):
+        if not answer:
+            continue
+        top = [s.topk(TOP_K) for s in scores]
+        retention.append(
+            RetentionTarget(
+                input_ids=prompt + answer,
+                answer_start=len(prompt),
+                top_ids=[t.indices.tolist() for t in top],
+                top_logprobs=[[round(v, 4) for v in t.values.tolist()] for t in top],
+            )
+        )
+    return GeneralReference(probe, retention)
+
+
+# Probe checks
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    correct: list[bool]  # per probe question
+    answers: list[str]  # the tuned model's answer where it was generated, else the base model's
+
+    def kept(self, reference: GeneralReference) -> tuple[int, int]:
+        """(base-correct answers still correct, base-correct answers)."""
+        base = [p.base_correct for p in reference.probe]
+        return sum(b and c for b, c in zip(base, self.correct, strict=True)), sum(base)
+
+
+def check_probe(model, tokenizer, reference: GeneralReference, device, every_question: bool = False) -> ProbeResult:
+    """Which probe questions the model answers correctly now. A question the
+    base answered correctly, whose answer tokens the model still predicts
+    greedily (one teacher-forced pass), is answered the same way, so only the
+    others are generated. `every_question` also generates the answers to the
+    questions the base got wrong (for the report's before/after counts)."""
+    probe = reference.probe
+    kept_examples = [(p.prompt_ids + p.answer_ids, [IGNORE_INDEX] * len(p.prompt_ids) + p.answer_ids) for p in probe if p.base_correct]
+    unchanged: dict[int, bool] = {}
+    if kept_examples:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                batch = tasks.pack(kept_examples, tokenizer.pad_token_id, tasks.packing_works(model, device), device)
+                logits, targets, sources = tasks.label_logits(model, model, batch)
+        finally:
+            model.train(was_training)
+        hits = (logits.argmax(-1) == targets).cpu()
+        base_correct = [i for i, p in enumerate(probe) if p.base_correct]
+        for j, question in enumerate(base_correct):
+            unchanged[question] = bool(hits[sources == j].all())
+    correct = [p.base_correct and unchanged.get(i, False) for i, p in enumerate(probe)]
+    answers = [p.base_answer for p in probe]
+    regenerate = [i for i, p in enumerate(probe) if not unchanged.get(i, False) and (p.base_correct or every_question)]
+    prompts, terms = [probe[i].prompt_ids for i in regenerate], [probe[i].terms for i in regenerate]
+    generated = _generate(model, tokenizer, prompts, PROBE_ANSWER_TOKENS, device, terms=terms)
+    for i, (ids, _) in zip(regenerate, generated, strict=True):
+        answers[i] = _text(tokenizer, ids)
+        correct[i] = is_correct(answers[i], probe[i].terms)
+    return ProbeResult(correct, answers)
+
+
+# Retention during training
+
+
+def retention_examples(targets: list[RetentionTarget]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) to pack beside a batch's own examples: labels on the answer."""
+    return [(t.input_ids, [IGNORE_INDEX] * t.answer_start + t.input_ids[t.answer_start :]) for t in targets]
+
+
+def retention_loss(logits: torch.Tensor, sources: torch.Tensor, targets: list[RetentionTarget], first: int) -> torch.Tensor:
+    """Mean KL divergence, per answer token, from the base model's
+    distribution to the tuned model's, both seen as the base's top-K tokens
+    and the rest as one. `logits` are the label positions of a packed batch
+    (tasks.label_logits), `sources` their examples; the retention examples are
+    those from `first` on, in the order of `targets`."""
+    rows = sources >= first
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    order = torch.unique_consecutive(sources[rows]).tolist()
+    device = logits.device
+    top_ids = torch.cat([torch.tensor(targets[e - first].top_ids, device=device) for e in order])
+    base = torch.cat([torch.tensor(targets[e - first].top_logprobs, device=device) for e in order])
+    log_q = logits[rows.to(device)].float().log_softmax(-1)
+    log_q_top = log_q.gather(-1, top_ids)
+    p_top = base.exp()
+    p_rest = (1 - p_top.sum(-1)).clamp_min(1e-6)
+    q_rest = (1 - log_q_top.exp().sum(-1)).clamp_min(1e-6)
+    kl = (p_top * (base - log_q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return kl.mean()

@@ -1,0 +1,241 @@
+"""A hyperparameter search as Ray Tune trials of the training recipe.
+
+Each trial is one Ray Train run of `recipe.train_worker` with one candidate's
+hyperparameters (a Tune function trainable that drives a TorchTrainer, as Ray
+Train V2 pairs them). The workers' reports reach Tune through
+`TuneReportCallback`; the ASHA scheduler stops a trial whose objective (its
+best selection score so far: validation loss among checkpoints within the
+forgetting budget) trails the others' at the same epoch. Tune's experiment
+state lives beside the job's checkpoints, so a search the orchestrator left
+running is restored where it stopped: finished trials stay finished and the
+others resume from their latest checkpoints.
+
+The trials' lifecycle (started, its latest evaluation, finished, stopped,
+failed) is handed to the orchestrator as `trial` events.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+
+from ray import tune
+from ray.tune.stopper import Stopper
+
+from tunewire.services.common.layout import TUNE_DIR
+from tunewire.services.training.config import SearchPlan, TrainingConfig
+from tunewire.services.training.recipe import RecipeConfig
+
+# Trials run at least this many epochs before the scheduler may stop them.
+GRACE_EPOCHS = 2
+REDUCTION_FACTOR = 2
+
+
+def trial_name(index: int) -> str:
+    return f"trial-{index + 1}"
+
+
+def trial_config(recipe: RecipeConfig, plan: SearchPlan, run: str) -> RecipeConfig:
+    """The recipe of one trial: the job's config with its candidate's values."""
+    index = int(run.rsplit("-", 1)[1]) - 1
+    training = TrainingConfig.from_dict(recipe.training.to_dict() | plan.candidates[index])
+    return recipe.replace(run=run, training=training)
+
+
+def trial_state(result: dict, max_epochs: int, error: bool = False) -> str:
+    """How a trial ended, from its last result: the scheduler also stops a
+    trial that reached its last epoch, which counts as done."""
+    if result.get("user_error") or error:
+        return "FAILED"
+    if result.get("cancelled"):
+        return "CANCELLED"
+    if result.get("finished") or result.get("epoch", 0) >= max_epochs:
+        return "DONE"
+    return "STOPPED"
+
+
+def scheduler_epochs(recipe: RecipeConfig, plan: SearchPlan) -> tuple[int, int]:
+    """(grace, max) epochs for ASHA; validation every N steps reports in epochs too."""
+    epochs = max(trial_config(recipe, plan, trial_name(i)).training.epochs for i in range(len(plan.candidates)))
+    return min(GRACE_EPOCHS, epochs), epochs
+
+
+class TrialEvents:
+    """Trial events from Tune's driver thread, for the orchestrator's loop to emit."""
+
+    def __init__(self) -> None:
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, data: dict) -> None:
+        self._events.put(data)
+
+    def drain(self) -> list[dict]:
+        out = []
+        while True:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                return out
+
+
+# Tune pickles its callbacks and stopper with the experiment (to restore it
+# after a restart), and queues and events do not pickle: those name their
+# search by job id and find its channels here, in the process running it.
+# (Module-level classes, so pickling refers to them rather than copying them
+# with this table.)
+_CHANNELS: dict[str, tuple[TrialEvents, threading.Event]] = {}
+
+
+class ReportTrials(tune.Callback):
+    """Trial lifecycle as `trial` events (run, state, hyperparameters, progress)."""
+
+    def __init__(self, job_id: str, max_epochs: int):
+        self.job_id = job_id
+        self.max_epochs = max_epochs
+
+    def _event(self, trial, state: str, message: str = "") -> None:
+        channels = _CHANNELS.get(self.job_id)
+        if channels is None:
+            return
+        candidate = trial.config["candidate"]
+        result = trial.last_result or {}
+        objective = result.get("objective", math.inf)
+        channels[0].put(
+            {
+                "run": candidate["run"],
+                "state": state,
+                "learning_rate": candidate["learning_rate"],
+                "lora_rank": candidate["lora_rank"],
+                "epoch": float(result.get("epoch", 0.0)),
+                "step": int(result.get("step", 0)),
+                "best_objective": objective if math.isfinite(objective) else 0.0,
+                "message": message,
+            }
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._event(trial, "RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "objective" in result:
+            self._event(trial, "RUNNING")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        state = trial_state(result, self.max_epochs)
+        messages = {
+            "FAILED": result.get("user_error", ""),
+            "DONE": "stopped early: no better checkpoint for a while" if result.get("stopped_early") else "",
+            "STOPPED": "stopped by the scheduler: it trailed the other trials, or the search ran out of time",
+        }
+        self._event(trial, state, messages.get(state, ""))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._event(trial, "FAILED", "the trial failed; the orchestrator's log has the error")
+
+    def on_experiment_end(self, trials, **info):
+        # The search's time budget ends trials without a completion callback.
+        for trial in trials:
+            if trial.status not in ("TERMINATED", "ERROR"):
+                self._event(trial, "STOPPED", "the search ran out of time")
+
+
+class StopSearch(Stopper):
+    """Ends a trial that reports a user error (every trial would hit it),
+    and the whole search once its job is cancelled."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+
+    def __call__(self, trial_id, result) -> bool:
+        return bool(result.get("user_error")) or self.stop_all()
+
+    def stop_all(self) -> bool:
+        channels = _CHANNELS.get(self.job_id)
+        return channels is not None and channels[1].is_set()
+
+
+def run_search(
+    recipe: RecipeConfig,
+    plan: SearchPlan,
+    storage_path: str,
+    make_trainer,
+    concurrent: int,
+    events: TrialEvents,
+    stop: threading.Event,
+) -> tuple[list[dict], str | None]:
+    """Runs (or, from saved state, resumes) the search's trials; blocks until
+    they end. `make_trainer(config, callbacks)` builds one run's TorchTrainer
+    (picklable: trials run in their own actors). Returns each trial's
+    summary, and the user error a trial reported, if any."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    def run_trial(config: dict) -> None:
+        make_trainer(trial_config(recipe, plan, config["candidate"]["run"]), callbacks=[TuneReportCallback()]).fit()
+
+    runs = [trial_name(i) for i in range(len(plan.candidates))]
+    candidates = [
+        {
+            "run": run,
+            "learning_rate": trial_config(recipe, plan, run).training.learning_rate,
+            "lora_rank": trial_config(recipe, plan, run).training.lora_rank,
+        }
+        for run in runs
+    ]
+    # A trial's driver does no work itself: its TorchTrainer asks for the workers.
+    trainable = tune.with_resources(run_trial, {"CPU": 0.01})
+    path = f"{storage_path}/{TUNE_DIR}"
+    _CHANNELS[recipe.job_id] = (events, stop)
+    try:
+        if tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            grace, max_epochs = scheduler_epochs(recipe, plan)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"candidate": tune.grid_search(candidates)},
+                tune_config=tune.TuneConfig(
+                    metric="objective",
+                    mode="min",
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace, reduction_factor=REDUCTION_FACTOR),
+                    max_concurrent_trials=concurrent,
+                    time_budget_s=plan.max_seconds,
+                ),
+                run_config=tune.RunConfig(
+                    name=TUNE_DIR,
+                    storage_path=storage_path,
+                    stop=StopSearch(recipe.job_id),
+                    callbacks=[ReportTrials(recipe.job_id, scheduler_epochs(recipe, plan)[1])],
+                    verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=1),
+                ),
+            )
+        results = tuner.fit()
+    finally:
+        _CHANNELS.pop(recipe.job_id, None)
+    summaries, user_error = [], None
+    for result in results:
+        candidate, metrics = result.config["candidate"], result.metrics or {}
+        user_error = user_error or metrics.get("user_error")
+        state = trial_state(metrics, scheduler_epochs(recipe, plan)[1], error=result.error is not None)
+        summaries.append(
+            {
+                "run": candidate["run"],
+                "learning_rate": candidate["learning_rate"],
+                "lora_rank": candidate["lora_rank"],
+                "state": state,
+                "epoch": float(metrics.get("epoch", 0.0)),
+                "stopped_early": bool(metrics.get("stopped_early")),
+                "error": _innermost(result.error) if result.error else "",
+            }
+        )
+    return sorted(summaries, key=lambda s: s["run"]), user_error
+
+
+def _innermost(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"

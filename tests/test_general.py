@@ -1,0 +1,244 @@
+"""General ability on tiny models, without Ray: the probe's scoring and its
+fast path, the retention penalty, the forgetting budget's rule, and the
+diagnostics."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from tunewire.services.training import diagnostics, general, metrics, tasks
+from tunewire.services.training.config import resolve_config
+from tunewire.services.training.recipe import OVER_BUDGET, Forgetting, selection_score
+
+
+def test_an_answer_is_correct_when_it_holds_every_term_as_a_word():
+    assert metrics.is_correct("The capital of France is Paris.", ["Paris"])
+    assert metrics.is_correct("Seven times eight is fifty-six", ["56|fifty-six"])
+    assert metrics.is_correct("Red, Blue and Yellow.", ["red", "blue", "yellow"])
+    assert not metrics.is_correct("Red and Blue.", ["red", "blue", "yellow"])
+    assert not metrics.is_correct("It ended in 1945.", ["4"])  # not a word of its own
+    assert not metrics.is_correct("The capital of France is Tromsø.", ["Paris"])
+
+
+def test_the_bundled_sets_are_apart():
+    probe = {q["prompt"] for q in general.probe_questions()}
+    assert len(probe) >= 40 and not probe & set(general.retention_prompts())
+    assert all(q["answer"] and all(t.strip() for t in q["answer"]) for q in general.probe_questions())
+
+
+def _model(path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    tokenizer = tasks.load_tokenizer(str(tiny_model_dir))
+    model = _model(tiny_model_dir)
+    reference = general.build_reference(model, tokenizer, "cpu")
+    # A random model answers no question right: make each probe answer
+    # "correct" by declaring its own first word the reference term.
+    probe = []
+    for p in reference.probe[:12]:
+        ids, _ = general._generate(model, tokenizer, [p.prompt_ids], 8, "cpu")[0]
+        words = re.findall(r"[0-9A-Za-z]+", general._text(tokenizer, ids))
+        if not words:
+            continue
+        upto = next(k for k in range(1, len(ids) + 1) if metrics.is_correct(general._text(tokenizer, ids[:k]), [words[0]]))
+        probe.append(general.ProbeAnswer(p.prompt, [words[0]], general._text(tokenizer, ids), True, p.prompt_ids, ids[:upto]))
+    assert len(probe) >= 4
+    return tokenizer, general.GeneralReference(probe, reference.retention)
+
+
+def test_the_reference_round_trips_and_holds_the_base_models_answers(tiny):
+    tokenizer, reference = tiny
+    again = general.GeneralReference.from_json(reference.to_json())
+    assert again == reference
+    target = reference.retention[0]
+    assert len(target.top_ids) == len(target.input_ids) - target.answer_start == len(target.top_logprobs)
+    assert all(len(row) == general.TOP_K for row in target.top_ids)
+
+
+def test_the_probes_fast_path_agrees_with_generating_every_answer(tiny, tiny_model_dir):
+    tokenizer, reference = tiny
+    model = _model(tiny_model_dir)
+    result = general.check_probe(model, tokenizer, reference, "cpu")
+    assert all(result.correct) and result.kept(reference) == (len(reference.probe), len(reference.probe))
+    # Moved weights change answers: the fast path must say what generation says.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    result = general.check_probe(model, tokenizer, reference, "cpu")
+    generated = general._generate(model, tokenizer, [p.prompt_ids for p in reference.probe], general.PROBE_ANSWER_TOKENS, "cpu")
+    truth = [metrics.is_correct(general._text(tokenizer, ids), p.terms) for p, (ids, _) in zip(reference.probe, generated, strict=True)]
+    assert result.correct == truth and not all(truth)
+
+
+def test_the_retention_penalty_is_zero_at_the_base_distribution_and_pulls_towards_it(tiny):
+    _, reference = tiny
+    targets = reference.retention[:3]
+    rows = sum(len(t.top_ids) for t in targets)
+    vocab = 400
+    # Logits whose softmax puts the base's top-K probabilities on its tokens
+    # and spreads the rest evenly: the two coarsened distributions agree.
+    logits = torch.full((rows + 5, vocab), -1e4)
+    sources = torch.tensor([0] * 5 + [1 + i for i, t in enumerate(targets) for _ in t.top_ids])
+    row = 5
+    for t in targets:
+        for ids, logprobs in zip(t.top_ids, t.top_logprobs, strict=True):
+            rest = max(1 - sum(math.exp(v) for v in logprobs), 1e-6)
+            others = [i for i in range(vocab) if i not in set(ids)]
+            logits[row, others] = math.log(rest / len(others))
+            logits[row, ids] = torch.tensor(logprobs)
+            row += 1
+    assert float(general.retention_loss(logits, sources, targets, first=1)) == pytest.approx(0.0, abs=1e-4)
+    moved = logits.clone().requires_grad_(True)
+    with torch.no_grad():
+        moved[5:] = moved[5:] + torch.randn(rows, vocab)
+    loss = general.retention_loss(moved, sources, targets, first=1)
+    loss.backward()
+    assert float(loss.detach()) > 0.01
+    assert float(moved.grad[:5].abs().sum()) == 0  # the batch's own rows are not touched
+    assert float(general.retention_loss(logits[:5], sources[:5], targets, first=1)) == 0.0
+
+
+def test_the_forgetting_budget_rule():
+    budget = 0.1
+    kept = Forgetting(kept=27, base_correct=30, perplexity=31.0, base_perplexity=29.0)  # 10% lost, +7%
+    lost_too_many = Forgetting(kept=26, base_correct=30, perplexity=29.0, base_perplexity=29.0)
+    perplexity_too_high = Forgetting(kept=30, base_correct=30, perplexity=36.0, base_perplexity=29.0)  # +24%
+    assert kept.within(budget) and not lost_too_many.within(budget) and not perplexity_too_high.within(budget)
+    # Within the budget, the validation loss ranks; any of those beats any over it.
+    assert selection_score(2.5, 10, kept, budget) == 2.5
+    over = selection_score(0.1, 10, lost_too_many, budget)
+    assert over > OVER_BUDGET > selection_score(50.0, 10, kept, budget)
+    # Over it, the one that forgot less ranks first (13% of answers lost against +24% perplexity).
+    assert selection_score(0.1, 10, lost_too_many, budget) < selection_score(0.1, 10, perplexity_too_high, budget)
+    assert selection_score(None, 20, None, budget) < selection_score(None, 10, None, budget)  # no validation split: later is better
+
+
+def test_the_budget_is_validated():
+    from tunewire.services.common.errors import InvalidArgument
+
+    assert resolve_config({}, 100).forgetting_budget == 0.1
+    for field, value in (("forgetting_budget", 1.5), ("forgetting_budget", -0.1), ("retention_weight", -1.0)):
+        with pytest.raises(InvalidArgument) as caught:
+            resolve_config({field: value}, 100)
+        assert [v.field for v in caught.value.violations] == [f"spec.hyperparameters.{field}"]
+
+
+def test_diagnostics_name_underfitting_overfitting_and_forgetting():
+    falling = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}, {"step": 15, "loss": 1.2}]
+    assert diagnostics.underfitting(falling, stopped_early=False)["kind"] == "underfitting"
+    assert diagnostics.underfitting(falling, stopped_early=True) is None
+    assert diagnostics.overfitting(falling, best_step=15) is None
+    rising = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.1}, {"step": 15, "loss": 1.4}]
+    assert diagnostics.underfitting(rising, stopped_early=False) is None
+    found = diagnostics.overfitting(rising, best_step=10)
+    assert found["kind"] == "overfitting" and "step 10" in found["message"]
+    change = {"prompt": "What is the capital of France?", "base_answer": "Paris.", "tuned_answer": "Tromsø."}
+    found = diagnostics.forgetting([change], 1, 30, 29.0, 29.1)
+    assert "1 of the 30" in found["message"] and "Tromsø" in found["message"]
+    assert diagnostics.forgetting([], 0, 30, 29.0, 29.1) is None
+
+
+# Made of the tiny tokenizer's own words, so each is a few tokens; no city
+# is a word of a question, so an answer that echoes the question is not right.
+COUNTRIES = ["quick", "brown", "fox", "jumps", "over", "lazy", "dog", "matey", "hello", "world", "answer", "question", "system", "user"]
+COUNTRIES += ["assistant", "Spain"]
+CITIES = ["Paris", "France", "Arr", "Yo", "ho", "What", "plus", "2"] * 2
+
+
+def _capital_rows(countries):
+    return [
+        {"prompt": f"What is the capital of {c}?", "completion": f"The capital of {c} is {CITIES[COUNTRIES.index(c)]}."} for c in countries
+    ]
+
+
+@pytest.fixture(scope="module")
+def knowing_model_dir(tmp_path_factory):
+    """A tiny model that knows something: the capitals of 16 made-up
+    countries, learnt by full fine-tuning, so there is general ability to lose."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_causal_lm
+
+    path = build_tiny_causal_lm(tmp_path_factory.mktemp("knowing"), hidden_size=64)
+    tokenizer = tasks.load_tokenizer(str(path))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    examples = tasks.token_examples("sft", _capital_rows(COUNTRIES), tokenizer, 128)
+    torch.manual_seed(0)
+    for _ in range(300):
+        batch = tasks.pack(examples, tokenizer.pad_token_id, True, "cpu")
+        tasks.batch_loss(model, model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    return path
+
+
+def test_the_retention_penalty_keeps_what_the_base_model_knew(knowing_model_dir):
+    """The mitigation, end to end on a tiny model: the same fine-tune on an
+    unrelated task with and without the penalty; the base model's answers to
+    probe questions that training never saw are kept with it, lost without."""
+    from tunewire.services.training.recipe import FineTuneRecipe, RecipeConfig
+
+    tokenizer = tasks.load_tokenizer(str(knowing_model_dir))
+    base = _model(knowing_model_dir)
+    probe_rows, retained_rows = _capital_rows(COUNTRIES[:8]), _capital_rows(COUNTRIES[8:])
+    # The base's answers: the probe's (with each question's capital as its
+    # reference) and the retention targets, as build_reference makes them.
+    probe = []
+    for row in probe_rows:
+        prompt = general.prompt_ids(tokenizer, row["prompt"])
+        ids, _ = general._generate(base, tokenizer, [prompt], 12, "cpu")[0]
+        city = row["completion"].split()[-1].rstrip(".")
+        text = general._text(tokenizer, ids)
+        upto = next((k for k in range(1, len(ids) + 1) if metrics.is_correct(general._text(tokenizer, ids[:k]), [city])), None)
+        probe.append(general.ProbeAnswer(row["prompt"], [city], text, upto is not None, prompt, ids[:upto] if upto else []))
+    prompts = [general.prompt_ids(tokenizer, r["prompt"]) for r in retained_rows]
+    retention = []
+    for prompt, (ids, scores) in zip(prompts, general._generate(base, tokenizer, prompts, 12, "cpu", with_scores=True), strict=True):
+        top = [s.topk(general.TOP_K) for s in scores]
+        retention.append(
+            general.RetentionTarget(prompt + ids, len(prompt), [t.indices.tolist() for t in top], [t.values.tolist() for t in top])
+        )
+    reference = general.GeneralReference(probe, retention)
+    assert reference.base_correct >= 6  # the base knows most of them
+    task = [{"prompt": f"What is {i} plus {i}?", "completion": "Arr, matey!"} for i in range(16)]
+
+    def kept_after_training(weight: float) -> int:
+        training = resolve_config({"learning_rate": 1e-2, "retention_weight": weight, "precision": "float32", "lora_dropout": 0.0}, 16)
+        config = RecipeConfig(
+            job_id="job-test",
+            base_model=str(knowing_model_dir),
+            task="sft",
+            method="lora",
+            dataset_uri="unused",
+            train_rows=16,
+            validation_rows=0,
+            num_workers=1,
+            use_gpu=False,
+            model_cache="unused",
+            artifact_root="unused",
+            training=training,
+        )
+        recipe = FineTuneRecipe(config)
+        recipe.setup_model()
+        recipe.ddp_model, recipe.reference = recipe.model, reference
+        optimizer = torch.optim.AdamW([p for p in recipe.model.parameters() if p.requires_grad], lr=1e-2)
+        recipe.model.train()
+        for step in range(40):
+            loss, _, _ = recipe._loss(task[(step * 4) % 16 : (step * 4) % 16 + 4])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return general.check_probe(recipe.model, tokenizer, reference, "cpu").kept(reference)[0]
+
+    without, kept = kept_after_training(0.0), kept_after_training(3.0)
+    assert without <= reference.base_correct // 2 and kept >= 3 * reference.base_correct // 4
