@@ -90,6 +90,8 @@ def check_requested_model(name: str, field: str, model_roots: tuple[str, ...]) -
     said about the path, so a request can neither make a service read an
     arbitrary directory (another project's fully fine-tuned model among them)
     nor learn what exists there."""
+    if any(ord(c) < 32 for c in name):
+        raise InvalidArgument.field(field, "must not contain control characters (NUL, newlines, tabs)")
     if name and name not in BUNDLED_MODELS and not _HUB_ID.match(name):
         path = Path(name).expanduser().resolve()
         if not any(path.is_relative_to(Path(root).expanduser().resolve()) for root in model_roots):
