@@ -51,11 +51,6 @@ def run_name(run: str, attempt: int) -> str:
     return f"{run}.{attempt}"
 
 
-def run_of(run_dir_name: str) -> str:
-    """The run (trial) a run directory belongs to: 'train.2' -> 'train'."""
-    return run_dir_name.rsplit(".", 1)[0]
-
-
 def general_parts(base_model: str, version: str) -> tuple[str, ...]:
     """The cache of a base model's general answers: named by the model and a
     hash of it (two paths may differ only in characters a name drops)."""
