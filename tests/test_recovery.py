@@ -30,14 +30,21 @@ def _is_training(process: psutil.Process) -> bool:
         return False
 
 
-def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
-    env = {
+# 60 prompt/completion rows (48 in training with the default splits).
+_SUMS = "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."}) + "\n" for i in range(60)).encode()
+
+
+def _stack_env(tmp_path, tiny_model_dir, dataset_port: int, training_port: int) -> dict:
+    return {
         "TUNEWIRE_HOME": str(tmp_path / "home"),
-        "TUNEWIRE_DATASET_PORT": "50261",
-        "TUNEWIRE_TRAINING_PORT": "50262",
+        "TUNEWIRE_DATASET_PORT": str(dataset_port),
+        "TUNEWIRE_TRAINING_PORT": str(training_port),
         "TUNEWIRE_MODEL_ROOTS": str(tiny_model_dir),
     }
-    rows = "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."}) + "\n" for i in range(60)).encode()
+
+
+def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
+    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=50261, training_port=50262), _SUMS
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:
             dataset = client.upload(rows, name="sums").dataset
@@ -96,13 +103,7 @@ def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model
     """The same for a job whose learning rate is searched: Ray Tune's saved
     state is restored, the interrupted trial resumes from its checkpoint and
     the search ends with every trial in the report."""
-    env = {
-        "TUNEWIRE_HOME": str(tmp_path / "home"),
-        "TUNEWIRE_DATASET_PORT": "50263",
-        "TUNEWIRE_TRAINING_PORT": "50264",
-        "TUNEWIRE_MODEL_ROOTS": str(tiny_model_dir),
-    }
-    rows = "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."}) + "\n" for i in range(60)).encode()
+    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=50263, training_port=50264), _SUMS
     hyperparameters = {"epochs": 6, "batch_size": 4, "eval_every_steps": 2, "early_stopping_patience": 0, "warmup_fraction": 0.0}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:
