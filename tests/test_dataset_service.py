@@ -255,6 +255,23 @@ def test_identical_rows_never_straddle_splits(service):
     assert all(len(s) == 1 for s in splits_of.values())
 
 
+def test_rows_sharing_an_answer_are_held_out_evenly(service):
+    """16 facts asked three ways: the 10 held-out rows come from 10 different
+    facts, so every fact keeps two phrasings in train (a random cut loses
+    whole facts); answers that do not repeat split as before."""
+    client, _, _ = service
+    rows = [{"prompt": f"question {way} about fact {fact}?", "completion": f"answer {fact}"} for fact in range(16) for way in range(3)]
+    d = client.upload(jsonl(rows), name="facts", split={"validation_count": 5, "test_count": 5}).dataset
+    in_train = {}
+    for row in client.rows(d.id):
+        in_train[row["completion"]] = in_train.get(row["completion"], 0) + (row["split"] == "train")
+    assert dict(d.split_row_counts) == {"train": 38, "validation": 5, "test": 5}
+    assert sorted(in_train.values()) == [2] * 10 + [3] * 6
+    unique = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
+    d = client.upload(jsonl(unique), name="unique", split={"validation_count": 4, "test_count": 4}).dataset
+    assert dict(d.split_row_counts) == {"train": 32, "validation": 4, "test": 4}
+
+
 # Quality report
 
 

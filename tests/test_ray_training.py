@@ -302,3 +302,25 @@ def test_a_cancelled_search_resumes_its_trials_where_they_stopped(runner, tiny_m
     [evaluation] = of(events, "evaluation")
     assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
     assert "adapter_model.safetensors" in files
+
+
+def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_to_a_first_comparison():
+    from tunewire.services.training import search
+
+    channels = search._Channels(search.TrialEvents(), threading.Event())
+    search._CHANNELS["job-x"] = channels
+    try:
+        stop = search.StopSearch("job-x", max_seconds=150, grace_epochs=2)
+        channels.running.add("t1")
+        assert not stop("t1", {"epoch": 1.0, "time_total_s": 60.0}) and stop.rung_seconds is None
+        assert not stop("t1", {"epoch": 2.0, "time_total_s": 100.0}) and stop.rung_seconds == 100.0
+        channels.started -= 60  # 90 s left: a trial needs 100 s to reach epoch 2
+        assert not stop.stop_all(), "a running trial goes on (Tune's own budget ends it)"
+        channels.running.clear()
+        assert stop.stop_all()
+        channels.started += 60  # 150 s left
+        assert not stop.stop_all()
+        channels.cancel.set()
+        assert stop.stop_all() and stop("t2", {"epoch": 0.0})
+    finally:
+        search._CHANNELS.pop("job-x")

@@ -74,6 +74,7 @@ class _Scan:
     report: validation.ValidationReport
     quality: QualityAccumulator | None = None
     keys: array = field(default_factory=lambda: array("Q"))  # seeded content keys, for splits
+    answers: array = field(default_factory=lambda: array("Q"))  # what each row teaches, hashed (splits spread repeats)
     label_codes: array = field(default_factory=lambda: array("i"))
     label_names: dict[str, int] = field(default_factory=dict)
     given_splits: array = field(default_factory=lambda: array("b"))
@@ -351,6 +352,8 @@ class DatasetManager:
             canonical = _canonical(row)
             scan.digest.update(canonical + f"\x1e{given or ''}\n".encode())
             scan.keys.append(_key(canonical, request.split.seed))
+            answer = validation.answer_text(row, fmt)
+            scan.answers.append(_key(answer.encode()) if answer is not None else scan.keys[-1])
             scan.quality.add(row, _key(canonical))
             scan.given_splits.append(SPLIT_NAMES.index(given) if given else -1)
             if "label" in row:
@@ -369,7 +372,7 @@ class DatasetManager:
                 )
             return given
         strata = np.frombuffer(scan.label_codes, dtype=np.int32) if scan.label_codes else None
-        return assign_splits(np.frombuffer(scan.keys, dtype=np.uint64), strata, spec)
+        return assign_splits(np.frombuffer(scan.keys, dtype=np.uint64), strata, spec, np.frombuffer(scan.answers, dtype=np.uint64))
 
     def _write(self, request: UploadRequest, spool, fmt: str, splits: np.ndarray, path: Path, quality: QualityReport) -> None:
         """The second pass: good rows with their split, in batches, to Parquet."""

@@ -3,6 +3,12 @@
 Each row gets a key from a seeded hash of its content; within each stratum
 rows are ordered by key and cut into test, validation and train. Identical
 rows share a key, so they never straddle a cut (no exact-duplicate leakage).
+
+Rows that teach the same answer (a fact asked several ways, one completion)
+are held out evenly: the cut takes first from the answers with the most rows
+left in training, so every answer keeps a row in train while it can. A
+validation or test row whose answer training never shows measures nothing
+the data could teach, and the fact is lost to the model.
 """
 
 from __future__ import annotations
@@ -73,8 +79,29 @@ def _cut(keys: np.ndarray, at: int) -> int:
     return at
 
 
-def assign_splits(keys: np.ndarray, strata: np.ndarray | None, spec: SplitSpec) -> np.ndarray:
-    """Split codes (TRAIN, VALIDATION, TEST) for rows with these seeded keys."""
+def _spare(keys: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """For each row, how many rows of its answer come after it by key (rows
+    sharing a key count once): the rows its answer keeps in training if the
+    held-out splits take it and those before it."""
+    order = np.lexsort((keys, answers))
+    k, a = keys[order], answers[order]
+    new_answer = np.ones(len(k), dtype=bool)
+    new_answer[1:] = a[1:] != a[:-1]
+    new_key = new_answer.copy()
+    new_key[1:] |= k[1:] != k[:-1]
+    distinct = np.cumsum(new_key)  # the row's key's place among all distinct keys
+    answer = np.cumsum(new_answer) - 1
+    first = distinct[new_answer]
+    last = np.append(first[1:] - 1, distinct[-1])  # each answer's last key's place
+    spare = np.empty(len(k), dtype=np.int64)
+    spare[order] = last[answer] - distinct
+    return spare
+
+
+def assign_splits(keys: np.ndarray, strata: np.ndarray | None, spec: SplitSpec, answers: np.ndarray | None = None) -> np.ndarray:
+    """Split codes (TRAIN, VALIDATION, TEST) for rows with these seeded keys;
+    `answers` (a hash of each row's answer) spreads the held-out rows over
+    the answers that repeat."""
     total = len(keys)
     strata = np.zeros(total, dtype=np.int64) if strata is None or not spec.stratify else strata
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
@@ -83,7 +110,8 @@ def assign_splits(keys: np.ndarray, strata: np.ndarray | None, spec: SplitSpec) 
     test_shares, val_shares = _shares(test_want, sizes), _shares(val_want, sizes)
     out = np.full(total, TRAIN, dtype=np.int8)
     for rows, n_test, n_val in zip(groups, test_shares, val_shares, strict=True):
-        ordered = rows[np.lexsort((rows, keys[rows]))]
+        spare = _spare(keys[rows], answers[rows]) if answers is not None else np.zeros(len(rows), dtype=np.int64)
+        ordered = rows[np.lexsort((rows, keys[rows], -spare))]
         ordered_keys = keys[ordered]
         test_end = _cut(ordered_keys, n_test)
         val_end = _cut(ordered_keys, min(len(ordered), test_end + n_val))

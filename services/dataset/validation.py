@@ -138,6 +138,18 @@ def normalise(record: dict, fmt: str) -> dict:
     return {name: record[name] for name in FIELDS[fmt]}
 
 
+def answer_text(row: dict, fmt: str) -> str | None:
+    """What a row teaches the model to answer (its completion, last assistant
+    message or summary); None for formats without one."""
+    if fmt == PROMPT_COMPLETION:
+        return row["completion"]
+    if fmt == SUMMARIZATION:
+        return row["summary"]
+    if fmt == CHAT:
+        return next((m["content"] for m in reversed(row["messages"]) if m["role"] == "assistant"), None)
+    return None
+
+
 def detect_format(record) -> str | None:
     if not isinstance(record, dict):
         return None

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
+from dataclasses import dataclass, field
 
 from ray import tune
 from ray.tune.stopper import Stopper
@@ -84,7 +86,16 @@ class TrialEvents:
 # search by job id and find its channels here, in the process running it.
 # (Module-level classes, so pickling refers to them rather than copying them
 # with this table.)
-_CHANNELS: dict[str, tuple[TrialEvents, threading.Event]] = {}
+@dataclass
+class _Channels:
+    events: TrialEvents
+    cancel: threading.Event
+    running: set[str] = field(default_factory=set)  # trial ids started and not ended
+    # As Tune's time budget, counted from this run of the search (a restored one starts again).
+    started: float = field(default_factory=time.monotonic)
+
+
+_CHANNELS: dict[str, _Channels] = {}
 
 
 class ReportTrials(tune.Callback):
@@ -101,7 +112,7 @@ class ReportTrials(tune.Callback):
         candidate = trial.config["candidate"]
         result = trial.last_result or {}
         objective = result.get("objective", math.inf)
-        channels[0].put(
+        channels.events.put(
             {
                 "run": candidate["run"],
                 "state": state,
@@ -115,13 +126,20 @@ class ReportTrials(tune.Callback):
         )
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        if self.job_id in _CHANNELS:
+            _CHANNELS[self.job_id].running.add(trial.trial_id)
         self._event(trial, "RUNNING")
+
+    def _ended(self, trial) -> None:
+        if self.job_id in _CHANNELS:
+            _CHANNELS[self.job_id].running.discard(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "objective" in result:
             self._event(trial, "RUNNING")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
         result = trial.last_result or {}
         state = trial_state(result, self.max_epochs)
         messages = {
@@ -132,28 +150,44 @@ class ReportTrials(tune.Callback):
         self._event(trial, state, messages.get(state, ""))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial)
         self._event(trial, "FAILED", "the trial failed; the orchestrator's log has the error")
 
     def on_experiment_end(self, trials, **info):
-        # The search's time budget ends trials without a completion callback.
+        # The search's time budget ends trials without a completion callback,
+        # and StopSearch ends those it does not start.
         for trial in trials:
-            if trial.status not in ("TERMINATED", "ERROR"):
+            if not trial.last_result and trial.status != "ERROR":
+                self._event(trial, "STOPPED", "not started: the search's time left was too short for its first comparison")
+            elif trial.status not in ("TERMINATED", "ERROR"):
                 self._event(trial, "STOPPED", "the search ran out of time")
 
 
 class StopSearch(Stopper):
-    """Ends a trial that reports a user error (every trial would hit it),
-    and the whole search once its job is cancelled."""
+    """Ends a trial that reports a user error (every trial would hit it), and
+    the whole search once its job is cancelled, or when no trial is running
+    and the next could not reach its first comparison (the scheduler's grace
+    epochs) in the time left, judged by what the first trial took to get
+    there: a trial the time budget would cut before then is wasted time."""
 
-    def __init__(self, job_id: str):
+    def __init__(self, job_id: str, max_seconds: float, grace_epochs: int):
         self.job_id = job_id
+        self.max_seconds = max_seconds
+        self.grace_epochs = grace_epochs
+        self.rung_seconds: float | None = None
 
     def __call__(self, trial_id, result) -> bool:
+        if self.rung_seconds is None and result.get("epoch", 0) >= self.grace_epochs:
+            self.rung_seconds = float(result.get("time_total_s", 0.0))
         return bool(result.get("user_error")) or self.stop_all()
 
     def stop_all(self) -> bool:
         channels = _CHANNELS.get(self.job_id)
-        return channels is not None and channels[1].is_set()
+        if channels is None:
+            return False
+        left = channels.started + self.max_seconds - time.monotonic()
+        out_of_time = not channels.running and self.rung_seconds is not None and self.rung_seconds > left
+        return out_of_time or channels.cancel.is_set()
 
 
 def run_search(
@@ -187,7 +221,7 @@ def run_search(
     # A trial's driver does no work itself: its TorchTrainer asks for the workers.
     trainable = tune.with_resources(run_trial, {"CPU": 0.01})
     path = f"{storage_path}/{TUNE_DIR}"
-    _CHANNELS[recipe.job_id] = (events, stop)
+    _CHANNELS[recipe.job_id] = _Channels(events, stop)
     try:
         if tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -206,7 +240,7 @@ def run_search(
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
                     storage_path=storage_path,
-                    stop=StopSearch(recipe.job_id),
+                    stop=StopSearch(recipe.job_id, plan.max_seconds, grace),
                     callbacks=[ReportTrials(recipe.job_id, scheduler_epochs(recipe, plan)[1])],
                     verbose=0,
                     failure_config=tune.FailureConfig(max_failures=1),
