@@ -25,6 +25,9 @@ METHODS = [(service, method) for service, descriptor in SERVICES.items() for met
 # Streams that follow live state end at the call's deadline: that is their normal end here.
 ALLOWED = {code for code in grpc.StatusCode} - {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 FUZZ_DEADLINE = 3.0
+# A watch stream sends the current state at once, then waits for changes: a
+# second shows how it answers; the rest is waiting.
+WATCH_DEADLINE = 1.0
 
 _SCALARS = {
     FieldDescriptor.TYPE_INT32: st.integers(-(2**31), 2**31 - 1),
@@ -110,7 +113,8 @@ def _call(channel: grpc.Channel, service: str, method, payloads: list[bytes]) ->
                 raise AssertionError("no bidirectional RPCs in tunewire")
             channel.stream_unary(path, **identity)(iter(payloads), timeout=FUZZ_DEADLINE)
         elif method.server_streaming:
-            for _ in channel.unary_stream(path, **identity)(payloads[0], timeout=FUZZ_DEADLINE):
+            deadline = WATCH_DEADLINE if method.name.startswith("Watch") else FUZZ_DEADLINE
+            for _ in channel.unary_stream(path, **identity)(payloads[0], timeout=deadline):
                 pass
         else:
             channel.unary_unary(path, **identity)(payloads[0], timeout=FUZZ_DEADLINE)

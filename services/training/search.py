@@ -265,6 +265,20 @@ def run_search(
                 "error": _innermost(result.error) if result.error else "",
             }
         )
+    # Candidates Tune never made into trials: the search's time ended first.
+    for candidate in candidates:
+        if candidate["run"] not in {s["run"] for s in summaries} and not (stop.is_set() or user_error):
+            summaries.append(candidate | {"state": "STOPPED", "epoch": 0.0, "stopped_early": False, "error": ""})
+            events.put(
+                candidate
+                | {
+                    "state": "STOPPED",
+                    "epoch": 0.0,
+                    "step": 0,
+                    "best_objective": 0.0,
+                    "message": "not started: the search's time ran out first",
+                }
+            )
     return sorted(summaries, key=lambda s: s["run"]), user_error
 
 
