@@ -32,7 +32,7 @@ test: install
 serve: install
 	$(BIN)/tunewire serve
 
-# Every benchmark, each against its baselines in the same run (about 50
+# Every benchmark, each against its baselines in the same run (about 45
 # minutes on 2 cores); tables and JSON in bench/results/.
 bench: install
 	$(BIN)/python -m bench.dataset_upload --megabytes 100
