@@ -31,6 +31,7 @@ from tunewire.services.training.recipe import RecipeConfig
 
 # Trials run at least this many epochs before the scheduler may stop them.
 GRACE_EPOCHS = 2
+NOT_STARTED = "not started: the search's time ran out first"
 REDUCTION_FACTOR = 2
 
 
@@ -158,7 +159,7 @@ class ReportTrials(tune.Callback):
         # and StopSearch ends those it does not start.
         for trial in trials:
             if not trial.last_result and trial.status != "ERROR":
-                self._event(trial, "STOPPED", "not started: the search's time left was too short for its first comparison")
+                self._event(trial, "STOPPED", NOT_STARTED)
             elif trial.status not in ("TERMINATED", "ERROR"):
                 self._event(trial, "STOPPED", "the search ran out of time")
 
@@ -266,8 +267,9 @@ def run_search(
             }
         )
     # Candidates Tune never made into trials: the search's time ended first.
+    ran = {s["run"] for s in summaries}
     for candidate in candidates:
-        if candidate["run"] not in {s["run"] for s in summaries} and not (stop.is_set() or user_error):
+        if candidate["run"] not in ran and not (stop.is_set() or user_error):
             summaries.append(candidate | {"state": "STOPPED", "epoch": 0.0, "stopped_early": False, "error": ""})
             events.put(
                 candidate
@@ -276,7 +278,7 @@ def run_search(
                     "epoch": 0.0,
                     "step": 0,
                     "best_objective": 0.0,
-                    "message": "not started: the search's time ran out first",
+                    "message": NOT_STARTED,
                 }
             )
     return sorted(summaries, key=lambda s: s["run"]), user_error
