@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tunewire.services.common import layout
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -200,6 +202,10 @@ class CopyAdapterRunner:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "adapter"
             shutil.copytree(self.adapter_dir, out)
+            # As a real run does: the metadata names the job's project.
+            metadata = out / layout.ADAPTER_METADATA
+            written = json.loads(metadata.read_text()) if metadata.exists() else {}
+            metadata.write_text(json.dumps(written | {"job_id": job.id, "project": job.project}))
             yield out
 
 

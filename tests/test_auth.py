@@ -164,6 +164,17 @@ def test_projects_see_only_their_own_datasets_jobs_and_adapters(stack):
             call, "hello", adapter="ad-never", max_new_tokens=4
         ).replace("ad-never", "X")
     assert code_of(b_infer.classify, "hello", adapter=adapter_id) == grpc.StatusCode.NOT_FOUND
+    # Nor can beta load it from the artifact store by its path: answered as a
+    # path that holds nothing. Alpha may load its own under another name.
+    uri = next(a.uri for a in a_train.list_adapters() if a.id == adapter_id)
+    _, _, admin_for_beta = clients(stack, "admin", project="beta")
+    _, _, admin_for_alpha = clients(stack, "admin", project="alpha")
+    assert code_of(admin_for_beta.load_adapter, "stolen", uri) == grpc.StatusCode.INVALID_ARGUMENT
+    never = uri.rsplit("/", 1)[0] + "/ad-never"
+    assert message_of(admin_for_beta.load_adapter, "stolen", uri).replace(uri, "X") == message_of(
+        admin_for_beta.load_adapter, "stolen", never
+    ).replace(never, "X")
+    assert admin_for_alpha.load_adapter("copy", uri).project == "alpha"
     assert code_of(b_data.delete, ours.id) == grpc.StatusCode.NOT_FOUND
     assert a_data.get(ours.id).id == ours.id  # still there
 

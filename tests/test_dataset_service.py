@@ -346,10 +346,16 @@ def test_imports_read_only_under_the_configured_roots(service, tmp_path):
     assert d.row_count == 12
     assert client.import_dataset(f"file://{imports}/data.jsonl", name="imported").already_existed
     (tmp_path / "secret.jsonl").write_bytes(prompt_completion_jsonl(3))
-    for outside in (str(tmp_path / "secret.jsonl"), f"{imports}/../secret.jsonl"):
+    # fsspec reads `A::B` as the local file A chained over B: refused, not read.
+    chained = f"{imports}/../secret.jsonl::memory://"
+    for outside in (str(tmp_path / "secret.jsonl"), f"{imports}/../secret.jsonl", chained, f"http://localhost/{imports}/data.jsonl"):
         with pytest.raises(ApiError) as caught:
             client.import_dataset(outside, name="x")
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.violations[0].field == "source_uri"
+    with pytest.raises(ApiError) as caught:
+        client.import_dataset(str(imports), name="x")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "directory" in caught.value.violations[0].description
     with pytest.raises(ApiError) as caught:
         client.import_dataset(str(imports / "missing.jsonl"), name="x")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND

@@ -16,6 +16,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tunewire.services.common.errors import InvalidArgument
+from tunewire.services.common.sources import parse_source
+
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
 
@@ -73,7 +76,8 @@ class Settings(BaseSettings):
     # Longer rows are invalid (bounds the memory one row may take).
     max_row_bytes: int = Field(1 << 20, gt=0)
     # Comma-separated paths or URL prefixes ImportDataset and LoadAdapter may
-    # read (besides the artifact store); empty disables dataset imports.
+    # read (besides a project's own adapters in the artifact store); `{project}`
+    # in a root stands for the caller's project. Empty disables dataset imports.
     import_roots: str = ""
     grace_period_seconds: float = Field(5.0, ge=0)
     log_level: str = "INFO"
@@ -132,6 +136,11 @@ class Settings(BaseSettings):
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both TUNEWIRE_TLS_CERT_FILE and TUNEWIRE_TLS_KEY_FILE")
+        for root in self.import_root_list:
+            try:
+                parse_source(root, "TUNEWIRE_IMPORT_ROOTS")
+            except InvalidArgument as exc:
+                raise ValueError(str(exc)) from None
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("TUNEWIRE_TLS_CLIENT_CA_FILE (mutual TLS) needs TUNEWIRE_TLS_CERT_FILE and TUNEWIRE_TLS_KEY_FILE")
         return self

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import check_requested_model
-from tunewire.services.common.sources import check_source
+from tunewire.services.common.sources import Source, check_source, roots_for
 from tunewire.services.dataset import readers, validation
 from tunewire.services.dataset.report import QualityAccumulator, QualityReport, TokenCounter
 from tunewire.services.dataset.splits import SPLIT_NAMES, SplitSpec, assign_splits
@@ -240,13 +240,12 @@ class DatasetManager:
 
     async def import_from(self, project: str, request: UploadRequest, source_uri: str) -> UploadResult:
         self._check_upload(request)
-        source = self._check_import_source(source_uri)
+        source = self._check_import_source(project, source_uri)
         check_size = self._size_check(project)
-        import fsspec
 
         def copy_in(spool) -> UploadResult:
             try:
-                with fsspec.open(source, "rb") as f:
+                with source.open("rb") as f:
                     copied = 0
                     while chunk := f.read(1 << 20):
                         copied += len(chunk)
@@ -254,16 +253,20 @@ class DatasetManager:
                         spool.write(chunk)
             except FileNotFoundError:
                 raise NotFound(f"source_uri {source_uri!r}: no such file") from None
-            name = request.file_name or source.rsplit("/", 1)[-1]
+            except IsADirectoryError:
+                raise InvalidArgument.field("source_uri", f"{source_uri!r} is a directory: give the file to import") from None
+            name = request.file_name or source.path.rsplit("/", 1)[-1]
             return self._ingest(project, UploadRequest(**{**request.__dict__, "file_name": name}), spool)
 
         with tempfile.TemporaryFile() as spool:
             return await asyncio.to_thread(copy_in, spool)
 
-    def _check_import_source(self, source_uri: str) -> str:
+    def _check_import_source(self, project: str, source_uri: str) -> Source:
+        """The source if it lies under one of the project's import roots, and
+        not in the artifact store (every project's datasets and adapters)."""
         if not self.import_roots:
             raise FailedPrecondition("imports are disabled on this service: set TUNEWIRE_IMPORT_ROOTS to the paths or URLs it may read")
-        return check_source(source_uri, self.import_roots)
+        return check_source(source_uri, roots_for(self.import_roots, project), outside=(self.artifacts.root,))
 
     def _ingest(self, project: str, request: UploadRequest, spool) -> UploadResult:
         scan = self._scan(request, spool)

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunewire.services.common import telemetry
+from tunewire.services.common import layout, telemetry
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from tunewire.services.common.sources import check_source
+from tunewire.services.common.sources import Source, check_source, parse_source, roots_for
 from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult, not_loaded
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,20 @@ class LoadedAdapter:
     requests_in_flight: int = 0
 
 
+def _adapter_project(source: Source) -> str | None:
+    """The project a published adapter directory belongs to, from the
+    metadata tunewire wrote beside its weights (adapters published before
+    projects were recorded there belong to the default project); None when
+    the directory holds no readable metadata."""
+    import json
+
+    try:
+        metadata = json.loads(source.filesystem().cat_file(f"{source.path}/{layout.ADAPTER_METADATA}"))
+    except (OSError, ValueError):
+        return None
+    return str(metadata.get("project", DEFAULT_PROJECT)) if isinstance(metadata, dict) else None
+
+
 @dataclass(frozen=True)
 class _Done:
     result: GenerationResult | BaseException
@@ -64,8 +78,8 @@ class InferenceManager:
         self._requests: Counter[str] = Counter()  # queued or running, per project
         self.artifacts = artifacts
         self.adapter_cache = adapter_cache
-        # Adapters load from the artifact store or these roots, nowhere else.
-        self.allowed_roots = (artifacts.root, *import_roots)
+        # Adapters load from a project's own published adapters or its import roots, nowhere else.
+        self.import_roots = import_roots
         self._loaded: dict[str, LoadedAdapter] = {}
         self._loading: dict[str, asyncio.Future] = {}
 
@@ -127,9 +141,9 @@ class InferenceManager:
 
     async def _load(self, adapter_id: str, uri: str, published_at: dt.datetime | None, project: str) -> LoadedAdapter:
         started = time.perf_counter()
-        source = check_source(uri, self.allowed_roots)
+        source = await asyncio.to_thread(self._check_adapter_source, project, uri)
         try:
-            local = await asyncio.to_thread(self.artifacts.local_copy, source, self.adapter_cache)
+            local = await asyncio.to_thread(self.artifacts.local_copy, source.uri, self.adapter_cache)
         except FileNotFoundError:
             raise NotFound(f"source_uri {uri!r}: no such adapter directory") from None
         if not local.exists():
@@ -155,6 +169,25 @@ class InferenceManager:
             f", {latency:.2f}s after publication" if latency is not None else "",
         )
         return loaded
+
+    def _check_adapter_source(self, project: str, uri: str) -> Source:
+        """The adapter directory if the project may load it: one of its own
+        adapters published in the artifact store (their metadata names the
+        project), or a directory under its import roots. Anything else, other
+        projects' adapters included, is answered alike, so a request learns
+        nothing of what exists elsewhere."""
+        source = parse_source(uri)
+        published = parse_source(self.artifacts.uri(layout.ADAPTERS))
+        if source.within(published) and source != published:
+            if _adapter_project(source) == project:
+                return source
+        elif self.import_roots:
+            with contextlib.suppress(InvalidArgument):
+                return check_source(uri, roots_for(self.import_roots, project), outside=(self.artifacts.root,))
+        raise InvalidArgument.field(
+            "source_uri",
+            f"{uri!r} is neither one of project {project!r}'s published adapters nor under its import roots {list(self.import_roots)}",
+        )
 
     async def unload_adapter(self, adapter_id: str) -> None:
         await asyncio.to_thread(self.engine.remove_adapter, adapter_id)

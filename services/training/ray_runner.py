@@ -97,6 +97,7 @@ class RayTrainRunner:
         dataset = job.dataset
         return RecipeConfig(
             job_id=job.id,
+            project=job.project,
             base_model=job.spec["base_model"],
             task=TASK_OF_FORMAT[dataset["format"]],
             method=job.spec["method"],

@@ -79,6 +79,8 @@ class RecipeConfig:
     artifact_root: str
     training: TrainingConfig
     labels: tuple[str, ...] = ()
+    # The project the job and its adapter belong to (in the adapter's metadata).
+    project: str = "default"
     # "train" for a job that trains once, else the search trial's name.
     run: str = layout.SINGLE_RUN
     # From measure_base: the base model's general answers and perplexity.
@@ -724,6 +726,7 @@ class FineTuneRecipe:
             json.dumps(
                 {
                     "job_id": self.config.job_id,
+                    "project": self.config.project,
                     "base_model": self.config.base_model,
                     "task": self.config.task,
                     "method": self.config.method,
