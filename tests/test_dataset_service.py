@@ -2,6 +2,7 @@
 file format and row shape, every kind of bad row, splits, report, reads,
 deletion and imports."""
 
+import base64
 import csv
 import gzip
 import io
@@ -180,6 +181,9 @@ def test_bad_rows_are_rejected_whole_naming_row_field_and_reason(service, data, 
         (b"PAR1garbage", {"file_name": "x.parquet"}, "file", "not a readable Parquet file"),
         (prompt_completion_jsonl(3), {"name": "../etc"}, "metadata.name", "required"),
         (prompt_completion_jsonl(3), {"column_mapping": {"question": "q"}}, "metadata.column_mapping[question]", "not a tunewire field"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), {}, "file", "binary data"),
+        (b'prompt,completion\na,b\n"x,y\nz,w\n', {"file_name": "d.csv", "drop_invalid_rows": True}, "file", "never closed"),
+        (gzip.compress(b'{"prompt": "a", "completion": "b"}\n' * 20_000), {}, "file", "decompressed"),
     ],
 )
 def test_datasets_that_cannot_be_used_are_clear_errors(service, data, kwargs, field, reason):
@@ -337,6 +341,19 @@ def test_a_pinned_dataset_cannot_be_deleted(service):
         client.get(d.id)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
     assert stored_dataset_dirs(settings) == [] and client.list("del") == []
+
+
+def test_page_tokens_and_holders_that_no_column_holds_are_invalid_arguments(service):
+    client, _, _ = service
+    d = client.upload(prompt_completion_jsonl(5), name="p").dataset
+    for token in ("!!!", base64.urlsafe_b64encode(b"-4").decode(), base64.urlsafe_b64encode(b"9" * 40).decode(), "\u00e9"):
+        with pytest.raises(ApiError) as caught:
+            client.list_rows(d.id, page_token=token)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.violations[0].field == "page_token"
+    # On PostgreSQL a holder wider than its column was a DataError, answered INTERNAL.
+    with pytest.raises(ApiError) as caught:
+        client._call(client.stub.PinDataset, F.PinDatasetRequest(dataset_id=d.id, holder="j" * 300))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.violations[0].field == "holder"
 
 
 def test_imports_read_only_under_the_configured_roots(service, tmp_path):

@@ -43,12 +43,21 @@ _SCALARS = {
     FieldDescriptor.TYPE_BOOL: st.booleans(),
     FieldDescriptor.TYPE_FLOAT: st.floats(width=32),
     FieldDescriptor.TYPE_DOUBLE: st.floats(),
-    # Short text, with the characters that matter in ids and paths.
+    # Short text, with the characters that matter in ids and paths, and text
+    # wider than any column.
     FieldDescriptor.TYPE_STRING: st.one_of(
         st.text(max_size=40),
-        st.sampled_from(["", "..", "../../etc/passwd", "/etc/passwd", "file:///etc/passwd", "http://example.com/x", "ds-1", "default"]),
+        st.sampled_from(
+            ["", "..", "../../etc/passwd", "/etc/passwd", "file:///etc/passwd", "http://example.com/x", "ds-1", "default"]
+            + ["/etc/passwd::memory://", "simplecache::file:///etc/passwd", "own/*", "LTE=", "OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5"]
+        ),
+        st.text(min_size=300, max_size=1200),
     ),
-    FieldDescriptor.TYPE_BYTES: st.binary(max_size=200),
+    # Bytes, and file contents built to hurt a parser.
+    FieldDescriptor.TYPE_BYTES: st.one_of(
+        st.binary(max_size=200),
+        st.sampled_from([b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}\n", b'{"prompt": ' + b"9" * 5000 + b"}\n", b'a,b\n"x,y\n']),
+    ),
 }
 
 

@@ -80,3 +80,17 @@ def test_a_bad_search_is_refused_naming_each_field():
     with pytest.raises(InvalidArgument) as caught:
         resolve_search({"lora_ranks": [8]}, {}, "full")
     assert [v.field for v in caught.value.violations] == ["spec.search.lora_ranks"]
+
+
+def test_a_requested_model_that_cannot_be_loaded_is_the_requests_fault(tmp_path):
+    from transformers import AutoConfig
+
+    from tunewire.services.common.models import loading_requested_model
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # no model_type: transformers raises ValueError
+    with pytest.raises(InvalidArgument) as caught, loading_requested_model(str(broken), "spec.base_model"):
+        AutoConfig.from_pretrained(broken)
+    assert caught.value.violations[0].field == "spec.base_model"
+    assert "cannot be loaded" in caught.value.violations[0].description and "model_type" not in str(caught.value)

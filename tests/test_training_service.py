@@ -1,6 +1,7 @@
 """TrainingService over a real gRPC server on port 0, with a fake runner and
 dataset lookup (Ray Train itself is tested in test_ray_training.py)."""
 
+import base64
 import contextlib
 import datetime
 import tempfile
@@ -38,6 +39,8 @@ class FakeDatasets:
         self.pins = []
 
     async def get(self, project, dataset_id):
+        if dataset_id == "ds-broken":  # a fault of the service's own, with words no caller should see
+            raise RuntimeError("connection to postgresql://tunewire:hunter2@db.internal/prod refused")
         if dataset_id != DATASET.id or project != "default":
             raise NotFound(f"dataset {dataset_id!r} not found")
         return DATASET
@@ -227,6 +230,21 @@ def test_a_retried_create_returns_the_same_job(tmp_path):
             client.create_job("smollm2-135m-instruct", "ds-1", {"epochs": 3}, idempotency_key="k-1")
         assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert client.create_job("smollm2-135m-instruct", "ds-1", idempotency_key="k-2").id != first.id
+        # Wider than its column (on PostgreSQL a DataError, answered INTERNAL): named instead.
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1", idempotency_key="k" * 250)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.violations[0].field == "idempotency_key"
+
+
+def test_an_internal_error_says_where_to_look_not_what_it_was(tmp_path):
+    server, _ = make_service(tmp_path, FakeRunner())
+    with server, TrainingClient(server.address) as client:
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-broken")
+        assert caught.value.code == grpc.StatusCode.INTERNAL
+        assert "request id" in caught.value.message
+        assert "hunter2" not in caught.value.message and "postgresql" not in caught.value.message
+        assert client.create_job("smollm2-135m-instruct", "ds-1").id  # still serving
 
 
 def test_jobs_list_by_state_and_page(tmp_path):
@@ -243,6 +261,10 @@ def test_jobs_list_by_state_and_page(tmp_path):
             if not token:
                 break
         assert seen == ids[::-1]
+        for token in ("2", "-1", "not base64!", base64.urlsafe_b64encode(b"9" * 30).decode()):
+            with pytest.raises(grpc.RpcError) as caught:
+                client.stub.ListJobs(training_pb2.ListJobsRequest(page_size=2, page_token=token))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
         assert len(client.list_jobs(training_pb2.JOB_STATE_SUCCEEDED)) == 5
         assert client.list_jobs(training_pb2.JOB_STATE_RUNNING) == []
         [checkpoint] = client.stub.ListCheckpoints(training_pb2.ListCheckpointsRequest(job_id=ids[0])).checkpoints

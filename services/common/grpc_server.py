@@ -64,7 +64,13 @@ async def abort_with(context: grpc.aio.ServicerContext, error: errors.TunewireEr
 
 async def _abort_internal(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     log.exception("unexpected error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+    # The exception's text may hold paths, SQL or another tenant's names: it
+    # stays in the log, which the request id finds.
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method} (request id {telemetry.request_id() or 'none'}): the service logged the details; "
+        "retry, and if it persists report it with the request id",
+    )
 
 
 # Open to every caller: Kubernetes probes and load balancers check health without keys.

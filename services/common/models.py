@@ -13,12 +13,14 @@ can ask for it at the same time and only one converts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +103,23 @@ def check_requested_model(name: str, field: str, model_roots: tuple[str, ...]) -
                 f"({', '.join(model_roots) or 'none set'}); use one of {sorted(BUNDLED_MODELS)} or a Hugging Face id",
             )
     check_model_name(name, field)
+
+
+@contextlib.contextmanager
+def loading_requested_model(name: str, field: str) -> Iterator[None]:
+    """A model a request names that cannot be loaded (a hub id that does not
+    exist or cannot be reached, a broken directory) is the request's fault:
+    InvalidArgument naming the field. The loader's own text (cache paths,
+    URLs) goes to the log, not to the caller."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        log.info("model %r named in %s cannot be loaded: %s", name, field, exc)
+        raise InvalidArgument.field(
+            field,
+            f"{name!r} cannot be loaded: use one of {sorted(BUNDLED_MODELS)}, a model directory under TUNEWIRE_MODEL_ROOTS, "
+            "or a Hugging Face id this service can download",
+        ) from None
 
 
 def base_model_aliases(name: str) -> set[str]:

@@ -4,7 +4,6 @@ and store the dataset whole or not at all. Also reads, deletes and pins."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
 import json
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tunewire.services.common import paging
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import check_requested_model
@@ -27,7 +27,7 @@ from tunewire.services.common.sources import Source, check_source, roots_for
 from tunewire.services.dataset import readers, validation
 from tunewire.services.dataset.report import QualityAccumulator, QualityReport, TokenCounter
 from tunewire.services.dataset.splits import SPLIT_NAMES, SplitSpec, assign_splits
-from tunewire.services.dataset.store import DatasetInfo, DatasetStore
+from tunewire.services.dataset.store import HOLDER_LENGTH, DatasetInfo, DatasetStore
 
 log = logging.getLogger(__name__)
 
@@ -160,18 +160,14 @@ class DatasetManager:
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")
         size = page_size or 100
-        try:
-            after = int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else -1
-        except ValueError:
-            raise InvalidArgument.field("page_token", "not a token this service returned") from None
+        after = paging.page_position(page_token, default=-1)
         page: list[tuple[int, dict]] = []
         for batch in self._row_batches(info, split):
             for index, row in batch:
                 if index <= after:
                     continue
                 if len(page) == size:
-                    token = base64.urlsafe_b64encode(str(page[-1][0]).encode()).decode()
-                    return page, token
+                    return page, paging.page_token(page[-1][0])
                 page.append((index, row))
         return page, ""
 
@@ -183,6 +179,8 @@ class DatasetManager:
     def pin(self, project: str, dataset_id: str, holder: str) -> DatasetInfo:
         if not holder:
             raise InvalidArgument.field("holder", "required: who uses the dataset (a job id)")
+        if len(holder) > HOLDER_LENGTH:
+            raise InvalidArgument.field("holder", f"at most {HOLDER_LENGTH} characters, got {len(holder)}")
         info = self.get(project, dataset_id)
         self.store.pin(dataset_id, holder)
         log.info("dataset %s pinned for %s", dataset_id, holder)
@@ -295,6 +293,8 @@ class DatasetManager:
         with self.artifacts.staged_dir() as staging:
             parquet_path = staging / DATA_FILE
             self._write(request, spool, fmt, splits, parquet_path, quality)
+            # The quota counts what is stored: a small compressed upload can hold far more.
+            self._size_check(project)(parquet_path.stat().st_size)
             (staging / REPORT_FILE).write_text(json.dumps(quality.to_dict(), indent=2))
             uri = self.artifacts.publish_dir(staging, "datasets", dataset_id)
             info = DatasetInfo(
@@ -320,7 +320,9 @@ class DatasetManager:
         """(format, normalised row, given split) for each good row; bad rows go to report."""
         mapping = {theirs: ours for ours, theirs in request.column_mapping.items()}
         allowed = frozenset(request.labels)
-        for row_number, record in readers.open_records(spool, request.file_format, request.file_name, self.max_row_bytes):
+        for row_number, record in readers.open_records(
+            spool, request.file_format, request.file_name, self.max_row_bytes, self.max_upload_bytes
+        ):
             if isinstance(record, validation.RowError):
                 report.add(record)
                 continue
@@ -403,11 +405,13 @@ class DatasetManager:
     def _token_counter(self, model: str, fmt: str) -> TokenCounter:
         from transformers import AutoConfig, AutoTokenizer
 
-        from tunewire.services.common.models import resolve_model
+        from tunewire.services.common.models import loading_requested_model, resolve_model
 
-        path = resolve_model(model, self.model_cache or Path(tempfile.gettempdir()) / "tunewire-models")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or tokenizer.model_max_length
+        with loading_requested_model(model, "metadata.token_stats_model"):
+            path = resolve_model(model, self.model_cache or Path(tempfile.gettempdir()) / "tunewire-models")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model_config = AutoConfig.from_pretrained(path)
+        context = getattr(model_config, "max_position_embeddings", 0) or tokenizer.model_max_length
         return TokenCounter(tokenizer, fmt, int(context), model)
 
 

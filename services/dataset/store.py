@@ -10,6 +10,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tunewire.services.common.db import make_engine, migrate
 
+# The widest pin holder a request may name (the column's width).
+HOLDER_LENGTH = 256
+
 
 class Base(DeclarativeBase):
     pass
@@ -48,7 +51,7 @@ class PinRecord(Base):
     __tablename__ = "dataset_pins"
 
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
-    holder: Mapped[str] = mapped_column(String(256), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(HOLDER_LENGTH), primary_key=True)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,15 @@ def estimate_job(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tunewire.services.common.models import resolve_model
+    from tunewire.services.common.models import loading_requested_model, resolve_model
     from tunewire.services.training import general, tasks
     from tunewire.services.training.recipe import RETENTION_PER_ROW, read_split
 
     task = TASK_OF_FORMAT[dataset.format]
-    path = resolve_model(spec.base_model, model_cache or Path.home() / ".cache" / "tunewire" / "models")
-    tokenizer = tasks.load_tokenizer(path)
+    with loading_requested_model(spec.base_model, "spec.base_model"):
+        path = resolve_model(spec.base_model, model_cache or Path.home() / ".cache" / "tunewire" / "models")
+        tokenizer = tasks.load_tokenizer(path)
+        model_config = AutoConfig.from_pretrained(path)
     rows = read_split(dataset.uri, "train", SAMPLE_ROWS)
     sample_tokens = 0
     for start in range(0, len(rows), 64):
@@ -46,7 +48,6 @@ def estimate_job(
         retention_tokens = round(dataset.train_rows * RETENTION_PER_ROW * per_example)
 
     # Parameters without allocating weights: the model built on the meta device.
-    model_config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         if task == CLASSIFY:
             model_config.num_labels = max(2, len(dataset.labels))

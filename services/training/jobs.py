@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tunewire.services.common import telemetry
+from tunewire.services.common import paging, telemetry
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import check_requested_model
@@ -23,6 +23,8 @@ from tunewire.services.training.config import SearchPlan, TrainingConfig
 from tunewire.services.training.store import (
     CANCELLED,
     FINAL_STATES,
+    IDEMPOTENCY_KEY_LENGTH,
+    MODEL_NAME_LENGTH,
     QUEUED,
     SUCCEEDED,
     Adapter,
@@ -120,6 +122,11 @@ class JobManager:
         """Workers, resolved config and search plan of a valid spec;
         InvalidArgument or FailedPrecondition naming what is wrong otherwise."""
         check_requested_model(spec.base_model, "spec.base_model", self.model_roots)
+        if len(spec.base_model) > MODEL_NAME_LENGTH:
+            raise InvalidArgument.field("spec.base_model", f"at most {MODEL_NAME_LENGTH} characters, got {len(spec.base_model)}")
+        longest_key = IDEMPOTENCY_KEY_LENGTH - len(spec.project) - 1
+        if len(spec.idempotency_key) > longest_key:
+            raise InvalidArgument.field("idempotency_key", f"at most {longest_key} characters, got {len(spec.idempotency_key)}")
         if spec.method not in training_config.METHODS:
             raise InvalidArgument.field("spec.method", f"unsupported method {spec.method!r}: use one of {training_config.METHODS}")
         if spec.method == training_config.QLORA and not spec.use_gpu:
@@ -228,12 +235,9 @@ class JobManager:
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be in [0, {MAX_PAGE_SIZE}], got {page_size}")
         size = page_size or 50
-        try:
-            offset = int(page_token) if page_token else 0
-        except ValueError:
-            raise InvalidArgument.field("page_token", "not a token this service returned") from None
+        offset = paging.page_position(page_token, default=0)
         jobs = self.store.list(state, limit=size + 1, offset=offset, project=project)
-        return jobs[:size], (str(offset + size) if len(jobs) > size else "")
+        return jobs[:size], (paging.page_token(offset + size) if len(jobs) > size else "")
 
     def queued(self) -> list[Job]:
         return sorted(self.store.list(QUEUED), key=lambda j: j.created_at)

@@ -18,6 +18,9 @@ from tunewire.services.common.db import make_engine, migrate
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+# Column widths a request's strings are checked against before they are stored.
+IDEMPOTENCY_KEY_LENGTH = 256  # the project, '/', the caller's key
+MODEL_NAME_LENGTH = 512
 
 
 def _now() -> dt.datetime:
@@ -49,7 +52,7 @@ class JobRecord(Base):
     latest_step: Mapped[dict] = mapped_column(JSON, default=dict)
     evaluation: Mapped[dict] = mapped_column(JSON, default=dict)
     # A retried CreateJob with the same key finds this job.
-    idempotency_key: Mapped[str | None] = mapped_column(String(256), unique=True, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(IDEMPOTENCY_KEY_LENGTH), unique=True, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -79,7 +82,7 @@ class AdapterRecord(Base):
     id: Mapped[str] = mapped_column(String(64), unique=True)
     project: Mapped[str] = mapped_column(String(63), index=True, default="default")
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
-    base_model: Mapped[str] = mapped_column(String(512))
+    base_model: Mapped[str] = mapped_column(String(MODEL_NAME_LENGTH))
     uri: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     # Published but not hot-loaded: no checkpoint stayed within the job's forgetting budget.
