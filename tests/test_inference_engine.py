@@ -10,14 +10,23 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest
+from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest, _Progress
 from tunewire.services.inference.lora import RowSlots, SlottedLoRALinear
 
 from conftest import build_tiny_bert, build_tiny_causal_lm, write_lora_adapter
 
 PROMPTS = ["the quick brown fox", "What is the capital of Spain?", "hello", "Arr, matey! The capital of France be Paris."]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def make_engine(model_dir, tmp_path, **limits) -> BatchEngine:
@@ -280,6 +289,49 @@ def test_queue_bound_and_request_checks(tiny_model_dir, tmp_path, engine):
     with pytest.raises(InvalidArgument) as caught:
         Call(engine)
     assert caught.value.violations[0].field == "input"
+    # Stop strings are looked for after every token: bounded in count and length.
+    for stop, field in ((("x",) * 17, "sampling.stop"), (("",), "sampling.stop[0]"), (("ok", "y" * 129), "sampling.stop[1]")):
+        with pytest.raises(InvalidArgument) as caught:
+            Call(engine, prompt="hi", stop=stop)
+        assert caught.value.violations[0].field == field
+    # A text longer than the model's positions is refused, not run.
+    with pytest.raises(InvalidArgument) as caught:
+        engine.classify("any", "the quick brown fox " * 200)
+    assert caught.value.violations[0].field == "text" and "256 positions" in caught.value.violations[0].description
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 399), max_size=80), st.lists(st.text(alphabet="abcdeht ", min_size=1, max_size=3), max_size=3))
+def test_streamed_text_is_the_full_decode_cut_at_the_first_stop(tiny_tokenizer, ids, stops):
+    deltas = []
+    progress = _Progress(tiny_tokenizer, tuple(stops), deltas.append)
+    for token in ids:
+        progress.add(token)
+    text = progress.finish()
+    full = tiny_tokenizer.decode(ids, skip_special_tokens=True)
+    cut = min((full.find(s) for s in stops if s in full), default=len(full))
+    assert text == full[:cut] and "".join(deltas) == text
+
+
+def test_each_token_decodes_a_few_tokens_however_long_the_answer(tiny_tokenizer):
+    counting = CountingTokenizer(tiny_tokenizer)
+    progress = _Progress(counting, ("never said",), lambda _: None)
+    for token in list(range(10, 110)) * 20:  # 2000 tokens
+        progress.add(token)
+    progress.finish()
+    # Decoding everything each time would be 2000 * 2001 ids (two million).
+    assert counting.decoded < 20 * 2000
 
 
 def reference_class_probabilities(model_dir, adapter_dir, text):

@@ -17,6 +17,17 @@ from tunewire.services.inference.packed import PackedLinear, pack_linears
 from conftest import write_lora_adapter
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
+def skip_unless_packs(dtype) -> None:
+    # oneDNN's bfloat16 reorder needs AVX512 (or AVX-NE-CONVERT); pack_linears
+    # then serves plain layers (test_packing_falls_back_where_onednn_cannot).
+    try:
+        PackedLinear(nn.Linear(4, 4).to(dtype), batch_size_hint=1)
+    except RuntimeError as exc:
+        pytest.skip(f"this CPU's oneDNN cannot pack {dtype}: {exc}")
+
+
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -24,6 +35,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_packed_linear_equals_the_plain_one(dtype, bias):
+    skip_unless_packs(dtype)
     torch.manual_seed(0)
     linear = nn.Linear(48, 80, bias=bias).to(dtype)
     packed = PackedLinear(linear, batch_size_hint=8)
@@ -40,6 +52,7 @@ def test_a_packed_linear_equals_the_plain_one(dtype, bias):
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packing_a_model_keeps_its_logits(tiny_model_dir, dtype):
+    skip_unless_packs(dtype)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
     linears = sum(type(m) is nn.Linear for m in model.modules())
     input_ids = torch.tensor([[5, 9, 2, 31, 7], [1, 1, 4, 8, 3]])
@@ -53,6 +66,17 @@ def test_packing_a_model_keeps_its_logits(tiny_model_dir, dtype):
 
 
 @needs_onednn
+def test_packing_falls_back_where_onednn_cannot(tiny_model_dir):
+    # On any CPU: packed where oneDNN can (every layer), plain where it cannot (none), the same logits.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    input_ids = torch.tensor([[5, 9, 2, 31, 7]])
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits
+        assert pack_linears(model, batch_size_hint=1) in (0, linears)
+        torch.testing.assert_close(model(input_ids=input_ids).logits.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_the_model_thread_loads_the_model_and_adapters_wrap_packed_layers(tiny_model_dir, tmp_path):
     engine = BatchEngine(str(tiny_model_dir), tmp_path / "cache")
     loaded_on = []

@@ -232,7 +232,10 @@ class InferenceManager:
         cancelled = threading.Event()
         put = _threadsafe_put(loop, items)
         with self._project_request(project, request.adapter):
-            self.engine.submit(request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline)
+            # Tokenising a long prompt takes a while: not on the event loop.
+            await asyncio.to_thread(
+                self.engine.submit, request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline
+            )
             try:
                 while True:
                     item = await items.get()
@@ -247,7 +250,7 @@ class InferenceManager:
 
     async def classify(self, project: str, adapter_id: str, text: str) -> ClassificationResult:
         with self._project_request(project, adapter_id):
-            future = self.engine.classify(adapter_id, text)
+            future = await asyncio.to_thread(self.engine.classify, adapter_id, text)
             try:
                 return await asyncio.wrap_future(future)
             finally:

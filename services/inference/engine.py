@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS_LIMIT = 4096
+# Stop strings are looked for after every token: their count and length bound that work.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 128
 # Heads of sequence classifiers, as PEFT saves them (modules_to_save).
 CLASSIFIER_HEADS = ("score", "classifier")
 
@@ -82,6 +85,11 @@ class GenerationRequest:
             raise InvalidArgument.field("sampling.top_p", f"must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument.field("sampling.top_k", f"must be >= 0, got {self.top_k}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument.field("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for i, stop in enumerate(self.stop):
+            if not 1 <= len(stop) <= MAX_STOP_CHARS:
+                raise InvalidArgument.field(f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters, got {len(stop)}")
         for i, message in enumerate(self.messages or []):
             if message["role"] not in ("system", "user", "assistant"):
                 raise InvalidArgument.field(f"messages[{i}].role", f"unknown role {message['role']!r}")
@@ -113,42 +121,58 @@ class AdapterInfo:
 
 @dataclass
 class _Progress:
-    """Incremental detokenisation with stop strings."""
+    """Incremental detokenisation with stop strings. Each token decodes only
+    the last few tokens (as text-generation-inference does: the text of
+    ids[prefix:] less that of ids[prefix:read], so a tokenizer's leading-space
+    rules cancel out) and looks for stop strings only where the new text
+    could complete one: a token costs the same at the end of a long answer
+    as at its start."""
 
     tokenizer: object
     stop: tuple[str, ...]
     on_text: Callable[[str], None]
     ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far, whole characters only
+    prefix: int = 0  # token offsets of the decoding window
+    read: int = 0
     sent: int = 0
     stopped_at: int | None = None  # character index of a stop string
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def add(self, token_id: int) -> None:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stopped_at is not None:
+            return
+        before = self._decode(self.ids[self.prefix : self.read])
+        window = self._decode(self.ids[self.prefix :])
+        if len(window) <= len(before) or window.endswith("\ufffd"):
+            return  # no new whole character yet
+        searched_from = max(0, len(self.text) - max((len(s) - 1 for s in self.stop), default=0))
+        self.text += window[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
         for s in self.stop:
-            index = text.find(s)
+            index = self.text.find(s, searched_from)
             if index != -1 and (self.stopped_at is None or index < self.stopped_at):
                 self.stopped_at = index
         if self.stopped_at is not None:
-            text = text[: self.stopped_at]
-            safe = len(text)
+            self.text = self.text[: self.stopped_at]
+            safe = len(self.text)
         else:
-            # Hold back what could still become a stop string or a whole character.
-            safe = len(text) - max((len(s) - 1 for s in self.stop), default=0)
-            if text.endswith("\ufffd"):
-                safe = min(safe, len(text) - 1)
+            # Hold back what could still become a stop string.
+            safe = len(self.text) - max((len(s) - 1 for s in self.stop), default=0)
         if safe > self.sent:
-            self.on_text(text[self.sent : safe])
+            self.on_text(self.text[self.sent : safe])
             self.sent = safe
 
     def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.stopped_at is not None:
-            text = text[: self.stopped_at]
-        if len(text) > self.sent:
-            self.on_text(text[self.sent :])
-            self.sent = len(text)
-        return text
+        if self.stopped_at is None:  # tokens that never made a whole character
+            self.text += self._decode(self.ids[self.prefix :])[len(self._decode(self.ids[self.prefix : self.read])) :]
+        if len(self.text) > self.sent:
+            self.on_text(self.text[self.sent :])
+            self.sent = len(self.text)
+        return self.text
 
 
 @dataclass
@@ -242,10 +266,10 @@ class BatchEngine:
         loader = AutoModelForCausalLM if self.generative else AutoModel
         self.model = loader.from_pretrained(path, dtype=self.dtype).eval()
         self._base_names = base_model_aliases(self.base_model_name) | {path}
+        self._max_positions = getattr(config.get_text_config(), "max_position_embeddings", 0) or 1 << 30
         if self.generative:
             eos = self.model.generation_config.eos_token_id
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-            self._max_positions = getattr(config.get_text_config(), "max_position_embeddings", 0) or 1 << 30
             if getattr(config.get_text_config(), "sliding_window", None):
                 raise FailedPrecondition(f"{self.base_model_name}: sliding-window attention models are not served yet")
         packed = pack_linears(self.model, self.limits.max_batch_size)
@@ -381,6 +405,9 @@ class BatchEngine:
             raise InvalidArgument.field("adapter", "classification needs a SEQ_CLS adapter (the head is part of the adapter)")
         if not text:
             raise InvalidArgument.field("text", "must not be empty")
+        tokens = len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if tokens > self._max_positions:
+            raise InvalidArgument.field("text", f"is {tokens} tokens, over the model's {self._max_positions} positions: shorten it")
         future: Future = Future()
         with self._lock:
             if len(self._classifications) >= self.limits.max_queued_requests:
@@ -678,7 +705,9 @@ class BatchEngine:
                 item.future.set_result(result)
 
     def _classify(self, adapters: list[_Adapter], texts: list[str]) -> list[ClassificationResult]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", padding_side="right")
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self._max_positions, return_tensors="pt", padding_side="right"
+        )
         self.slots.row_slots.set([a.slot for a in adapters])
         if self.generative:
             # A decoder classifies from its last real token's hidden state.
