@@ -184,6 +184,21 @@ def prompt_completion_jsonl(rows: int, start: int = 0) -> bytes:
     ).encode()
 
 
+class OneDataset:
+    """A dataset lookup that knows one small dataset under any id."""
+
+    async def get(self, project, dataset_id):
+        from tunewire.services.training.jobs import DatasetRef
+
+        return DatasetRef(id=dataset_id, format="prompt_completion", uri="unused", train_rows=10, validation_rows=0)
+
+    async def acquire(self, project, dataset_id, holder):
+        return await self.get(project, dataset_id)
+
+    async def release(self, project, dataset_id, holder):
+        pass
+
+
 class CopyAdapterRunner:
     """Stands in for Ray Train: 'trains' by handing over a prepared adapter,
     once `release` is set (tests clear it to hold jobs RUNNING)."""

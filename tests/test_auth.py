@@ -4,6 +4,7 @@ every service (datasets, jobs, adapters), admin-only operations, quotas."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ from tunewire.services.common import auth
 from tunewire.services.common.settings import SettingsError, load_settings
 from tunewire.services.dataset.server import DatasetDeps
 from tunewire.services.dataset.server import create_server as create_dataset_server
-from tunewire.v1 import training_pb2
+from tunewire.v1 import dataset_pb2, training_pb2
 
 from conftest import ServerThread, prompt_completion_jsonl, three_services, write_lora_adapter
 
@@ -177,6 +178,28 @@ def test_projects_see_only_their_own_datasets_jobs_and_adapters(stack):
     assert admin_for_alpha.load_adapter("copy", uri).project == "alpha"
     assert code_of(b_data.delete, ours.id) == grpc.StatusCode.NOT_FOUND
     assert a_data.get(ours.id).id == ours.id  # still there
+
+
+def test_a_jobs_pin_is_the_orchestrators_and_ends_with_the_job(stack):
+    a_data, a_train, _ = clients(stack, "alpha")
+    dataset = a_data.upload(prompt_completion_jsonl(12, start=500), name="pinned").dataset
+    job = a_train.create_job(stack["model"], dataset.id)
+    # A member can neither drop the job's pin nor add one of its own.
+    unpin = dataset_pb2.UnpinDatasetRequest(dataset_id=dataset.id, holder=job.id)
+    assert code_of(a_data._call, a_data.stub.UnpinDataset, unpin) == grpc.StatusCode.PERMISSION_DENIED
+    pin = dataset_pb2.PinDatasetRequest(dataset_id=dataset.id, holder="mine")
+    assert code_of(a_data._call, a_data.stub.PinDataset, pin) == grpc.StatusCode.PERMISSION_DENIED
+    list(a_train.stream_events(job.id, timeout=60))  # the job ends
+    # Then its pin goes, and the dataset can be deleted.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            a_data.delete(dataset.id)
+            break
+        except ApiError as exc:
+            assert exc.code == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline, exc.message
+            time.sleep(0.2)
+    assert code_of(a_data.get, dataset.id) == grpc.StatusCode.NOT_FOUND
 
 
 def test_admin_operations_and_acting_for_a_project(stack, tiny_model_dir):

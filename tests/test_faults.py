@@ -17,12 +17,11 @@ from tunewire.clients.local_stack import LocalStack
 from tunewire.clients.sdk import ApiError, DatasetClient, InferenceClient, TrainingClient
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.settings import load_settings
-from tunewire.services.training.jobs import DatasetRef
 from tunewire.services.training.server import TrainingDeps
 from tunewire.services.training.server import create_server as create_training_server
 from tunewire.services.training.store import JobStore
 
-from conftest import CopyAdapterRunner, ServerThread, prompt_completion_jsonl, write_lora_adapter
+from conftest import CopyAdapterRunner, OneDataset, ServerThread, prompt_completion_jsonl, write_lora_adapter
 
 
 def free_port() -> int:
@@ -69,14 +68,6 @@ def test_dataset_service_killed_mid_upload_keeps_what_it_accepted(tmp_path):
             again = client.upload(accepted, name="kept")
             assert again.already_existed and again.dataset.id == kept.id
             assert client.upload(prompt_completion_jsonl(20, start=100), name="after").dataset.row_count == 20
-
-
-class OneDataset:
-    async def get(self, project, dataset_id):
-        return DatasetRef(id=dataset_id, format="prompt_completion", uri="unused", train_rows=10, validation_rows=0)
-
-    async def acquire(self, project, dataset_id, holder):
-        return await self.get(project, dataset_id)
 
 
 @pytest.mark.timeout(600)

@@ -15,21 +15,12 @@ from tunewire.services.inference.core import InferenceManager
 from tunewire.services.inference.engine import BatchEngine, EngineLimits
 from tunewire.services.inference.server import InferenceDeps
 from tunewire.services.inference.server import create_server as create_inference_server
-from tunewire.services.training.jobs import DatasetRef
 from tunewire.services.training.server import TrainingDeps
 from tunewire.services.training.server import create_server as create_training_server
 from tunewire.services.training.store import JobStore
 from tunewire.v1 import inference_pb2, training_pb2
 
-from conftest import CopyAdapterRunner, ServerThread, write_lora_adapter
-
-
-class OneDataset:
-    async def get(self, project, dataset_id):
-        return DatasetRef(id=dataset_id, format="prompt_completion", uri="unused", train_rows=10, validation_rows=0)
-
-    async def acquire(self, project, dataset_id, holder):
-        return await self.get(project, dataset_id)
+from conftest import CopyAdapterRunner, OneDataset, ServerThread, write_lora_adapter
 
 
 @pytest.fixture

@@ -50,6 +50,12 @@ class FakeDatasets:
         self.pins.append((dataset_id, holder))
         return dataset
 
+    async def release(self, project, dataset_id, holder):
+        # As the dataset service: dropping a pin it does not hold is no error
+        # (replicas sharing a database each release every ended job's pin).
+        if (dataset_id, holder) in self.pins:
+            self.pins.remove((dataset_id, holder))
+
 
 class FakeRunner:
     """Emits two steps, then yields a directory with adapter files (or fails)."""
@@ -87,14 +93,14 @@ class FakeRunner:
             yield Path(tmp)
 
 
-def make_service(tmp_path, runner, **overrides):
+def make_service(tmp_path, runner, datasets=None, **overrides):
     settings = load_settings(home=tmp_path / "home", **overrides)
 
     async def make():
         deps = TrainingDeps(
             store=JobStore(settings.training_database_url),
             artifacts=ArtifactStore(settings.artifact_root),
-            datasets=FakeDatasets(),
+            datasets=datasets or FakeDatasets(),
             runner=runner,
         )
         return await create_server(settings, deps, port=0)
@@ -234,6 +240,22 @@ def test_a_retried_create_returns_the_same_job(tmp_path):
         with pytest.raises(ApiError) as caught:
             client.create_job("smollm2-135m-instruct", "ds-1", idempotency_key="k" * 250)
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.violations[0].field == "idempotency_key"
+
+
+def test_a_job_holds_its_datasets_pin_until_it_ends(tmp_path):
+    datasets = FakeDatasets()
+    server, _ = make_service(tmp_path, FakeRunner(hold=True), datasets=datasets)
+    with server, TrainingClient(server.address) as client:
+        running = client.create_job("smollm2-135m-instruct", "ds-1")
+        queued = client.create_job("smollm2-135m-instruct", "ds-1")
+        assert sorted(datasets.pins) == sorted([("ds-1", running.id), ("ds-1", queued.id)])
+        wait_for_state(client, running.id, training_pb2.JOB_STATE_RUNNING)
+        client.cancel_job(queued.id)  # ends while queued
+        client.cancel_job(running.id)  # ends through its runner
+        deadline = time.monotonic() + 30
+        while datasets.pins and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert datasets.pins == []
 
 
 def test_an_internal_error_says_where_to_look_not_what_it_was(tmp_path):

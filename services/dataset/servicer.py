@@ -155,10 +155,16 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
         for batch in self.manager.stream_rows(caller().project, request.dataset_id, request.split):
             yield dataset_pb2.StreamRowsResponse(rows=_rows_to_proto(batch))
 
+    # Pins are the orchestrator's (it calls with the service key, an admin's):
+    # a member could otherwise drop a running job's pin and delete its data.
     async def PinDataset(self, request: dataset_pb2.PinDatasetRequest, context):
-        self.manager.pin(caller().project, request.dataset_id, request.holder)
+        who = caller()
+        who.require_admin("PinDataset")
+        self.manager.pin(who.project, request.dataset_id, request.holder)
         return dataset_pb2.PinDatasetResponse()
 
     async def UnpinDataset(self, request: dataset_pb2.UnpinDatasetRequest, context):
-        self.manager.unpin(caller().project, request.dataset_id, request.holder)
+        who = caller()
+        who.require_admin("UnpinDataset")
+        self.manager.unpin(who.project, request.dataset_id, request.holder)
         return dataset_pb2.UnpinDatasetResponse()

@@ -46,6 +46,17 @@ class GrpcDatasetLookup:
 
         return await self._call(pin_then_get, project, dataset_id)
 
+    async def release(self, project: str, dataset_id: str, holder: str) -> None:
+        try:
+            await self._stub.UnpinDataset(
+                dataset_pb2.UnpinDatasetRequest(dataset_id=dataset_id, holder=holder),
+                timeout=self.timeout,
+                metadata=call_metadata(self.settings, project),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # a dataset already gone holds no pin
+                raise Unavailable(f"dataset service at {self.address}: {exc.code().name}: {exc.details()}; retry when it is up") from None
+
     async def _get(self, project: str, dataset_id: str) -> DatasetRef:
         request = dataset_pb2.GetDatasetRequest(id=dataset_id)
         d = (await self._stub.GetDataset(request, timeout=self.timeout, metadata=call_metadata(self.settings, project))).dataset

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from typing import Protocol
 
 from tunewire.services.common import paging, telemetry
 from tunewire.services.common.auth import DEFAULT_PROJECT
-from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TunewireError
 from tunewire.services.common.models import check_requested_model
 from tunewire.services.training import config as training_config
 from tunewire.services.training.config import SearchPlan, TrainingConfig
@@ -32,6 +33,8 @@ from tunewire.services.training.store import (
     JobEvent,
     JobStore,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 500
 
@@ -56,6 +59,10 @@ class DatasetLookup(Protocol):
 
     async def acquire(self, project: str, dataset_id: str, holder: str) -> DatasetRef:
         """The dataset, pinned for `holder` so it is not deleted under it."""
+
+    async def release(self, project: str, dataset_id: str, holder: str) -> None:
+        """Drops holder's pin (a dataset already gone counts as released);
+        Unavailable if the service is down."""
 
 
 @dataclass(frozen=True)
@@ -159,19 +166,40 @@ class JobManager:
             )
         job_id = "job-" + uuid.uuid4().hex[:16]
         dataset = await self.datasets.acquire(spec.project, spec.dataset_id, job_id)
-        workers, resolved, _ = await self._checked(spec, dataset)
-        job, created = self.store.create(
-            job_id=job_id,
-            spec={**asdict(spec), "num_workers": workers},
-            config=resolved.to_dict(),
-            dataset={**asdict(dataset), "labels": list(dataset.labels)},
-            idempotency_key=idempotency_key,
-            project=spec.project,
-        )
-        if not created:  # a concurrent retry won the race
+        created = False
+        try:
+            workers, resolved, _ = await self._checked(spec, dataset)
+            job, created = self.store.create(
+                job_id=job_id,
+                spec={**asdict(spec), "num_workers": workers},
+                config=resolved.to_dict(),
+                dataset={**asdict(dataset), "labels": list(dataset.labels)},
+                idempotency_key=idempotency_key,
+                project=spec.project,
+            )
+        finally:
+            if not created:  # no job holds the pin: checks failed, or a concurrent retry won the race
+                with contextlib.suppress(TunewireError):
+                    await self.datasets.release(spec.project, spec.dataset_id, job_id)
+        if job.id != job_id:
             return self._same_request(job, spec)
         self.notify()
         return job
+
+    async def release_datasets(self) -> int:
+        """Releases the dataset pins of jobs that ended, so their datasets can
+        be deleted (and stop counting as used); a pin the dataset service
+        could not be told of is tried again next time. Returns how many."""
+        released = 0
+        for job in self.store.unreleased_datasets():
+            try:
+                await self.datasets.release(job.project, job.dataset["id"], job.id)
+            except TunewireError as exc:
+                log.info("job %s: its dataset's pin is not released yet (%s); retrying later", job.id, exc)
+                continue
+            self.store.mark_dataset_released(job.id)
+            released += 1
+        return released
 
     @staticmethod
     def _same_request(job: Job, spec: JobSpec) -> Job:

@@ -53,6 +53,7 @@ class Scheduler:
         self.artifacts = artifacts
         self.max_concurrent = max_concurrent
         self._running: dict[str, asyncio.Task] = {}
+        self._job_ended = True  # pins of jobs that ended before a restart are released at start
 
     async def run_forever(self) -> None:
         for job_id in self.jobs.requeue_lapsed(restarted=True):
@@ -62,14 +63,25 @@ class Scheduler:
             if time.monotonic() - leases_kept_at > self.jobs.lease_seconds / 3:
                 self._keep_leases()
                 leases_kept_at = time.monotonic()
+                self._job_ended = True  # also retries pins the dataset service missed, and jobs cancelled while queued
+            if self._job_ended:
+                self._job_ended = False
+                try:
+                    await self.jobs.release_datasets()
+                except Exception:  # housekeeping: it must not stop the scheduler
+                    log.exception("releasing ended jobs' dataset pins failed; retrying later")
             for job in self.jobs.queued():
                 if len(self._running) >= self.max_concurrent:
                     break
                 if job.id not in self._running:
                     task = asyncio.create_task(self._run(job), name=f"job {job.id}")
                     self._running[job.id] = task
-                    task.add_done_callback(lambda _t, job_id=job.id: self._running.pop(job_id, None))
+                    task.add_done_callback(lambda _t, job_id=job.id: self._ended(job_id))
             await self.jobs.notifier.wait(self.jobs.poll_seconds)
+
+    def _ended(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._job_ended = True  # its dataset's pin is released on the next round
 
     def _keep_leases(self) -> None:
         """Renews the leases of the jobs running here, stops those another

@@ -11,6 +11,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, func, or_, select, update
+from sqlalchemy import false as sa_false
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -60,6 +61,9 @@ class JobRecord(Base):
     # renews the lease while it runs, and another replica takes the job over
     # once it lapses (the holder died).
     lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    # The job's pin on its dataset has been released (it ended, and the
+    # dataset service was told): until then the dataset cannot be deleted.
+    dataset_released: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # A cancellation of a running job, for whichever replica runs it.
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -223,6 +227,16 @@ class JobStore:
         query = select(func.count()).select_from(JobRecord).where(JobRecord.project == project, JobRecord.state.in_((QUEUED, RUNNING)))
         with Session(self.engine) as session:
             return int(session.scalar(query))
+
+    def unreleased_datasets(self) -> list[Job]:
+        """Ended jobs whose dataset pin has not been released yet."""
+        with Session(self.engine) as session:
+            query = select(JobRecord).where(JobRecord.state.in_(FINAL_STATES), JobRecord.dataset_released.is_(False))
+            return [Job.from_record(r) for r in session.scalars(query)]
+
+    def mark_dataset_released(self, job_id: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(dataset_released=True))
 
     def transition(
         self,
