@@ -228,7 +228,7 @@ def test_quotas_per_project(stack):
     data, training, _ = clients(stack, "alpha")
     _, beta_training, _ = clients(stack, "beta")
     with pytest.raises(ApiError) as caught:
-        data.upload(prompt_completion_jsonl(2000), name="too-big")  # 165 kB, over the 100 kB quota
+        data.upload(prompt_completion_jsonl(6000), name="too-big")  # about 140 kB stored, over the 100 kB quota
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "TUNEWIRE_PROJECT_MAX_DATASET_BYTES" in caught.value.message
     assert "too-big" not in [d.name for d in data.list()]
     dataset = data.upload(prompt_completion_jsonl(12, start=500), name="small").dataset

@@ -356,6 +356,62 @@ def test_page_tokens_and_holders_that_no_column_holds_are_invalid_arguments(serv
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.violations[0].field == "holder"
 
 
+# Races: requests at once on the same content
+
+
+def at_once(*calls):
+    """Runs the calls together; returns each one's result or ApiError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def outcome(call):
+        try:
+            return call()
+        except ApiError as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(outcome, calls))
+
+
+def test_the_same_upload_twice_at_once_stores_one_version(service):
+    client, settings, _ = service
+    content = prompt_completion_jsonl(300, start=7000)
+    for attempt in range(3):
+        results = at_once(*[lambda: client.upload(content, name="twice")] * 3)
+        assert all(not isinstance(r, ApiError) for r in results), results
+        assert len({r.dataset.id for r in results}) == 1
+        assert sum(not r.already_existed for r in results) == (1 if attempt == 0 else 0)
+    [stored] = stored_dataset_dirs(settings)
+    assert sorted(p.name for p in (settings.home / "artifacts" / "datasets" / stored).iterdir()) == ["data.parquet", "report.json"]
+    assert len(list(client.rows(results[0].dataset.id))) == 300
+
+
+def test_a_delete_racing_a_reupload_never_leaves_a_dataset_without_its_rows(service):
+    client, _, _ = service
+    content = prompt_completion_jsonl(200, start=9000)
+    dataset_id = client.upload(content, name="churn").dataset.id
+    for _ in range(6):
+        at_once(lambda: client.delete(dataset_id), lambda: client.upload(content, name="churn"))
+        if any(d.id == dataset_id for d in client.list("churn")):
+            assert len(list(client.rows(dataset_id))) == 200  # listed means readable
+
+
+def test_the_byte_quota_holds_for_uploads_at_once(tmp_path, tiny_model_dir):
+    settings = load_settings(home=tmp_path / "home", project_max_dataset_bytes=25_000)
+
+    async def make():
+        return await create_server(settings, DatasetDeps.from_settings(settings), port=0)
+
+    with ServerThread(make) as server, DatasetClient(server.address) as client:
+        one = client.upload(prompt_completion_jsonl(400, start=0), name="probe").dataset.size_bytes
+        client.delete(client.list("probe")[0].id)
+        assert 25_000 / 3 < one < 25_000 / 2  # two fit, a third does not
+        results = at_once(*[lambda i=i: client.upload(prompt_completion_jsonl(400, start=1000 * (i + 1)), name=f"q{i}") for i in range(4)])
+        stored = [r for r in results if not isinstance(r, ApiError)]
+        assert len(stored) == 2 and sum(d.size_bytes for d in client.list()) <= 25_000
+        assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in results if isinstance(r, ApiError))
+
+
 def test_imports_read_only_under_the_configured_roots(service, tmp_path):
     client, _, imports = service
     (imports / "data.jsonl").write_bytes(prompt_completion_jsonl(12))

@@ -4,11 +4,13 @@ interrupted uploads leaving nothing visible, and the services on it."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 
 from tunewire.clients.sdk import DatasetClient, InferenceClient
+from tunewire.services.common import layout
 from tunewire.services.common.artifacts import COMPLETE_MARKER, ArtifactStore
 
 from conftest import prompt_completion_jsonl, three_services, write_lora_adapter
@@ -113,8 +115,10 @@ def test_services_on_an_s3_artifact_store(s3_root, tmp_path, tiny_model_dir):
             datasets.delete(dataset.id)
         store = ArtifactStore(s3_root)
         assert not store.exists("datasets", dataset.id)
-        # An adapter in the S3 store is loaded from there.
-        published = store.publish_dir(write_lora_adapter(tiny_model_dir, tmp_path / "adapter", seed=3), "adapters", "ad-s3")
+        # An adapter published in the S3 store (its metadata names its project) is loaded from there.
+        adapter = write_lora_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
+        (adapter / layout.ADAPTER_METADATA).write_text(json.dumps({"project": "default"}))
+        published = store.publish_dir(adapter, "adapters", "ad-s3")
         with InferenceClient(servers["inference"].address) as inference:
             assert inference.load_adapter("ad-s3", published).rank == 4
             assert inference.generate("hello", adapter="ad-s3", max_new_tokens=3).completion_tokens > 0

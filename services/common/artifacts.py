@@ -11,6 +11,7 @@ exists; one interrupted half-way is replaced by the next publish.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import uuid
@@ -75,7 +76,12 @@ class ArtifactStore:
             raise
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         try:
-            self.fs.mv(staging, final, recursive=True)
+            if self.is_local:
+                # rename(2) of a directory fails if the target exists and is
+                # not empty; a move would put the staging directory inside it.
+                os.rename(staging, final)
+            else:
+                self.fs.mv(staging, final, recursive=True)
         except FileExistsError:
             self.fs.rm(staging, recursive=True)
         except OSError:

@@ -1,6 +1,6 @@
 """SQLAlchemy engine set-up and schema migrations shared by the services'
 stores. SQLite by default, PostgreSQL with a URL: the stores use nothing
-dialect-specific.
+dialect-specific but `exclusive`'s advisory lock.
 
 Each service's schema is a chain of Alembic revisions in
 services/<service>/migrations/versions, applied at start-up (`migrate`).
@@ -10,9 +10,13 @@ PostgreSQL database.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 
 SERVICES_DIR = Path(__file__).resolve().parents[1]
 
@@ -32,6 +36,26 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+# Striped: any number of keys, a fixed number of locks.
+_LOCAL_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+@contextlib.contextmanager
+def exclusive(engine: Engine, key: str) -> Iterator[None]:
+    """Runs the block while no other holder of `key` runs one: in this
+    process (threads), and on PostgreSQL in every process sharing the
+    database (a transaction-scoped advisory lock, released however the block
+    ends). SQLite is one process's database, so the first suffices there."""
+    digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+    with _LOCAL_LOCKS[digest % len(_LOCAL_LOCKS)]:
+        if engine.dialect.name != "postgresql":
+            yield
+            return
+        with engine.connect() as connection, connection.begin():
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": digest})
+            yield
 
 
 def migrate(engine: Engine, service: str, first_table: str, target: str = "head") -> None:

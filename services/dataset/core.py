@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from tunewire.services.common import paging
 from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.db import exclusive
 from tunewire.services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.models import check_requested_model
 from tunewire.services.common.sources import Source, check_source, roots_for
@@ -138,17 +139,25 @@ class DatasetManager:
     def report(self, project: str, dataset_id: str) -> QualityReport:
         return QualityReport.from_dict(self.get(project, dataset_id).report)
 
-    def _row_batches(self, info: DatasetInfo, split: str) -> Iterator[list[dict]]:
+    def _row_batches(self, info: DatasetInfo, split: str, start: int = 0) -> Iterator[list[tuple[int, dict]]]:
+        """(index, row) batches of the split from row index `start` on. The
+        row groups before the one holding `start` are skipped unread (from
+        their metadata), so a late page costs what an early one does."""
         if split and split not in SPLIT_NAMES:
             raise InvalidArgument.field("split", f"{split!r} is not a split: use one of {', '.join(SPLIT_NAMES)}")
         fs, path = self.artifacts.fs, info.uri
         with fs.open(path.removeprefix("file://"), "rb") as f:
-            index = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
-                rows = batch.to_pylist()
+            parquet = pq.ParquetFile(f)
+            index, first_group = 0, 0
+            while first_group < parquet.num_row_groups and index + parquet.metadata.row_group(first_group).num_rows <= start:
+                index += parquet.metadata.row_group(first_group).num_rows
+                first_group += 1
+            if first_group == parquet.num_row_groups:
+                return
+            for batch in parquet.iter_batches(batch_size=256, row_groups=range(first_group, parquet.num_row_groups)):
                 out = []
-                for row in rows:
-                    if not split or row["split"] == split:
+                for row in batch.to_pylist():
+                    if index >= start and (not split or row["split"] == split):
                         out.append((index, row))
                     index += 1
                 if out:
@@ -162,10 +171,8 @@ class DatasetManager:
         size = page_size or 100
         after = paging.page_position(page_token, default=-1)
         page: list[tuple[int, dict]] = []
-        for batch in self._row_batches(info, split):
+        for batch in self._row_batches(info, split, start=after + 1):
             for index, row in batch:
-                if index <= after:
-                    continue
                 if len(page) == size:
                     return page, paging.page_token(page[-1][0])
                 page.append((index, row))
@@ -181,8 +188,9 @@ class DatasetManager:
             raise InvalidArgument.field("holder", "required: who uses the dataset (a job id)")
         if len(holder) > HOLDER_LENGTH:
             raise InvalidArgument.field("holder", f"at most {HOLDER_LENGTH} characters, got {len(holder)}")
-        info = self.get(project, dataset_id)
-        self.store.pin(dataset_id, holder)
+        with self._exclusive(project):  # not between a delete's check of the pins and its removal
+            info = self.get(project, dataset_id)
+            self.store.pin(dataset_id, holder)
         log.info("dataset %s pinned for %s", dataset_id, holder)
         return info
 
@@ -191,13 +199,14 @@ class DatasetManager:
         self.store.unpin(dataset_id, holder)
 
     def delete(self, project: str, dataset_id: str) -> None:
-        self.get(project, dataset_id)
-        holders = self.store.delete(dataset_id)
-        if holders:
-            raise FailedPrecondition(
-                f"dataset {dataset_id} is used by {', '.join(sorted(holders))}: it can be deleted once they no longer need it"
-            )
-        self.artifacts.delete("datasets", dataset_id)
+        with self._exclusive(project):  # not while the same content is being uploaded again, or pinned
+            self.get(project, dataset_id)
+            holders = self.store.delete(dataset_id)
+            if holders:
+                raise FailedPrecondition(
+                    f"dataset {dataset_id} is used by {', '.join(sorted(holders))}: it can be deleted once they no longer need it"
+                )
+            self.artifacts.delete("datasets", dataset_id)
         log.info("deleted dataset %s", dataset_id)
 
     # Uploads
@@ -208,26 +217,35 @@ class DatasetManager:
             check_requested_model(request.token_stats_model, "metadata.token_stats_model", self.model_roots)
 
     def _size_check(self, project: str):
-        """A check of the bytes received so far: the upload limit, and the
-        project's quota of stored bytes (ResourceExhausted past either)."""
-        used = self.store.project_bytes(project) if self.max_project_bytes else 0
+        """A check of the bytes received so far against the upload limit
+        (ResourceExhausted past it), once the project is known to have room
+        left under its quota: the quota itself is checked on the dataset as
+        stored (_check_quota)."""
+        self._check_quota(project, 0)
 
         def check(size: int) -> None:
             if size > self.max_upload_bytes:
                 raise ResourceExhausted(
                     f"upload exceeds the maximum size of {self.max_upload_bytes} bytes: split the file or raise TUNEWIRE_MAX_UPLOAD_BYTES"
                 )
-            if self.max_project_bytes and used + size > self.max_project_bytes:
-                raise ResourceExhausted(
-                    f"project {project} stores {used} bytes of datasets; this upload would pass its quota of {self.max_project_bytes}: "
-                    "delete datasets it no longer needs, or ask an operator to raise TUNEWIRE_PROJECT_MAX_DATASET_BYTES"
-                )
 
         return check
 
+    def _check_quota(self, project: str, adding: int) -> None:
+        """ResourceExhausted if the project's stored datasets and `adding`
+        more bytes pass its quota (at 0: if it is full already)."""
+        if not self.max_project_bytes:
+            return
+        used = self.store.project_bytes(project)
+        if used + adding > self.max_project_bytes or used >= self.max_project_bytes:
+            raise ResourceExhausted(
+                f"project {project} stores {used} bytes of datasets; this upload ({adding} bytes stored) would pass its quota of "
+                f"{self.max_project_bytes}: delete datasets it no longer needs, or ask an operator to raise TUNEWIRE_PROJECT_MAX_DATASET_BYTES"
+            )
+
     async def upload(self, project: str, request: UploadRequest, chunks: AsyncIterator[bytes]) -> UploadResult:
         self._check_upload(request)
-        check_size = self._size_check(project)
+        check_size = await asyncio.to_thread(self._size_check, project)
         with tempfile.TemporaryFile() as spool:
             size = 0
             async for chunk in chunks:
@@ -239,7 +257,7 @@ class DatasetManager:
     async def import_from(self, project: str, request: UploadRequest, source_uri: str) -> UploadResult:
         self._check_upload(request)
         source = self._check_import_source(project, source_uri)
-        check_size = self._size_check(project)
+        check_size = await asyncio.to_thread(self._size_check, project)
 
         def copy_in(spool) -> UploadResult:
             try:
@@ -285,34 +303,49 @@ class DatasetManager:
         dataset_id = "ds-" + scan.digest.hexdigest()[:24]
         dropped = [{"row": e.row, "field": e.field, "reason": e.reason} for e in report.errors]
         quality = scan.quality.finish(splits, SPLIT_NAMES, report.error_count, dropped)
-        existing = self.store.get(dataset_id)
-        if existing is not None:
-            info, _ = self.store.add(DatasetInfo(**{**existing.__dict__, "name": request.name}))
-            return UploadResult(info, True, QualityReport.from_dict(existing.report))
+        with self._exclusive(project):
+            existing = self.store.get(dataset_id)
+            if existing is not None:  # nothing to write
+                return self._named(existing, request.name)
 
         with self.artifacts.staged_dir() as staging:
             parquet_path = staging / DATA_FILE
             self._write(request, spool, fmt, splits, parquet_path, quality)
-            # The quota counts what is stored: a small compressed upload can hold far more.
-            self._size_check(project)(parquet_path.stat().st_size)
             (staging / REPORT_FILE).write_text(json.dumps(quality.to_dict(), indent=2))
-            uri = self.artifacts.publish_dir(staging, "datasets", dataset_id)
-            info = DatasetInfo(
-                id=dataset_id,
-                name=request.name,
-                format=fmt,
-                row_count=report.row_count,
-                split_row_counts=quality.split_row_counts,
-                uri=f"{uri}/{DATA_FILE}",
-                size_bytes=parquet_path.stat().st_size,
-                created_at=dt.datetime.now(dt.UTC),
-                labels=labels,
-                report=quality.to_dict(),
-                project=project,
-            )
-        stored, existed = self.store.add(info)
+            # One at a time per project from here: the same content uploaded
+            # twice at once, a delete of it, and the quota's check and use.
+            with self._exclusive(project):
+                existing = self.store.get(dataset_id)
+                if existing is not None:
+                    return self._named(existing, request.name)
+                # The quota counts what is stored: a small compressed upload can hold far more.
+                self._check_quota(project, parquet_path.stat().st_size)
+                uri = self.artifacts.publish_dir(staging, "datasets", dataset_id)
+                info = DatasetInfo(
+                    id=dataset_id,
+                    name=request.name,
+                    format=fmt,
+                    row_count=report.row_count,
+                    split_row_counts=quality.split_row_counts,
+                    uri=f"{uri}/{DATA_FILE}",
+                    size_bytes=parquet_path.stat().st_size,
+                    created_at=dt.datetime.now(dt.UTC),
+                    labels=labels,
+                    report=quality.to_dict(),
+                    project=project,
+                )
+                stored, existed = self.store.add(info)
         log.info("stored dataset %s (%s, %d rows, splits %s)", dataset_id, fmt, info.row_count, quality.split_row_counts)
         return UploadResult(stored, existed, QualityReport.from_dict(stored.report))
+
+    def _named(self, existing: DatasetInfo, name: str) -> UploadResult:
+        """The upload of a version already stored (call under _exclusive):
+        only the name is added."""
+        self.store.add_name(existing.id, name)
+        return UploadResult(DatasetInfo(**{**existing.__dict__, "name": name}), True, QualityReport.from_dict(existing.report))
+
+    def _exclusive(self, project: str):
+        return exclusive(self.store.engine, f"datasets of {project}")
 
     def _rows(
         self, request: UploadRequest, spool, fmt: str | None, report: validation.ValidationReport, on_empty=None

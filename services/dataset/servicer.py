@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -135,24 +136,33 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
         return _result(dataset_pb2.ImportDatasetResponse, result)
 
     async def GetDataset(self, request: dataset_pb2.GetDatasetRequest, context):
-        return dataset_pb2.GetDatasetResponse(dataset=dataset_to_proto(self.manager.get(caller().project, request.id)))
+        return dataset_pb2.GetDatasetResponse(
+            dataset=dataset_to_proto(await asyncio.to_thread(self.manager.get, caller().project, request.id))
+        )
 
     async def ListDatasets(self, request: dataset_pb2.ListDatasetsRequest, context):
-        return dataset_pb2.ListDatasetsResponse(datasets=[dataset_to_proto(d) for d in self.manager.list(caller().project, request.name)])
+        datasets = await asyncio.to_thread(self.manager.list, caller().project, request.name)
+        return dataset_pb2.ListDatasetsResponse(datasets=[dataset_to_proto(d) for d in datasets])
 
     async def DeleteDataset(self, request: dataset_pb2.DeleteDatasetRequest, context):
-        self.manager.delete(caller().project, request.id)
+        await asyncio.to_thread(self.manager.delete, caller().project, request.id)
         return dataset_pb2.DeleteDatasetResponse()
 
     async def GetDatasetReport(self, request: dataset_pb2.GetDatasetReportRequest, context):
-        return dataset_pb2.GetDatasetReportResponse(report=report_to_proto(self.manager.report(caller().project, request.id)))
+        report = await asyncio.to_thread(self.manager.report, caller().project, request.id)
+        return dataset_pb2.GetDatasetReportResponse(report=report_to_proto(report))
 
     async def ListRows(self, request: dataset_pb2.ListRowsRequest, context):
-        rows, token = self.manager.list_rows(caller().project, request.dataset_id, request.split, request.page_size, request.page_token)
+        rows, token = await asyncio.to_thread(
+            self.manager.list_rows, caller().project, request.dataset_id, request.split, request.page_size, request.page_token
+        )
         return dataset_pb2.ListRowsResponse(rows=_rows_to_proto(rows), next_page_token=token)
 
     async def StreamRows(self, request: dataset_pb2.StreamRowsRequest, context):
-        for batch in self.manager.stream_rows(caller().project, request.dataset_id, request.split):
+        batches = await asyncio.to_thread(self.manager.stream_rows, caller().project, request.dataset_id, request.split)
+        done = object()
+        # Each batch is read off the event loop (a Parquet read, maybe from S3).
+        while (batch := await asyncio.to_thread(next, batches, done)) is not done:
             yield dataset_pb2.StreamRowsResponse(rows=_rows_to_proto(batch))
 
     # Pins are the orchestrator's (it calls with the service key, an admin's):
@@ -160,11 +170,11 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
     async def PinDataset(self, request: dataset_pb2.PinDatasetRequest, context):
         who = caller()
         who.require_admin("PinDataset")
-        self.manager.pin(who.project, request.dataset_id, request.holder)
+        await asyncio.to_thread(self.manager.pin, who.project, request.dataset_id, request.holder)
         return dataset_pb2.PinDatasetResponse()
 
     async def UnpinDataset(self, request: dataset_pb2.UnpinDatasetRequest, context):
         who = caller()
         who.require_admin("UnpinDataset")
-        self.manager.unpin(who.project, request.dataset_id, request.holder)
+        await asyncio.to_thread(self.manager.unpin, who.project, request.dataset_id, request.holder)
         return dataset_pb2.UnpinDatasetResponse()

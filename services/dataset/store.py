@@ -114,6 +114,12 @@ class DatasetStore:
                 return DatasetInfo.from_record(existing, info.name), True
         return info, False
 
+    def add_name(self, dataset_id: str, name: str) -> None:
+        """Points `name` at a stored version too."""
+        with Session(self.engine) as session, session.begin():
+            if session.get(NameRecord, (name, dataset_id)) is None:
+                session.add(NameRecord(name=name, dataset_id=dataset_id, created_at=_now()))
+
     def list(self, project: str, name: str = "") -> list[DatasetInfo]:
         with Session(self.engine) as session:
             if not name:
