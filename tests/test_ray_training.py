@@ -193,6 +193,44 @@ def test_cancel_then_resume_from_the_checkpoint(runner, tiny_model_dir, tmp_path
     assert of(events, "step")[0]["step"] == 6 and of(events, "step")[-1]["step"] == 20
 
 
+class ListQueue:
+    """Stands in for a Ray queue: what was put, nothing to get."""
+
+    def __init__(self):
+        self.items = []
+
+    def put(self, item):
+        self.items.append(item)
+
+    async def get_async(self, block=True, timeout=None):
+        from ray.util.queue import Empty
+
+        await asyncio.sleep(timeout or 0)
+        raise Empty
+
+
+def test_workers_are_told_to_stop_when_the_orchestrator_stops_following_their_run():
+    """The job's task cancelled, as when this replica loses the job's lease
+    to another (or shuts down): the workers get the cancel at once, rather
+    than train on beside the new owner's run."""
+    from types import SimpleNamespace
+
+    from tunewire.services.training.ray_runner import _Phases
+
+    control, told = ListQueue(), threading.Event()
+    phases = _Phases(None, SimpleNamespace(job_id="job-x"), lambda kind, data: None, asyncio.Event(), ListQueue(), control)
+
+    async def follow_then_stop():
+        task = asyncio.create_task(phases._relaying(lambda: told.wait(10), on_cancel=told.set))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(follow_then_stop())
+    assert control.items == ["cancel"] and phases.stop.is_set() and told.is_set()
+
+
 def test_a_killed_worker_is_replaced_and_training_resumes(runner, tiny_model_dir, tmp_path):
     job = make_job(tmp_path, tiny_model_dir, sums(60), epochs=4)
     killed = []

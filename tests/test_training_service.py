@@ -331,3 +331,19 @@ def test_a_dead_replicas_job_is_taken_over_and_cancels_reach_the_replica_running
     assert states(events)[-3:] == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
     assert any("orchestrator running this job stopped" in e.log for e in events)
     assert holding.ran == [cancelled, orphan] and other.ran == [orphan]
+
+
+def test_events_two_replicas_write_at_once_take_distinct_sequence_numbers(tmp_path):
+    """Replicas share the database: one renews a job's lease and records a
+    cancel while the other writes its steps. max(sequence) + 1 let two
+    writers take one number (an IntegrityError, answered INTERNAL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = load_settings(home=tmp_path / "home")
+    replicas = [JobStore(settings.training_database_url) for _ in range(2)]
+    replicas[0].create(job_id="job-shared", spec={}, config={}, dataset={})
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: replicas[i % 2].append_event("job-shared", "log", {"i": i}), range(120)))
+    events = replicas[1].events_after("job-shared", 0)
+    assert [e.sequence for e in events] == list(range(1, 122))  # the QUEUED state event, then 120 logs
+    assert sorted(e.data["i"] for e in events[1:]) == list(range(120))

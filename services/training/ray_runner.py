@@ -183,17 +183,26 @@ class _Phases:
         """Runs `blocking` in a thread and relays progress while it runs;
         a cancellation reaches the workers (and the search) at once."""
         done = asyncio.create_task(asyncio.to_thread(blocking))
+
+        def stop_workers() -> None:
+            if not self.stop.is_set():
+                self.stop.set()
+                self.control.put("cancel")
+                if on_cancel:
+                    on_cancel()
+
         try:
             while not done.done():
-                if self.cancel.is_set() and not self.stop.is_set():
-                    self.stop.set()
-                    self.control.put("cancel")
-                    if on_cancel:
-                        on_cancel()
+                if self.cancel.is_set():
+                    stop_workers()
                 await self._relay(timeout=0.5)
             await self._relay(timeout=0)
             return done.result()
         except asyncio.CancelledError:
+            # This orchestrator stops running the job (it is shutting down, or
+            # lost the job's lease to another replica): its workers stop too,
+            # rather than train on beside the new owner's.
+            stop_workers()
             raise
         except (JobFailed, JobCancelled):
             raise

@@ -61,12 +61,15 @@ class JobRecord(Base):
     # renews the lease while it runs, and another replica takes the job over
     # once it lapses (the holder died).
     lease_owner: Mapped[str] = mapped_column(String(128), default="")
-    # The job's pin on its dataset has been released (it ended, and the
-    # dataset service was told): until then the dataset cannot be deleted.
-    dataset_released: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # A cancellation of a running job, for whichever replica runs it.
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The job's pin on its dataset has been released (it ended, and the
+    # dataset service was told): until then the dataset cannot be deleted.
+    dataset_released: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # The sequence number of the job's latest event: taken by an atomic
+    # increment, so replicas writing one job's events at once never collide.
+    last_event_sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class EventRecord(Base):
@@ -288,8 +291,15 @@ class JobStore:
             return self._append(session, job_id, kind, data)
 
     def _append(self, session: Session, job_id: str, kind: str, data: dict) -> JobEvent:
-        last = session.scalar(select(func.max(EventRecord.sequence)).where(EventRecord.job_id == job_id)) or 0
-        event = EventRecord(job_id=job_id, sequence=last + 1, time=_now(), kind=kind, data=data)
+        # The increment locks the job's row until the transaction ends (a
+        # read of max(sequence) would let two writers take the same number).
+        sequence = session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id)
+            .values(last_event_sequence=JobRecord.last_event_sequence + 1)
+            .returning(JobRecord.last_event_sequence)
+        ).scalar_one()
+        event = EventRecord(job_id=job_id, sequence=sequence, time=_now(), kind=kind, data=data)
         session.add(event)
         return JobEvent(job_id, event.sequence, event.time, kind, data)
 
