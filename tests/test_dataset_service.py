@@ -434,6 +434,40 @@ def test_imports_read_only_under_the_configured_roots(service, tmp_path):
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_slow_store_does_not_stall_the_other_rpcs(tmp_path):
+    """Database and artifact-store calls run off the event loop: while one
+    request waits on a slow store, health checks (what Kubernetes probes)
+    and other requests are answered."""
+    import threading
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = load_settings(home=tmp_path / "home")
+    deps = DatasetDeps.from_settings(settings)
+    fast_get, slow = deps.store.get, threading.Event()
+
+    def get(dataset_id):
+        if dataset_id.startswith("ds-slow"):
+            slow.set()
+            time.sleep(3)
+        return fast_get(dataset_id)
+
+    deps.store.get = get
+
+    async def make():
+        return await create_server(settings, deps, port=0)
+
+    with ServerThread(make) as server, DatasetClient(server.address) as client:
+        waiting = threading.Thread(target=lambda: pytest.raises(ApiError, client.get, "ds-slow"), daemon=True)
+        waiting.start()
+        assert slow.wait(10)
+        health = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert client.list() == []  # another request, answered meanwhile
+        waiting.join(10)
+
+
 def test_health_and_reflection(service):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

@@ -1,6 +1,7 @@
 """TrainingService over a real gRPC server on port 0, with a fake runner and
 dataset lookup (Ray Train itself is tested in test_ray_training.py)."""
 
+import asyncio
 import base64
 import contextlib
 import datetime
@@ -35,8 +36,9 @@ def _database(database_env):
 
 
 class FakeDatasets:
-    def __init__(self):
+    def __init__(self, latency: float = 0.0):
         self.pins = []
+        self.latency = latency  # of a pin, as over the network: other requests run meanwhile
 
     async def get(self, project, dataset_id):
         if dataset_id == "ds-broken":  # a fault of the service's own, with words no caller should see
@@ -47,6 +49,7 @@ class FakeDatasets:
 
     async def acquire(self, project, dataset_id, holder):
         dataset = await self.get(project, dataset_id)
+        await asyncio.sleep(self.latency)
         self.pins.append((dataset_id, holder))
         return dataset
 
@@ -347,3 +350,23 @@ def test_events_two_replicas_write_at_once_take_distinct_sequence_numbers(tmp_pa
     events = replicas[1].events_after("job-shared", 0)
     assert [e.sequence for e in events] == list(range(1, 122))  # the QUEUED state event, then 120 logs
     assert sorted(e.data["i"] for e in events[1:]) == list(range(120))
+
+
+def test_the_active_jobs_quota_holds_for_creates_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, _ = make_service(tmp_path, FakeRunner(hold=True), datasets=FakeDatasets(latency=0.2), project_max_active_jobs=2)
+    with server, TrainingClient(server.address) as client:
+
+        def create(_):
+            try:
+                return client.create_job("smollm2-135m-instruct", "ds-1").id
+            except ApiError as exc:
+                return exc.code
+
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(create, range(6)))
+        assert sorted(map(str, outcomes)).count(str(grpc.StatusCode.RESOURCE_EXHAUSTED)) == 4
+        assert len(client.list_jobs()) == 2
+        for job in client.list_jobs():
+            client.cancel_job(job.id)

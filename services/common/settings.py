@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     # generation requests queued or running.
     project_max_active_jobs: int = Field(16, ge=1)
     project_max_dataset_bytes: int = Field(10 << 30, gt=0)
-    project_max_generation_requests: int = Field(64, ge=1)
+    # Half the queue by default: one project can never take all of it.
+    project_max_generation_requests: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -136,6 +137,12 @@ class Settings(BaseSettings):
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both TUNEWIRE_TLS_CERT_FILE and TUNEWIRE_TLS_KEY_FILE")
+        if self.project_max_generation_requests >= self.max_queued_requests + self.max_batch_size:
+            raise ValueError(
+                f"TUNEWIRE_PROJECT_MAX_GENERATION_REQUESTS={self.project_max_generation_requests} lets one project fill the whole "
+                f"queue ({self.max_queued_requests} waiting + {self.max_batch_size} decoding): keep it below, so other projects "
+                "always find room"
+            )
         for root in self.import_root_list:
             try:
                 parse_source(root, "TUNEWIRE_IMPORT_ROOTS")

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from tunewire.services.common import paging, telemetry
 from tunewire.services.common.auth import DEFAULT_PROJECT
+from tunewire.services.common.db import exclusive
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TunewireError
 from tunewire.services.common.models import check_requested_model
 from tunewire.services.training import config as training_config
@@ -158,25 +159,23 @@ class JobManager:
         if existing is not None:
             return self._same_request(existing, spec)
         await self._checked(spec)
-        active = self.store.count_active(spec.project)
-        if self.max_active_jobs_per_project and active >= self.max_active_jobs_per_project:
-            raise ResourceExhausted(
-                f"project {spec.project} has {active} queued or running jobs, its quota: wait for one to finish or cancel one "
-                "(operators set TUNEWIRE_PROJECT_MAX_ACTIVE_JOBS)"
-            )
+        self._check_active_quota(spec.project)  # early, before the dataset is pinned
         job_id = "job-" + uuid.uuid4().hex[:16]
         dataset = await self.datasets.acquire(spec.project, spec.dataset_id, job_id)
         created = False
         try:
             workers, resolved, _ = await self._checked(spec, dataset)
-            job, created = self.store.create(
-                job_id=job_id,
-                spec={**asdict(spec), "num_workers": workers},
-                config=resolved.to_dict(),
-                dataset={**asdict(dataset), "labels": list(dataset.labels)},
-                idempotency_key=idempotency_key,
-                project=spec.project,
-            )
+            # The count and the insert together: creates at once cannot pass the quota together.
+            with exclusive(self.store.engine, f"jobs of {spec.project}"):
+                self._check_active_quota(spec.project)
+                job, created = self.store.create(
+                    job_id=job_id,
+                    spec={**asdict(spec), "num_workers": workers},
+                    config=resolved.to_dict(),
+                    dataset={**asdict(dataset), "labels": list(dataset.labels)},
+                    idempotency_key=idempotency_key,
+                    project=spec.project,
+                )
         finally:
             if not created:  # no job holds the pin: checks failed, or a concurrent retry won the race
                 with contextlib.suppress(TunewireError):
@@ -200,6 +199,14 @@ class JobManager:
             self.store.mark_dataset_released(job.id)
             released += 1
         return released
+
+    def _check_active_quota(self, project: str) -> None:
+        active = self.store.count_active(project)
+        if self.max_active_jobs_per_project and active >= self.max_active_jobs_per_project:
+            raise ResourceExhausted(
+                f"project {project} has {active} queued or running jobs, its quota: wait for one to finish or cancel one "
+                "(operators set TUNEWIRE_PROJECT_MAX_ACTIVE_JOBS)"
+            )
 
     @staticmethod
     def _same_request(job: Job, spec: JobSpec) -> Job:
@@ -319,12 +326,12 @@ class JobManager:
     async def events(self, project: str, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events after `after_sequence`: its history, then live
         events, until the job's final state has been sent."""
-        self.get(project, job_id)
+        await asyncio.to_thread(self.get, project, job_id)
         while True:
             # State first, then events: the final state's event is written
             # with the state, so it is in `events` if `final` is seen.
-            final = self.get(project, job_id).state in FINAL_STATES
-            events = self.store.events_after(job_id, after_sequence)
+            final = (await asyncio.to_thread(self.get, project, job_id)).state in FINAL_STATES
+            events = await asyncio.to_thread(self.store.events_after, job_id, after_sequence)
             for event in events:
                 yield event
                 after_sequence = event.sequence
@@ -337,7 +344,7 @@ class JobManager:
         """Every project's adapters published after `after_sequence`, then
         each new one (for the inference service). Never ends."""
         while True:
-            adapters = self.store.adapters_after(after_sequence)
+            adapters = await asyncio.to_thread(self.store.adapters_after, after_sequence)
             for adapter in adapters:
                 yield adapter
                 after_sequence = adapter.sequence

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from google.protobuf import json_format
 
 from tunewire.services.common.auth import caller
@@ -175,7 +177,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 run=c.get("run", ""),
                 within_forgetting_budget=c.get("within_budget", True),
             )
-            for c in self.jobs.checkpoints(caller().project, request.job_id)
+            for c in await asyncio.to_thread(self.jobs.checkpoints, caller().project, request.job_id)
         ]
         return training_pb2.ListCheckpointsResponse(checkpoints=checkpoints)
 
@@ -185,10 +187,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         return training_pb2.EstimateJobResponse(resolved_hyperparameters=training_pb2.Hyperparameters(**resolved), **estimate)
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context):
-        return training_pb2.GetJobResponse(job=job_to_proto(self.jobs.get(caller().project, request.id)))
+        return training_pb2.GetJobResponse(job=job_to_proto(await asyncio.to_thread(self.jobs.get, caller().project, request.id)))
 
     async def ListJobs(self, request: training_pb2.ListJobsRequest, context):
-        jobs, token = self.jobs.list(caller().project, state_from_proto(request.state), request.page_size, request.page_token)
+        jobs, token = await asyncio.to_thread(
+            self.jobs.list, caller().project, state_from_proto(request.state), request.page_size, request.page_token
+        )
         return training_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def StreamJobEvents(self, request: training_pb2.StreamJobEventsRequest, context):
@@ -196,7 +200,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             yield event_to_proto(event)
 
     async def ListAdapters(self, request: training_pb2.ListAdaptersRequest, context):
-        return training_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in self.jobs.list_adapters(caller().project)])
+        adapters = await asyncio.to_thread(self.jobs.list_adapters, caller().project)
+        return training_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in adapters])
 
     async def WatchAdapters(self, request: training_pb2.WatchAdaptersRequest, context):
         caller().require_admin("WatchAdapters (every project's adapters)")
