@@ -362,3 +362,28 @@ def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_to_a_first_co
         assert stop.stop_all() and stop("t2", {"epoch": 0.0})
     finally:
         search._CHANNELS.pop("job-x")
+
+
+def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
+    """A crash or a full disk mid-copy leaves a torn state file or missing
+    weights: such a checkpoint is skipped, so a resume takes the one before
+    rather than failing on it every time."""
+    from tunewire.services.common import layout
+    from tunewire.services.training.recipe import list_checkpoints
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    run = tmp_path / "store" / "ray" / "job-torn" / "train.1"
+
+    def checkpoint(step, state_text=None, weights=b"w" * 10, listed=10):
+        directory = run / f"checkpoint_{step:06d}"
+        directory.mkdir(parents=True)
+        if weights is not None:
+            (directory / layout.ADAPTER_WEIGHTS).write_bytes(weights)
+        state = {"step": step, "files": {layout.ADAPTER_WEIGHTS: listed}}
+        (directory / layout.STATE_FILE).write_text(state_text if state_text is not None else json.dumps(state))
+
+    checkpoint(5)
+    checkpoint(10, state_text='{"step": 10, "fi')  # torn
+    checkpoint(15, weights=b"w" * 4)  # weights cut short
+    checkpoint(20, weights=None)  # weights never arrived
+    assert [c["step"] for c in list_checkpoints(store, "job-torn")] == [5]

@@ -137,3 +137,31 @@ def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model
     resumed = [e.step for e in after if e.WhichOneof("event") == "step" and e.step.run == "trial-1"]
     assert resumed[0].step == (resumed_at[0] // 12) * 12 + 1 and resumed[0].loss < first_run[0].loss - 0.2
     assert [t.run for t in job.evaluation.trials] == ["trial-1", "trial-2"]
+
+
+def test_what_a_crash_leaves_in_the_store_and_caches_is_swept(tmp_path):
+    """A publish killed between copy and move leaves a staging copy; a
+    download killed mid-way leaves a partial one. Old leftovers go; young ones
+    (another replica's publish in progress) stay."""
+    import os
+    import time
+
+    from tunewire.services.common.artifacts import ArtifactStore, sweep_partial_downloads
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    staging = tmp_path / "store" / ".staging"
+    for name in ("crashed", "in-progress"):
+        (staging / name / "sub").mkdir(parents=True)
+        (staging / name / "sub" / "data.parquet").write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    for path in (staging / "crashed", staging / "crashed" / "sub", staging / "crashed" / "sub" / "data.parquet"):
+        os.utime(path, (hours_ago, hours_ago))
+    assert store.sweep_staging() == 1
+    assert sorted(p.name for p in staging.iterdir()) == ["in-progress"]
+
+    cache = tmp_path / "adapter-cache"
+    for name in ("ad-1.partial-aaaa", "ad-2.partial-bbbb", "ad-3"):
+        (cache / name).mkdir(parents=True)
+    os.utime(cache / "ad-1.partial-aaaa", (hours_ago, hours_ago))
+    sweep_partial_downloads(cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["ad-2.partial-bbbb", "ad-3"]

@@ -10,17 +10,25 @@ exists; one interrupted half-way is replaced by the next publish.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 
+log = logging.getLogger(__name__)
+
 COMPLETE_MARKER = "_COMPLETE"
+STAGING = ".staging"
+# A staging copy or download untouched this long is a crashed one's leftover.
+STALE_SECONDS = 3600.0
 
 
 class ArtifactStore:
@@ -63,7 +71,7 @@ class ArtifactStore:
             return self.uri(*parts)
         if self.fs.exists(final):  # an object-store move cut short: its marker never came
             self.fs.rm(final, recursive=True)
-        staging = self.path(".staging", uuid.uuid4().hex)
+        staging = self.path(STAGING, uuid.uuid4().hex)
         self.fs.makedirs(staging.rsplit("/", 1)[0], exist_ok=True)
         try:
             if self.is_local:
@@ -92,6 +100,27 @@ class ArtifactStore:
             self.fs.pipe_file(self.path(*parts, COMPLETE_MARKER), b"")
         return self.uri(*parts)
 
+    def sweep_staging(self, older_than_seconds: float = STALE_SECONDS) -> int:
+        """Removes staging copies that a publish cut short left behind (a
+        crash between copy and move); those younger than `older_than_seconds`
+        may be another replica's publish in progress and are kept. Returns
+        how many were removed."""
+        root = self.path(STAGING)
+        if not self.fs.exists(root):
+            return 0
+        removed = 0
+        for entry in self.fs.ls(root, detail=False):
+            files = self.fs.find(entry) or [entry]
+            try:
+                newest = max(self.fs.modified(f).timestamp() for f in files)
+            except (OSError, NotImplementedError):
+                continue
+            if time.time() - newest > older_than_seconds:
+                with contextlib.suppress(OSError):
+                    self.fs.rm(entry, recursive=True)
+                    removed += 1
+        return removed
+
     def local_copy(self, uri: str, cache_dir: Path) -> Path:
         """A local directory with the artifact's files: the path itself for a
         local store, else a download into cache_dir."""
@@ -100,6 +129,7 @@ class ArtifactStore:
             return Path(path)
         target = cache_dir / path.strip("/").replace("/", "_")
         if not target.exists():
+            sweep_partial_downloads(cache_dir)
             partial = target.with_name(target.name + f".partial-{uuid.uuid4().hex}")
             fs.get(path, str(partial), recursive=True)
             partial.rename(target)
@@ -120,3 +150,18 @@ def read_text(uri: str) -> str:
 def _is_local(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols
+
+
+def sweep_partial_downloads(cache_dir: Path, older_than_seconds: float = STALE_SECONDS) -> None:
+    """Removes downloads into cache_dir that a crash cut short (`*.partial-*`)."""
+    for partial in cache_dir.glob("*.partial-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - partial.stat().st_mtime > older_than_seconds:
+                shutil.rmtree(partial, ignore_errors=True)
+
+
+async def sweep_crash_leftovers(store: ArtifactStore) -> None:
+    """At a service's start: the staging copies a crashed publish left."""
+    removed = await asyncio.to_thread(store.sweep_staging)
+    if removed:
+        log.info("removed %d staging copies that a crashed publish left in %s", removed, store.root)

@@ -158,6 +158,9 @@ def _converted_gguf(name: str, gguf_path: Path, cache_dir: Path) -> Path:
     with FileLock(str(cache_dir / f"{name}.lock")):
         if _converted(target):
             return target
+        # Under the lock no other conversion runs: any staging copy is a crashed one's.
+        for leftover in cache_dir.glob(f".{name}.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         log.info("converting %s from GGUF (once; cached in %s)", name, target)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

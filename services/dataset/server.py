@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.artifacts import ArtifactStore, sweep_crash_leftovers
 from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings
 from tunewire.services.dataset.core import DatasetManager
@@ -48,6 +49,7 @@ async def create_server(settings: Settings, deps: DatasetDeps, port: int | None 
     async def close() -> None:
         deps.store.close()
 
+    handle.on_start.append(functools.partial(sweep_crash_leftovers, deps.artifacts))
     handle.on_stop.append(close)
     return handle
 

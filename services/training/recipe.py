@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -39,6 +40,8 @@ from pathlib import Path
 
 from tunewire.services.common import layout
 from tunewire.services.training.config import CLASSIFY, FULL, TrainingConfig
+
+log = logging.getLogger(__name__)
 
 SHUFFLE_WINDOW = 16  # batches read ahead and shuffled, for shards kept out of memory
 MAX_TEST_ROWS = 256
@@ -171,7 +174,9 @@ def list_checkpoints(artifacts, job_id: str, run: str = "") -> list[dict]:
     found = []
     pattern = f"{artifacts.path(*layout.job_parts(job_id))}/{run + '.' if run else ''}*/checkpoint_*/{layout.STATE_FILE}"
     for state_file in fs.glob(pattern):
-        state = json.loads(fs.cat_file(state_file))
+        state = _whole_checkpoint_state(fs, state_file)
+        if state is None:
+            continue
         found.append(
             {
                 "step": state["step"],
@@ -185,6 +190,24 @@ def list_checkpoints(artifacts, job_id: str, run: str = "") -> list[dict]:
             }
         )
     return sorted(found, key=lambda c: (c["modified"], c["step"]))
+
+
+def _whole_checkpoint_state(fs, state_file: str) -> dict | None:
+    """A checkpoint's state if the checkpoint is whole: its state file reads,
+    and every file it lists is there at its size. A copy to the store cut
+    short (a crash, a full disk) is skipped, so a resume takes the checkpoint
+    before it rather than failing on it again and again."""
+    directory = state_file.rsplit("/", 1)[0]
+    try:
+        state = json.loads(fs.cat_file(state_file))
+        whole = all(fs.size(f"{directory}/{name}") == size for name, size in state.get("files", {}).items())
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        log.warning("checkpoint %s is not readable (%s): skipped", directory, exc)
+        return None
+    if not whole:
+        log.warning("checkpoint %s is missing files or holds them cut short: skipped", directory)
+        return None
+    return state
 
 
 def read_split(uri: str, split: str, limit: int | None = None) -> list[dict]:
@@ -603,6 +626,8 @@ class FineTuneRecipe:
                 "selection_score": metrics["selection_score"],
                 "within_budget": forgetting is None or forgetting.within(budget),
                 "forgetting": asdict(forgetting) if forgetting else None,
+                # What the checkpoint holds: one cut short in its copy to the store is not resumed from.
+                "files": {f.name: f.stat().st_size for f in Path(out).iterdir() if f.is_file()},
             }
             Path(out, layout.STATE_FILE).write_text(json.dumps(asdict(self.state) | extra))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(out))

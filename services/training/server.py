@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.artifacts import ArtifactStore, sweep_crash_leftovers
 from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings
 from tunewire.services.training.dataset_lookup import GrpcDatasetLookup
@@ -69,6 +69,7 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
 
     async def ready() -> None:
         nonlocal scheduler_task
+        await sweep_crash_leftovers(deps.artifacts)
         start = getattr(deps.runner, "start", None)
         if start is not None:
             await asyncio.to_thread(start)
