@@ -466,7 +466,9 @@ def _write_keys(path: Path, keys: dict) -> None:
 @keys_app.command("create")
 def keys_create(
     project: str = typer.Option(..., help="the project (tenant) the key belongs to"),
-    role: str = typer.Option("member", help="member, or admin (loads adapters, acts for any project)"),
+    role: str = typer.Option(
+        "member", help="member; admin (also loads its project's adapters); or operator (every project's: the services' key)"
+    ),
     file: Path = KEYS_FILE,
 ) -> None:
     """Adds a new key to the file and prints it: the only time it is shown."""

@@ -43,7 +43,10 @@ def test_members_cannot_act_for_another_project():
     assert member.acting_for("") == member and member.acting_for("alpha") == member
     with pytest.raises(auth.PermissionDenied):
         member.acting_for("beta")
-    assert auth.Caller("ops", auth.ADMIN, "k2").acting_for("beta").project == "beta"
+    # A project's admin is its own project's only; an operator acts for any.
+    with pytest.raises(auth.PermissionDenied):
+        auth.Caller("alpha", auth.ADMIN, "k2").acting_for("beta")
+    assert auth.Caller("ops", auth.OPERATOR, "k3").acting_for("beta").project == "beta"
 
 
 def test_serving_beyond_loopback_needs_keys(tmp_path):
@@ -64,7 +67,12 @@ def stack(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("auth")
     keys = {
         name: auth.new_key(project, role)
-        for name, project, role in (("alpha", "alpha", auth.MEMBER), ("beta", "beta", auth.MEMBER), ("admin", "ops", auth.ADMIN))
+        for name, project, role in (
+            ("alpha", "alpha", auth.MEMBER),
+            ("beta", "beta", auth.MEMBER),
+            ("alpha-admin", "alpha", auth.ADMIN),
+            ("operator", "ops", auth.OPERATOR),
+        )
     }
     keys_file = tmp / "keys.json"
     keys_file.write_text(json.dumps({"keys": [entry for _, entry in keys.values()]}))
@@ -72,7 +80,7 @@ def stack(tmp_path_factory, tiny_model_dir):
         tmp,
         tiny_model_dir,
         api_keys_file=keys_file,
-        service_api_key=keys["admin"][0],
+        service_api_key=keys["operator"][0],
         project_max_active_jobs=2,
         project_max_dataset_bytes=100_000,
     ) as servers:
@@ -168,8 +176,8 @@ def test_projects_see_only_their_own_datasets_jobs_and_adapters(stack):
     # Nor can beta load it from the artifact store by its path: answered as a
     # path that holds nothing. Alpha may load its own under another name.
     uri = next(a.uri for a in a_train.list_adapters() if a.id == adapter_id)
-    _, _, admin_for_beta = clients(stack, "admin", project="beta")
-    _, _, admin_for_alpha = clients(stack, "admin", project="alpha")
+    _, _, admin_for_beta = clients(stack, "operator", project="beta")
+    _, _, admin_for_alpha = clients(stack, "operator", project="alpha")
     assert code_of(admin_for_beta.load_adapter, "stolen", uri) == grpc.StatusCode.INVALID_ARGUMENT
     never = uri.rsplit("/", 1)[0] + "/ad-never"
     assert message_of(admin_for_beta.load_adapter, "stolen", uri).replace(uri, "X") == message_of(
@@ -202,26 +210,39 @@ def test_a_jobs_pin_is_the_orchestrators_and_ends_with_the_job(stack):
     assert code_of(a_data.get, dataset.id) == grpc.StatusCode.NOT_FOUND
 
 
-def test_admin_operations_and_acting_for_a_project(stack, tiny_model_dir):
+def test_roles_members_project_admins_and_operators(stack, tiny_model_dir):
     _, a_train, a_infer = clients(stack, "alpha")
+    _, admin_train, a_admin = clients(stack, "alpha-admin")
     own = stack["tmp"] / "own" / "manual"
     write_lora_adapter(tiny_model_dir, own, seed=5)
+    # A member neither loads nor unloads adapters.
     assert code_of(a_infer.load_adapter, "manual", str(own)) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(a_infer.unload_adapter, "anything") == grpc.StatusCode.PERMISSION_DENIED
-    # A member may not act for another project; an admin may.
+    # No one but an operator acts for another project.
     _, b_as_alpha, _ = clients(stack, "beta", project="alpha")
     assert code_of(b_as_alpha.list_jobs) == grpc.StatusCode.PERMISSION_DENIED
-    _, _, admin_for_beta = clients(stack, "admin", project="beta")
-    assert admin_for_beta.load_adapter("manual", str(own)).project == "beta"
+    _, _, alpha_admin_as_beta = clients(stack, "alpha-admin", project="beta")
+    assert code_of(alpha_admin_as_beta.load_adapter, "manual", str(own)) == grpc.StatusCode.PERMISSION_DENIED
+    _, _, operator_for_beta = clients(stack, "operator", project="beta")
+    assert operator_for_beta.load_adapter("manual", str(own)).project == "beta"
     _, _, b_infer = clients(stack, "beta")
     assert b_infer.generate("hello", adapter="manual", max_new_tokens=2).completion_tokens > 0
     assert code_of(a_infer.generate, "hello", adapter="manual", max_new_tokens=2) == grpc.StatusCode.NOT_FOUND
-    # WatchAdapters streams every project's adapters: admins only.
-    with pytest.raises(grpc.RpcError) as caught:
-        next(iter(a_train.stub.WatchAdapters(training_pb2.WatchAdaptersRequest(), timeout=5)))
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    _, _, admin = clients(stack, "admin")
-    assert {"alpha", "beta"} <= {a.project for a in admin.loaded_adapters().adapters}
+    # A project admin loads its own project's adapters, and can neither
+    # replace nor unload another project's.
+    assert a_admin.load_adapter("alpha-manual", str(own)).project == "alpha"
+    assert code_of(a_admin.load_adapter, "manual", str(own)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(a_admin.unload_adapter, "manual") == grpc.StatusCode.NOT_FOUND
+    assert b_infer.generate("hello", adapter="manual", max_new_tokens=2).completion_tokens > 0  # still beta's
+    assert {a.project for a in a_admin.loaded_adapters().adapters} == {"alpha"}
+    # WatchAdapters streams every project's adapters: operators only.
+    for train in (a_train, admin_train):
+        with pytest.raises(grpc.RpcError) as caught:
+            next(iter(train.stub.WatchAdapters(training_pb2.WatchAdaptersRequest(), timeout=5)))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    _, _, operator = clients(stack, "operator")
+    assert {"alpha", "beta"} <= {a.project for a in operator.loaded_adapters().adapters}
+    a_admin.unload_adapter("alpha-manual")
 
 
 def test_quotas_per_project(stack):

@@ -53,10 +53,52 @@ def test_overlays_render_every_kind_needed(objects):
             assert (kind, f"tunewire-{service}") in kinds
     assert {
         ("ConfigMap", "tunewire-config"),
-        ("Secret", "tunewire-db"),
         ("PersistentVolumeClaim", "tunewire-artifacts"),
         ("RayCluster", "tunewire-ray"),
+        ("NetworkPolicy", "tunewire-default-deny"),
+        ("NetworkPolicy", "tunewire-api"),
+        ("NetworkPolicy", "tunewire-ray"),
     } <= kinds
+    # Secrets are created by hand once: applying the manifests never puts placeholders over them.
+    assert not [name for kind, name in kinds if kind == "Secret"]
+
+
+def example_secrets() -> dict[str, dict]:
+    docs = yaml.safe_load_all((DEPLOY / "k8s" / "secrets.example.yaml").read_text())
+    return {d["metadata"]["name"]: d for d in docs if d}
+
+
+def test_secrets_the_pods_read_are_the_ones_the_readme_creates(objects):
+    readme = (DEPLOY / "README.md").read_text()
+    for name, secret in example_secrets().items():
+        assert f"create secret generic {name}" in readme
+        for key in secret["stringData"]:
+            assert f"--from-literal={key}=" in readme or f"--from-file={key}" in readme, f"{name}.{key} is never created"
+    referenced = {
+        ref["name"]
+        for o in objects
+        for c in _containers(o)
+        for ref in [s.get("secretRef") for s in c.get("envFrom", [])]
+        + [e.get("valueFrom", {}).get("secretKeyRef") for e in c.get("env", [])]
+        if ref
+    }
+    assert referenced <= set(example_secrets())
+
+
+def test_network_policies_keep_ray_to_the_orchestrator_and_deny_the_rest(objects):
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+    assert policies["tunewire-default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    ray = policies["tunewire-ray"]
+    assert ray["podSelector"] == {"matchLabels": {"ray.io/cluster": "tunewire-ray"}}
+    sources = [peer["podSelector"]["matchLabels"] for rule in ray["ingress"] for peer in rule["from"]]
+    assert sources == [{"ray.io/cluster": "tunewire-ray"}, {"app.kubernetes.io/name": "tunewire-training"}]
+    # The API policy opens ports by the names the containers give them.
+    api_ports = {port["port"] for rule in policies["tunewire-api"]["ingress"] for port in rule["ports"]}
+    for o in objects:
+        if o["kind"] == "Deployment":
+            assert {p["name"] for p in o["spec"]["template"]["spec"]["containers"][0]["ports"]} == api_ports
+    [ray_cluster] = [o for o in objects if o["kind"] == "RayCluster"]
+    assert ray_cluster["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
 
 
 def test_kubernetes_objects_pass_strict_schema_validation(objects):
@@ -153,7 +195,7 @@ def container_env(container: dict, objects: list[dict]) -> set[str]:
         if "configMapRef" in source:
             names |= set(by_name[("ConfigMap", source["configMapRef"]["name"])]["data"])
         if "secretRef" in source:
-            secret = by_name[("Secret", source["secretRef"]["name"])]
+            secret = example_secrets()[source["secretRef"]["name"]]
             names |= set(secret.get("stringData", {})) | set(secret.get("data", {}))
     return names
 

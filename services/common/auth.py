@@ -1,10 +1,13 @@
 """Who is calling: API keys, projects (tenants) and roles.
 
 Every dataset, job and adapter belongs to one project. A key belongs to one
-project and has a role: `member` works inside its project; `admin` may also
-load and unload adapters, follow every project's published adapters, and act
-for another project (the `x-tunewire-project` metadata), which is how the
-services call each other on a caller's behalf.
+project and has a role: `member` works inside its project; `admin` is its
+project's admin, and may also load and unload the project's adapters;
+`operator` runs tunewire for every project: it acts for any project (the
+`x-tunewire-project` metadata, which is how the services call each other on
+a caller's behalf), follows every project's published adapters, sees every
+project's loaded adapters, and holds datasets' pins. The services' own key
+is an operator's.
 
 Keys are `tw_<id>_<secret>` with 32 random bytes of secret. The keys file
 holds only their SHA-256: a key that random cannot be guessed from its hash,
@@ -31,8 +34,8 @@ from pathlib import Path
 
 from tunewire.services.common.errors import InvalidArgument, PermissionDenied
 
-ADMIN, MEMBER = "admin", "member"
-ROLES = (ADMIN, MEMBER)
+OPERATOR, ADMIN, MEMBER = "operator", "admin", "member"
+ROLES = (OPERATOR, ADMIN, MEMBER)
 DEFAULT_PROJECT = "default"
 PROJECT_HEADER = "x-tunewire-project"
 KEY_PATTERN = re.compile(r"^tw_([0-9a-f]{8})_[A-Za-z0-9_-]{20,}$")
@@ -46,26 +49,37 @@ class Caller:
     key_id: str
 
     @property
+    def is_operator(self) -> bool:
+        return self.role == OPERATOR
+
+    @property
     def is_admin(self) -> bool:
-        return self.role == ADMIN
+        """An admin of its project (an operator is one of every project)."""
+        return self.role in (ADMIN, OPERATOR)
 
     def require_admin(self, action: str) -> None:
         if not self.is_admin:
             raise PermissionDenied(f"{action} needs an admin key; this key ({self.key_id}) is a {self.role} of project {self.project}")
 
+    def require_operator(self, action: str) -> None:
+        if not self.is_operator:
+            raise PermissionDenied(
+                f"{action} needs an operator key (every project's); this key ({self.key_id}) is a {self.role} of project {self.project}"
+            )
+
     def acting_for(self, project: str) -> Caller:
-        """The caller acting for `project` (admins only; '' keeps its own)."""
+        """The caller acting for `project` (operators only; '' keeps its own)."""
         if not project or project == self.project:
             return self
-        self.require_admin(f"acting for project {project!r}")
+        self.require_operator(f"acting for project {project!r}")
         check_project(project, PROJECT_HEADER)
         return Caller(project, self.role, self.key_id)
 
 
 # With authentication off (loopback only), every caller is this one.
-LOCAL_ADMIN = Caller(DEFAULT_PROJECT, ADMIN, "local")
+LOCAL_OPERATOR = Caller(DEFAULT_PROJECT, OPERATOR, "local")
 
-_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("tunewire_caller", default=LOCAL_ADMIN)
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("tunewire_caller", default=LOCAL_OPERATOR)
 
 
 def caller() -> Caller:

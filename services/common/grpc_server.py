@@ -88,7 +88,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def identify(self, metadata: dict[str, str]) -> auth.Caller:
         if self.keys is None:
-            return auth.LOCAL_ADMIN.acting_for(metadata.get(auth.PROJECT_HEADER, ""))
+            return auth.LOCAL_OPERATOR.acting_for(metadata.get(auth.PROJECT_HEADER, ""))
         key = metadata.get("authorization", "").removeprefix("Bearer ").strip() or metadata.get("x-api-key", "")
         if not key:
             raise errors.Unauthenticated(
@@ -302,7 +302,7 @@ def run_service(service: str, create_server, make_deps) -> None:
     async def main() -> None:
         settings = load_settings()
         telemetry.configure_logging(settings.log_level, settings.log_format)
-        telemetry.start_metrics_server(getattr(settings, f"{service}_metrics_port"))
+        telemetry.start_metrics_server(getattr(settings, f"{service}_metrics_port"), settings.host)
         handle = await create_server(settings, make_deps(settings))
         await serve_until_signal(handle, settings.grace_period_seconds)
 

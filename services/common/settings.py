@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         if self.api_keys_file is None and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host} accepts connections from other machines, and no API keys are configured: "
-                "create keys with `tunewire keys create --project P --role admin --file keys.json` and set "
+                "create keys with `tunewire keys create --project ops --role operator --file keys.json` (the services' key) and one per project and set "
                 "TUNEWIRE_API_KEYS_FILE=keys.json, or serve on 127.0.0.1"
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -67,10 +67,12 @@ def set_request_id(value: str) -> str:
     return value
 
 
-def start_metrics_server(port: int) -> None:
-    """Serves /metrics on `port` (0: not at all) from a daemon thread."""
+def start_metrics_server(port: int, host: str) -> None:
+    """Serves /metrics on `host`:`port` (port 0: not at all) from a daemon
+    thread: on the address the service's gRPC binds, so a service kept to
+    loopback keeps its metrics there too."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=host)
 
 
 class _RequestIdFilter(logging.Filter):

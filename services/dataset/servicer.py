@@ -165,16 +165,16 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
         while (batch := await asyncio.to_thread(next, batches, done)) is not done:
             yield dataset_pb2.StreamRowsResponse(rows=_rows_to_proto(batch))
 
-    # Pins are the orchestrator's (it calls with the service key, an admin's):
+    # Pins are the orchestrator's (it calls with the services' key, an operator's):
     # a member could otherwise drop a running job's pin and delete its data.
     async def PinDataset(self, request: dataset_pb2.PinDatasetRequest, context):
         who = caller()
-        who.require_admin("PinDataset")
+        who.require_operator("PinDataset")
         await asyncio.to_thread(self.manager.pin, who.project, request.dataset_id, request.holder)
         return dataset_pb2.PinDatasetResponse()
 
     async def UnpinDataset(self, request: dataset_pb2.UnpinDatasetRequest, context):
         who = caller()
-        who.require_admin("UnpinDataset")
+        who.require_operator("UnpinDataset")
         await asyncio.to_thread(self.manager.unpin, who.project, request.dataset_id, request.holder)
         return dataset_pb2.UnpinDatasetResponse()

@@ -19,7 +19,7 @@ from pathlib import Path
 from tunewire.services.common import layout, telemetry
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.auth import DEFAULT_PROJECT
-from tunewire.services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.sources import Source, check_source, parse_source, roots_for
 from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult, not_loaded
 
@@ -121,8 +121,10 @@ class InferenceManager:
             )
         if not uri:
             raise InvalidArgument.field("source_uri", "required: the adapter's directory, as a path or URL")
+        # Another project's id is never replaced (its callers would be served these weights).
+        if adapter_id in self._loaded and self._loaded[adapter_id].project != project:
+            raise FailedPrecondition(f"adapter id {adapter_id!r} is taken: load the adapter under another id")
         if adapter_id in self._loaded and self._loaded[adapter_id].source_uri == uri:
-            self._check_access(project, adapter_id)
             return self._loaded[adapter_id]
         if adapter_id in self._loading:
             return await asyncio.shield(self._loading[adapter_id])
@@ -189,7 +191,11 @@ class InferenceManager:
             f"{uri!r} is neither one of project {project!r}'s published adapters nor under its import roots {list(self.import_roots)}",
         )
 
-    async def unload_adapter(self, adapter_id: str) -> None:
+    async def unload_adapter(self, adapter_id: str, project: str | None = None) -> None:
+        """Stops serving the adapter: a project's own (another project's is
+        as unknown as one never loaded), or any (project None: operators)."""
+        if project is not None:
+            self._check_access(project, adapter_id)
         await asyncio.to_thread(self.engine.remove_adapter, adapter_id)
         self._loaded.pop(adapter_id, None)
         telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self._loaded))

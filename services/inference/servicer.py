@@ -96,12 +96,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.LoadAdapterResponse(adapter=loaded_to_proto(adapter))
 
     async def UnloadAdapter(self, request: inference_pb2.UnloadAdapterRequest, context):
-        caller().require_admin("UnloadAdapter")
-        await self.manager.unload_adapter(request.id)
+        who = caller()
+        who.require_admin("UnloadAdapter")
+        await self.manager.unload_adapter(request.id, project=None if who.is_operator else who.project)
         return inference_pb2.UnloadAdapterResponse()
 
     async def ListLoadedAdapters(self, request, context):
-        # Admins, who load and unload them, see every project's adapters.
+        # Operators, who run the service for every project, see every project's adapters.
         who = caller()
-        adapters = self.manager.loaded(None if who.is_admin else who.project)
+        adapters = self.manager.loaded(None if who.is_operator else who.project)
         return inference_pb2.ListLoadedAdaptersResponse(base_model=self.manager.base_model, adapters=[loaded_to_proto(a) for a in adapters])

@@ -204,6 +204,6 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         return training_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in adapters])
 
     async def WatchAdapters(self, request: training_pb2.WatchAdaptersRequest, context):
-        caller().require_admin("WatchAdapters (every project's adapters)")
+        caller().require_operator("WatchAdapters (every project's adapters)")
         async for adapter in self.jobs.adapters(request.after_sequence):
             yield training_pb2.WatchAdaptersResponse(adapter=adapter_to_proto(adapter))
