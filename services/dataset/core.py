@@ -238,9 +238,10 @@ class DatasetManager:
             return
         used = self.store.project_bytes(project)
         if used + adding > self.max_project_bytes or used >= self.max_project_bytes:
+            what = f"this upload ({adding} bytes as stored) would pass" if adding else "that is"
             raise ResourceExhausted(
-                f"project {project} stores {used} bytes of datasets; this upload ({adding} bytes stored) would pass its quota of "
-                f"{self.max_project_bytes}: delete datasets it no longer needs, or ask an operator to raise TUNEWIRE_PROJECT_MAX_DATASET_BYTES"
+                f"project {project} stores {used} bytes of datasets; {what} its quota of {self.max_project_bytes}: "
+                "delete datasets it no longer needs, or ask an operator to raise TUNEWIRE_PROJECT_MAX_DATASET_BYTES"
             )
 
     async def upload(self, project: str, request: UploadRequest, chunks: AsyncIterator[bytes]) -> UploadResult:

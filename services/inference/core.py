@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import json
 import logging
 import re
 import threading
@@ -50,8 +51,6 @@ def _adapter_project(source: Source) -> str | None:
     metadata tunewire wrote beside its weights (adapters published before
     projects were recorded there belong to the default project); None when
     the directory holds no readable metadata."""
-    import json
-
     try:
         metadata = json.loads(source.filesystem().cat_file(f"{source.path}/{layout.ADAPTER_METADATA}"))
     except (OSError, ValueError):
