@@ -90,6 +90,11 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _add_name(session: Session, dataset_id: str, name: str) -> None:
+    if session.get(NameRecord, (name, dataset_id)) is None:
+        session.add(NameRecord(name=name, dataset_id=dataset_id, created_at=_now()))
+
+
 class DatasetStore:
     def __init__(self, database_url: str):
         self.engine = make_engine(database_url)
@@ -108,8 +113,7 @@ class DatasetStore:
             if existing is None:
                 values = {k: v for k, v in info.__dict__.items()}
                 session.add(DatasetRecord(**values))
-            if session.get(NameRecord, (info.name, info.id)) is None:
-                session.add(NameRecord(name=info.name, dataset_id=info.id, created_at=_now()))
+            _add_name(session, info.id, info.name)
             if existing is not None:
                 return DatasetInfo.from_record(existing, info.name), True
         return info, False
@@ -117,8 +121,7 @@ class DatasetStore:
     def add_name(self, dataset_id: str, name: str) -> None:
         """Points `name` at a stored version too."""
         with Session(self.engine) as session, session.begin():
-            if session.get(NameRecord, (name, dataset_id)) is None:
-                session.add(NameRecord(name=name, dataset_id=dataset_id, created_at=_now()))
+            _add_name(session, dataset_id, name)
 
     def list(self, project: str, name: str = "") -> list[DatasetInfo]:
         with Session(self.engine) as session:
