@@ -138,6 +138,9 @@ def test_diagnostics_name_underfitting_overfitting_and_forgetting():
     assert diagnostics.overfitting(falling, best_step=15) is None
     rising = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.1}, {"step": 15, "loss": 1.4}]
     assert diagnostics.underfitting(rising, stopped_early=False) is None
+    # Still a little lower at the end, but flat beside the whole run's fall.
+    flattened = [{"step": 5, "loss": 0.84}, {"step": 45, "loss": 0.038}, {"step": 50, "loss": 0.036}]
+    assert diagnostics.underfitting(flattened, stopped_early=False) is None
     found = diagnostics.overfitting(rising, best_step=10)
     assert found["kind"] == "overfitting" and "step 10" in found["message"]
     change = {"prompt": "What is the capital of France?", "base_answer": "Paris.", "tuned_answer": "Tromsø."}
