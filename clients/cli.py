@@ -19,7 +19,10 @@ from tunewire.clients import sdk
 app = typer.Typer(help="tunewire: fine-tune language models as gRPC microservices.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Create and follow fine-tuning jobs.", no_args_is_help=True)
-adapters_app = typer.Typer(help="Load, unload and list the inference service's adapters.", no_args_is_help=True)
+adapters_app = typer.Typer(
+    help="The inference service's adapters (list, load, unload) and the project's published ones (published, delete).",
+    no_args_is_help=True,
+)
 keys_app = typer.Typer(
     help="Create, list and revoke API keys in a keys file (TUNEWIRE_API_KEYS_FILE). Calls send the key from TUNEWIRE_API_KEY.",
     no_args_is_help=True,
@@ -446,6 +449,27 @@ def adapters_unload(adapter_id: str, address: str = INFERENCE) -> None:
     with sdk.InferenceClient(address) as client, _api_errors():
         client.unload_adapter(adapter_id)
     console.print(f"unloaded {adapter_id}")
+
+
+@adapters_app.command("published")
+def adapters_published(address: str = TRAINING) -> None:
+    """The project's published adapters, with the bytes each counts against its quota."""
+    with sdk.TrainingClient(address) as client, _api_errors():
+        adapters = client.list_adapters()
+    table = Table(Column("id", no_wrap=True), Column("job", no_wrap=True), "base model", "MB", "held back", "published")
+    for a in adapters:
+        published = a.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
+        table.add_row(a.id, a.job_id, a.base_model, f"{a.size_bytes / 1e6:.1f}", "yes" if a.held_back else "no", published)
+    console.print(table)
+    console.print(f"{len(adapters)} adapters, {sum(a.size_bytes for a in adapters) / 1e6:.1f} MB")
+
+
+@adapters_app.command("delete")
+def adapters_delete(adapter_id: str, address: str = TRAINING) -> None:
+    """Deletes a published adapter: its files and its share of the quota. Servers stop serving it."""
+    with sdk.TrainingClient(address) as client, _api_errors():
+        adapter = client.delete_adapter(adapter_id)
+    console.print(f"deleted {adapter.id} ({adapter.size_bytes / 1e6:.1f} MB freed)")
 
 
 KEYS_FILE = typer.Option(..., "--file", envvar="TUNEWIRE_API_KEYS_FILE", help="the keys file the services read")

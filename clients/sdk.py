@@ -352,6 +352,9 @@ class TrainingClient(_Client):
     def list_adapters(self) -> list[training_pb2.Adapter]:
         return list(self._call(self.stub.ListAdapters, training_pb2.ListAdaptersRequest()).adapters)
 
+    def delete_adapter(self, adapter_id: str) -> training_pb2.Adapter:
+        return self._call(self.stub.DeleteAdapter, training_pb2.DeleteAdapterRequest(adapter_id=adapter_id)).adapter
+
 
 class InferenceClient(_Client):
     def __init__(self, address: str = DEFAULT_INFERENCE_ADDRESS, timeout: float = 120.0, **credentials):

@@ -87,6 +87,22 @@ def test_published_adapter_is_hot_loaded_while_requests_run(services):
     assert [a.id for a in inference.loaded_adapters().adapters] == [job.adapter_id]
 
 
+def test_a_deleted_adapter_is_unloaded(services):
+    training, inference, model_dir, _ = services
+    job = training.create_job(model_dir, "ds-1")
+    list(training.stream_events(job.id, timeout=60))
+    adapter_id = training.get_job(job.id).adapter_id
+    inference.wait_for_adapter(adapter_id, timeout=60)
+    training.delete_adapter(adapter_id)
+    deadline = time.monotonic() + 30
+    while inference.loaded_adapters().adapters and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inference.loaded_adapters().adapters == []
+    with pytest.raises(ApiError) as caught:
+        inference.generate("hello", adapter=adapter_id)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
 def _streamed_text(client, prompt, max_new_tokens, adapter=""):
     return "".join(part.text_delta for part in client.generate_stream(prompt, max_new_tokens=max_new_tokens, adapter=adapter))
 

@@ -78,7 +78,7 @@ def make_job(
 async def train(runner, job, cancel_when=None):
     events, cancel = [], asyncio.Event()
 
-    def emit(kind, data):
+    async def emit(kind, data):
         events.append((kind, data))
         if cancel_when and cancel_when(kind, data):
             cancel.set()

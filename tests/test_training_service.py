@@ -82,14 +82,14 @@ class FakeRunner:
     async def run(self, job, emit, cancel):
         self.ran.append(job.id)
         for step in (1, 2):
-            emit("step", {"step": step, "total_steps": 2, "loss": 1.0 / step})
+            await emit("step", {"step": step, "total_steps": 2, "loss": 1.0 / step})
         if self.hold:
             # Stands for a long run: only a cancellation ends it.
             await cancel.wait()
             raise JobCancelled()
         if self.fail:
             raise self.fail
-        emit("eval", {"split": "validation", "loss": 0.5, "perplexity": 1.6, "step": 2})
+        await emit("eval", {"split": "validation", "loss": 0.5, "perplexity": 1.6, "step": 2})
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "adapter_config.json").write_text('{"peft_type": "LORA"}')
             Path(tmp, "adapter_model.safetensors").write_bytes(b"")
@@ -261,6 +261,44 @@ def test_a_job_holds_its_datasets_pin_until_it_ends(tmp_path):
         assert datasets.pins == []
 
 
+def test_an_ended_jobs_checkpoints_are_removed(tmp_path):
+    server, settings = make_service(tmp_path, FakeRunner(hold=True))
+    with server, TrainingClient(server.address) as client:
+        job = client.create_job("smollm2-135m-instruct", "ds-1")
+        wait_for_state(client, job.id, training_pb2.JOB_STATE_RUNNING)
+        files = Path(settings.artifact_root) / "ray" / job.id
+        (files / "train.0" / "checkpoint_000001").mkdir(parents=True)
+        (files / "train.0" / "checkpoint_000001" / "training_state.json").write_text("{}")
+        client.cancel_job(job.id)
+        list(client.stream_events(job.id, timeout=30))
+        deadline = time.monotonic() + 30
+        while files.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not files.exists()
+
+
+def test_the_adapter_quota_holds_until_an_adapter_is_deleted(tmp_path):
+    # FakeRunner's adapter files take 21 bytes: one adapter fills the quota.
+    server, settings = make_service(tmp_path, FakeRunner(), project_max_adapter_bytes=21)
+    with server, TrainingClient(server.address) as client:
+        job = client.create_job("smollm2-135m-instruct", "ds-1")
+        list(client.stream_events(job.id, timeout=30))
+        [adapter] = client.list_adapters()
+        assert adapter.id == client.get_job(job.id).adapter_id and adapter.size_bytes == 21
+        with pytest.raises(ApiError) as caught:
+            client.create_job("smollm2-135m-instruct", "ds-1")
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "tunewire adapters delete" in caught.value.message
+
+        deleted = client.delete_adapter(adapter.id)
+        assert deleted.deleted and deleted.sequence > adapter.sequence
+        assert client.list_adapters() == []
+        assert not (Path(settings.artifact_root) / "adapters" / adapter.id).exists()
+        with pytest.raises(ApiError) as caught:
+            client.delete_adapter(adapter.id)
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        assert client.create_job("smollm2-135m-instruct", "ds-1").id
+
+
 def test_an_internal_error_says_where_to_look_not_what_it_was(tmp_path):
     server, _ = make_service(tmp_path, FakeRunner())
     with server, TrainingClient(server.address) as client:
@@ -370,3 +408,18 @@ def test_the_active_jobs_quota_holds_for_creates_at_once(tmp_path):
         assert len(client.list_jobs()) == 2
         for job in client.list_jobs():
             client.cancel_job(job.id)
+
+
+def test_a_change_notified_from_another_thread_wakes_a_waiter_on_the_loop():
+    from tunewire.services.training.jobs import ChangeNotifier
+
+    async def main():
+        notifier = ChangeNotifier()
+        waiter = asyncio.create_task(notifier.wait(timeout=30))
+        await asyncio.sleep(0.05)  # the waiter is waiting
+        started = time.monotonic()
+        await asyncio.to_thread(notifier.notify)
+        await asyncio.wait_for(waiter, timeout=5)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5  # woken by the notification, not the 30 s timeout

@@ -2,7 +2,7 @@
 
 Every dataset, job and adapter belongs to one project. A key belongs to one
 project and has a role: `member` works inside its project; `admin` is its
-project's admin, and may also load and unload the project's adapters;
+project's admin, and may also load, unload and delete the project's adapters;
 `operator` runs tunewire for every project: it acts for any project (the
 `x-tunewire-project` metadata, which is how the services call each other on
 a caller's behalf), follows every project's published adapters, sees every

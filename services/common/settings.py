@@ -101,9 +101,10 @@ class Settings(BaseSettings):
     tls_client_ca_file: Path | None = None
     tls_ca_file: Path | None = None
     # Quotas per project: queued and running jobs, bytes of datasets stored,
-    # generation requests queued or running.
+    # bytes of adapters stored, generation requests queued or running.
     project_max_active_jobs: int = Field(16, ge=1)
     project_max_dataset_bytes: int = Field(10 << 30, gt=0)
+    project_max_adapter_bytes: int = Field(20 << 30, gt=0)
     # Half the queue by default: one project can never take all of it.
     project_max_generation_requests: int = Field(32, ge=1)
 

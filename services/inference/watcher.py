@@ -1,6 +1,7 @@
-"""Follows the orchestrator's WatchAdapters stream and loads each adapter it
-publishes for our base model. Reconnects with backoff and resumes after the
-last adapter seen, so adapters published while disconnected are caught up."""
+"""Follows the orchestrator's WatchAdapters stream: loads each adapter it
+publishes for our base model, and unloads each one deleted. Reconnects with
+backoff and resumes after the last change seen, so changes made while
+disconnected are caught up."""
 
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ class AdapterWatcher:
 
     async def _handle(self, adapter: training_pb2.Adapter) -> None:
         self.last_sequence = max(self.last_sequence, adapter.sequence)
+        if adapter.deleted:
+            project = adapter.project or DEFAULT_PROJECT
+            if any(loaded.id == adapter.id for loaded in self.manager.loaded(project)):
+                await self.manager.unload_adapter(adapter.id, project)
+                log.info("adapter %s was deleted: unloaded", adapter.id)
+            return
         if adapter.base_model != self.manager.base_model:
             log.debug("adapter %s is for %s, not %s: skipped", adapter.id, adapter.base_model, self.manager.base_model)
             return

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tunewire.services.common import paging, telemetry
+from tunewire.services.common import layout, paging, telemetry
+from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.db import exclusive
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TunewireError
@@ -85,18 +86,36 @@ class ChangeNotifier:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the waiters'
 
     def notify(self) -> None:
+        """Safe from any thread: the store's work runs in threads, off the loop."""
+        loop = self._loop
+        if loop is None or _running_loop() is loop:
+            self._wake()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
         # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
         # cancellation that arrives as the event is set, and a stopping
         # orchestrator then waited forever for its scheduler.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._event.wait()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class JobManager:
@@ -109,6 +128,8 @@ class JobManager:
         checkpoints: Callable[[str], list[dict]] | None = None,
         model_cache: Path | None = None,
         max_active_jobs_per_project: int = 0,
+        max_adapter_bytes_per_project: int = 0,
+        artifacts: ArtifactStore | None = None,
         owner: str = "orchestrator",
         lease_seconds: float = 30.0,
         model_roots: tuple[str, ...] = (),
@@ -119,6 +140,8 @@ class JobManager:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.max_active_jobs_per_project = max_active_jobs_per_project
+        self.max_adapter_bytes_per_project = max_adapter_bytes_per_project
+        self.artifacts = artifacts
         self.datasets = datasets
         self.notifier = notifier or ChangeNotifier()
         self.poll_seconds = poll_seconds
@@ -155,57 +178,81 @@ class JobManager:
     async def create(self, spec: JobSpec) -> Job:
         # Keys are the project's own: another project's key never finds this job.
         idempotency_key = f"{spec.project}/{spec.idempotency_key}" if spec.idempotency_key else ""
-        existing = self.store.by_idempotency_key(idempotency_key)
+        existing = await asyncio.to_thread(self.store.by_idempotency_key, idempotency_key)
         if existing is not None:
             return self._same_request(existing, spec)
         await self._checked(spec)
-        self._check_active_quota(spec.project)  # early, before the dataset is pinned
+        await asyncio.to_thread(self._check_quotas, spec.project)  # early, before the dataset is pinned
         job_id = "job-" + uuid.uuid4().hex[:16]
         dataset = await self.datasets.acquire(spec.project, spec.dataset_id, job_id)
         created = False
         try:
             workers, resolved, _ = await self._checked(spec, dataset)
-            # The count and the insert together: creates at once cannot pass the quota together.
-            with exclusive(self.store.engine, f"jobs of {spec.project}"):
-                self._check_active_quota(spec.project)
-                job, created = self.store.create(
-                    job_id=job_id,
-                    spec={**asdict(spec), "num_workers": workers},
-                    config=resolved.to_dict(),
-                    dataset={**asdict(dataset), "labels": list(dataset.labels)},
-                    idempotency_key=idempotency_key,
-                    project=spec.project,
-                )
+            job, created = await asyncio.to_thread(self._insert, job_id, spec, workers, resolved, dataset, idempotency_key)
         finally:
             if not created:  # no job holds the pin: checks failed, or a concurrent retry won the race
                 with contextlib.suppress(TunewireError):
                     await self.datasets.release(spec.project, spec.dataset_id, job_id)
         if job.id != job_id:
             return self._same_request(job, spec)
-        self.notify()
+        await asyncio.to_thread(self.notify)
         return job
 
-    async def release_datasets(self) -> int:
-        """Releases the dataset pins of jobs that ended, so their datasets can
-        be deleted (and stop counting as used); a pin the dataset service
-        could not be told of is tried again next time. Returns how many."""
-        released = 0
-        for job in self.store.unreleased_datasets():
+    def _insert(
+        self, job_id: str, spec: JobSpec, workers: int, resolved: TrainingConfig, dataset: DatasetRef, idempotency_key: str
+    ) -> tuple[Job, bool]:
+        # The count and the insert together: creates at once cannot pass the quota together.
+        with exclusive(self.store.engine, f"jobs of {spec.project}"):
+            self._check_quotas(spec.project)
+            return self.store.create(
+                job_id=job_id,
+                spec={**asdict(spec), "num_workers": workers},
+                config=resolved.to_dict(),
+                dataset={**asdict(dataset), "labels": list(dataset.labels)},
+                idempotency_key=idempotency_key,
+                project=spec.project,
+            )
+
+    async def tidy_ended_jobs(self) -> int:
+        """What jobs that ended hold no longer: their dataset pins (so the
+        datasets can be deleted, and stop counting as used) and their files
+        (checkpoints, a search's state: the adapter holds what they made).
+        Whatever fails is tried again next time. Returns how many jobs were
+        tidied."""
+        tidied = 0
+        for job in await asyncio.to_thread(self.store.unreleased_datasets):
             try:
                 await self.datasets.release(job.project, job.dataset["id"], job.id)
             except TunewireError as exc:
                 log.info("job %s: its dataset's pin is not released yet (%s); retrying later", job.id, exc)
                 continue
-            self.store.mark_dataset_released(job.id)
-            released += 1
-        return released
+            await asyncio.to_thread(self.store.mark_dataset_released, job.id)
+            tidied += 1
+        if self.artifacts is None:
+            return tidied
+        for job_id in await asyncio.to_thread(self.store.files_kept):
+            try:
+                await asyncio.to_thread(self.artifacts.delete, *layout.job_parts(job_id))
+            except OSError as exc:
+                log.info("job %s: its files are not removed yet (%s); retrying later", job_id, exc)
+                continue
+            await asyncio.to_thread(self.store.mark_files_removed, job_id)
+            tidied += 1
+        return tidied
 
-    def _check_active_quota(self, project: str) -> None:
+    def _check_quotas(self, project: str) -> None:
         active = self.store.count_active(project)
         if self.max_active_jobs_per_project and active >= self.max_active_jobs_per_project:
             raise ResourceExhausted(
                 f"project {project} has {active} queued or running jobs, its quota: wait for one to finish or cancel one "
                 "(operators set TUNEWIRE_PROJECT_MAX_ACTIVE_JOBS)"
+            )
+        stored = self.store.adapter_bytes(project)
+        if self.max_adapter_bytes_per_project and stored >= self.max_adapter_bytes_per_project:
+            raise ResourceExhausted(
+                f"project {project}'s adapters take {stored} bytes, its quota of {self.max_adapter_bytes_per_project}: "
+                "delete the adapters it no longer needs (tunewire adapters delete ID) before training more "
+                "(operators set TUNEWIRE_PROJECT_MAX_ADAPTER_BYTES)"
             )
 
     @staticmethod
@@ -220,9 +267,8 @@ class JobManager:
 
         dataset = await self.datasets.get(spec.project, spec.dataset_id) if spec.dataset_id else None
         workers, config, plan = await self._checked(spec, dataset)
-        return await asyncio.to_thread(
-            estimate_job, spec, dataset, workers, config, self.measured_throughput(spec, workers), self.model_cache, plan
-        ), config
+        throughput = await asyncio.to_thread(self.measured_throughput, spec, workers)
+        return await asyncio.to_thread(estimate_job, spec, dataset, workers, config, throughput, self.model_cache, plan), config
 
     def measured_throughput(self, spec: JobSpec, workers: int) -> float:
         """Mean tokens/s of earlier succeeded jobs on the same model, method and workers."""
@@ -235,18 +281,25 @@ class JobManager:
         return sum(rates) / len(rates) if rates else 0.0
 
     async def cancel(self, project: str, job_id: str) -> Job:
+        if await asyncio.to_thread(self._request_cancel, project, job_id):
+            self.cancel_event(job_id).set()
+        return await asyncio.to_thread(self.get, project, job_id)
+
+    def _request_cancel(self, project: str, job_id: str) -> bool:
+        """Cancels a queued job at once; for a running one, records the
+        request and returns True (its runner is told)."""
         job = self.get(project, job_id)
         if job.is_final:
             raise FailedPrecondition(f"job {job_id} is already {job.state}: only queued or running jobs can be cancelled")
-        if not self.store.transition(job_id, CANCELLED, from_states=(QUEUED,)):
-            # Running, here or on another replica: the replica running it sees
-            # the request (at once here, at its next lease renewal elsewhere)
+        running = not self.store.transition(job_id, CANCELLED, from_states=(QUEUED,))
+        if running:
+            # Here or on another replica: the replica running it sees the
+            # request (at once here, at its next lease renewal elsewhere)
             # and its runner stops the workers at their next step.
             self.store.request_cancel(job_id)
-            self.cancel_event(job_id).set()
             self.record(job_id, "log", {"message": "cancellation requested: the workers stop at their next step"})
         self.notify()
-        return self.get(project, job_id)
+        return running
 
     def cancel_event(self, job_id: str) -> asyncio.Event:
         return self._cancel_events.setdefault(job_id, asyncio.Event())
@@ -297,8 +350,8 @@ class JobManager:
     def renew_leases(self, job_ids: list[str]) -> tuple[set[str], set[str]]:
         """Renews this replica's leases: the jobs it no longer holds (another
         replica took them over), and those whose cancellation was asked for."""
-        held = self.store.renew_leases(self.owner, job_ids, self.lease_seconds)
-        return set(job_ids) - held, self.store.cancel_requested(list(held))
+        lost = self.store.renew_leases(self.owner, job_ids, self.lease_seconds)
+        return lost, self.store.cancel_requested([job_id for job_id in job_ids if job_id not in lost])
 
     def notify(self) -> None:
         """Wakes the streams and the scheduler, and counts jobs by state for /metrics."""
@@ -306,8 +359,25 @@ class JobManager:
             telemetry.TRAINING_JOBS.labels(state).set(count)
         self.notifier.notify()
 
-    def publish_adapter(self, job: Job, adapter_id: str, uri: str, held_back: bool = False) -> Adapter | None:
-        adapter = self.store.publish_adapter(job.id, adapter_id, job.spec["base_model"], uri, owner=self.owner, held_back=held_back)
+    def publish_adapter(self, job: Job, adapter_id: str, uri: str, held_back: bool = False, size_bytes: int = 0) -> Adapter | None:
+        adapter = self.store.publish_adapter(
+            job.id, adapter_id, job.spec["base_model"], uri, owner=self.owner, held_back=held_back, size_bytes=size_bytes
+        )
+        self.notify()
+        return adapter
+
+    def delete_adapter(self, project: str, adapter_id: str) -> Adapter:
+        """Deletes the project's adapter: its record first (the inference
+        services unload it when WatchAdapters sends the deletion), then its
+        files. NotFound for an id the project does not have."""
+        adapter = self.store.delete_adapter(project, adapter_id)
+        if adapter is None:
+            raise NotFound(f"adapter {adapter_id} not found in project {project}: tunewire adapters list shows the project's adapters")
+        if self.artifacts is not None:
+            try:
+                self.artifacts.delete(layout.ADAPTERS, adapter_id)
+            except OSError:  # the record is gone: the files only take space now
+                log.exception("adapter %s is deleted, but its files at %s could not be removed", adapter_id, adapter.uri)
         self.notify()
         return adapter
 
@@ -352,4 +422,4 @@ class JobManager:
                 await self.notifier.wait(self.poll_seconds)
 
     def list_adapters(self, project: str) -> list[Adapter]:
-        return self.store.adapters_after(0, project=project)
+        return self.store.adapters_after(0, project=project, deleted=False)

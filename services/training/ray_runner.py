@@ -217,7 +217,7 @@ class _Phases:
 
         for data in self.trial_events.drain():
             self.stopped_early[data["run"]] = data.get("stopped_early", False)
-            self.emit("trial", data)
+            await self.emit("trial", data)
         while True:
             try:
                 item = await self.progress.get_async(block=timeout > 0, timeout=timeout or None)
@@ -231,7 +231,7 @@ class _Phases:
                 self.history.setdefault(data["run"], []).append(
                     {k: data.get(k) for k in ("step", "loss", "general_kept", "within_forgetting_budget")}
                 )
-            self.emit(kind, data)
+            await self.emit(kind, data)
             timeout = 0
 
     async def _task(self, function, *args):
@@ -255,14 +255,14 @@ class _Phases:
         parts = layout.job_parts(self.job_id, layout.BASE_DIR)
         if self.artifacts.exists(*parts):
             return json.loads(read_text(self.artifacts.uri(*parts, layout.BASE_FILE)))
-        self.emit("log", {"message": "measuring the base model: test split, reference text and general probe"})
+        await self.emit("log", {"message": "measuring the base model: test split, reference text and general probe"})
         base = await self._task(measure_base, self.recipe)
         with self.artifacts.staged_dir() as staged:
             (staged / layout.BASE_FILE).write_text(json.dumps(base))
             self.artifacts.publish_dir(staged, *parts)
         if "probe" in base:
             correct = base["probe"]["correct"]
-            self.emit(
+            await self.emit(
                 "log",
                 {
                     "message": f"base model: {sum(correct)} of {len(correct)} general questions right, reference perplexity {base['reference_perplexity']:.2f}"
@@ -274,7 +274,7 @@ class _Phases:
         """The job's one training run."""
         earlier = list_checkpoints(self.artifacts, self.job_id, recipe.run)
         how = f"resuming from the checkpoint of step {earlier[-1]['step']}" if earlier else "from the start"
-        self.emit("log", {"message": f"starting Ray Train ({how}): {recipe.num_workers} worker(s), {recipe.total_steps} steps"})
+        await self.emit("log", {"message": f"starting Ray Train ({how}): {recipe.num_workers} worker(s), {recipe.total_steps} steps"})
         trainer = make_trainer(recipe, self.progress, self.control)
         result = await self._relaying(trainer.fit)
         outcome = self.outcomes.get(recipe.run, {})
@@ -297,7 +297,7 @@ class _Phases:
             + (f", rank {c['lora_rank']}" if "lora_rank" in c else "")
             for i, c in enumerate(plan.candidates)
         )
-        self.emit(
+        await self.emit(
             "log",
             {"message": f"searching {len(plan.candidates)} trials ({described}), {concurrent} at a time, within {plan.max_seconds} s"},
         )
@@ -350,7 +350,7 @@ class _Phases:
             "diagnostics": [d for d in found_here if d],
         }
         within = "within" if chosen["within_budget"] else "over"
-        self.emit(
+        await self.emit(
             "log",
             {
                 "message": f"chose {run}, step {chosen['step']} (validation loss {chosen['validation_loss']:.4f}, {within} the forgetting budget): evaluating it"
@@ -359,8 +359,8 @@ class _Phases:
         await self._task(evaluate_and_publish, config, chosen["uri"], base, extras, final)
         report = json.loads(read_text(self.artifacts.uri(*final, layout.EVALUATION_FILE)))
         for diagnostic in report.get("diagnostics", []):
-            self.emit("diagnostic", diagnostic)
-        self.emit("evaluation", report)
+            await self.emit("diagnostic", diagnostic)
+        await self.emit("evaluation", report)
 
 
 def _merged(*histories: list[dict]) -> list[dict]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +21,7 @@ from tunewire.services.training.store import CANCELLED, FAILED, QUEUED, RUNNING,
 
 log = logging.getLogger(__name__)
 
-EmitEvent = Callable[[str, dict], None]
+EmitEvent = Callable[[str, dict], Awaitable[object]]
 
 
 class JobFailed(Exception):
@@ -53,24 +54,26 @@ class Scheduler:
         self.artifacts = artifacts
         self.max_concurrent = max_concurrent
         self._running: dict[str, asyncio.Task] = {}
-        self._job_ended = True  # pins of jobs that ended before a restart are released at start
+        self._leased: set[str] = set()  # the running jobs whose lease this replica took
+        self._job_ended = True  # what jobs that ended before a restart hold is released at start
 
     async def run_forever(self) -> None:
-        for job_id in self.jobs.requeue_lapsed(restarted=True):
+        # The database work runs in threads: the loop also serves the RPCs.
+        for job_id in await asyncio.to_thread(self.jobs.requeue_lapsed, restarted=True):
             log.warning("requeued job %s, left running when this orchestrator stopped", job_id)
         leases_kept_at = time.monotonic()
         while True:
             if time.monotonic() - leases_kept_at > self.jobs.lease_seconds / 3:
-                self._keep_leases()
+                await self._keep_leases()
                 leases_kept_at = time.monotonic()
                 self._job_ended = True  # also retries pins the dataset service missed, and jobs cancelled while queued
             if self._job_ended:
                 self._job_ended = False
                 try:
-                    await self.jobs.release_datasets()
+                    await self.jobs.tidy_ended_jobs()
                 except Exception:  # housekeeping: it must not stop the scheduler
-                    log.exception("releasing ended jobs' dataset pins failed; retrying later")
-            for job in self.jobs.queued():
+                    log.exception("tidying ended jobs (dataset pins, checkpoints) failed; retrying later")
+            for job in await asyncio.to_thread(self.jobs.queued):
                 if len(self._running) >= self.max_concurrent:
                     break
                 if job.id not in self._running:
@@ -81,19 +84,21 @@ class Scheduler:
 
     def _ended(self, job_id: str) -> None:
         self._running.pop(job_id, None)
-        self._job_ended = True  # its dataset's pin is released on the next round
+        self._leased.discard(job_id)
+        self._job_ended = True  # its dataset's pin and its files are released on the next round
 
-    def _keep_leases(self) -> None:
+    async def _keep_leases(self) -> None:
         """Renews the leases of the jobs running here, stops those another
         replica took over and those cancelled through another replica, and
         requeues the jobs of replicas that died."""
-        lost, cancelled = self.jobs.renew_leases(list(self._running))
+        lost, cancelled = await asyncio.to_thread(self.jobs.renew_leases, list(self._leased))
         for job_id in lost:
             log.warning("job %s: lease lost (another orchestrator took it over); stopping it here", job_id)
-            self._running[job_id].cancel()
+            if task := self._running.get(job_id):  # it may have ended while the leases were renewed
+                task.cancel()
         for job_id in cancelled:
             self.jobs.cancel_event(job_id).set()
-        for job_id in self.jobs.requeue_lapsed():
+        for job_id in await asyncio.to_thread(self.jobs.requeue_lapsed):
             log.warning("requeued job %s: the orchestrator running it stopped renewing its lease", job_id)
 
     async def stop(self) -> None:
@@ -104,17 +109,19 @@ class Scheduler:
                 await task
 
     async def _run(self, job: Job) -> None:
-        if not self.jobs.transition(job.id, RUNNING, from_states=(QUEUED,)):
+        if not await asyncio.to_thread(self.jobs.transition, job.id, RUNNING, from_states=(QUEUED,)):
             return
+        self._leased.add(job.id)
         log.info("job %s running", job.id)
         cancel = self.jobs.cancel_event(job.id)
         try:
-            async with self.runner.run(job, lambda kind, data: self.jobs.record(job.id, kind, data), cancel) as adapter_dir:
+            async with self.runner.run(job, functools.partial(self._record, job.id), cancel) as adapter_dir:
                 adapter_id = "ad-" + uuid.uuid4().hex[:16]
                 held_back = not _within_forgetting_budget(adapter_dir)
+                size = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
                 uri = await asyncio.to_thread(self.artifacts.publish_dir, adapter_dir, layout.ADAPTERS, adapter_id)
             if held_back:
-                self.jobs.record(
+                await self._record(
                     job.id,
                     "log",
                     {
@@ -122,16 +129,17 @@ class Scheduler:
                         f"budget. To serve it anyway: tunewire adapters load {adapter_id} {uri}"
                     },
                 )
-            if self.jobs.publish_adapter(job, adapter_id, uri, held_back=held_back) is None:
+            published = await asyncio.to_thread(self.jobs.publish_adapter, job, adapter_id, uri, held_back=held_back, size_bytes=size)
+            if published is None:
                 log.info("job %s left RUNNING before its adapter was published; adapter %s not published", job.id, adapter_id)
                 return
             log.info("job %s succeeded: adapter %s at %s", job.id, adapter_id, uri)
         except JobCancelled:
-            self.jobs.transition(job.id, CANCELLED, from_states=(RUNNING,))
+            await asyncio.to_thread(self.jobs.transition, job.id, CANCELLED, from_states=(RUNNING,))
             log.info("job %s cancelled", job.id)
         except JobFailed as exc:
             kind = "user error" if exc.user_error else "system error"
-            self._fail(job, f"{kind}: {exc}")
+            await self._fail(job, f"{kind}: {exc}")
         except asyncio.CancelledError:
             # The orchestrator is stopping (or lost the lease): the job stays
             # RUNNING in the database until its lease lapses, then another
@@ -139,13 +147,16 @@ class Scheduler:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure must end the job, not the scheduler
             log.exception("job %s failed", job.id)
-            self._fail(job, f"system error: {type(exc).__name__}: {exc}")
+            await self._fail(job, f"system error: {type(exc).__name__}: {exc}")
         finally:
             self.jobs.forget_cancel_event(job.id)
 
-    def _fail(self, job: Job, error: str) -> None:
+    async def _fail(self, job: Job, error: str) -> None:
         log.warning("job %s failed: %s", job.id, error)
-        self.jobs.transition(job.id, FAILED, from_states=(QUEUED, RUNNING), error=error)
+        await asyncio.to_thread(self.jobs.transition, job.id, FAILED, from_states=(QUEUED, RUNNING), error=error)
+
+    async def _record(self, job_id: str, kind: str, data: dict) -> None:
+        await asyncio.to_thread(self.jobs.record, job_id, kind, data)
 
 
 def _within_forgetting_budget(adapter_dir: Path) -> bool:

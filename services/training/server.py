@@ -53,6 +53,8 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
         checkpoints=deps.runner.checkpoints,
         model_cache=settings.model_cache,
         max_active_jobs_per_project=settings.project_max_active_jobs,
+        max_adapter_bytes_per_project=settings.project_max_adapter_bytes,
+        artifacts=deps.artifacts,
         owner=settings.replica_id,
         model_roots=settings.model_root_list,
         lease_seconds=settings.job_lease_seconds,

@@ -153,6 +153,8 @@ def adapter_to_proto(adapter: Adapter) -> training_pb2.Adapter:
         sequence=adapter.sequence,
         project=adapter.project,
         held_back=adapter.held_back,
+        deleted=adapter.deleted,
+        size_bytes=adapter.size_bytes,
     )
 
 
@@ -202,6 +204,14 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def ListAdapters(self, request: training_pb2.ListAdaptersRequest, context):
         adapters = await asyncio.to_thread(self.jobs.list_adapters, caller().project)
         return training_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in adapters])
+
+    async def DeleteAdapter(self, request: training_pb2.DeleteAdapterRequest, context):
+        who = caller()
+        who.require_admin("DeleteAdapter")
+        if not request.adapter_id:
+            raise InvalidArgument.field("adapter_id", "required: the id ListAdapters shows")
+        adapter = await asyncio.to_thread(self.jobs.delete_adapter, who.project, request.adapter_id)
+        return training_pb2.DeleteAdapterResponse(adapter=adapter_to_proto(adapter))
 
     async def WatchAdapters(self, request: training_pb2.WatchAdaptersRequest, context):
         caller().require_operator("WatchAdapters (every project's adapters)")

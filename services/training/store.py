@@ -15,13 +15,15 @@ from sqlalchemy import false as sa_false
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tunewire.services.common.db import make_engine, migrate
+from tunewire.services.common.db import exclusive, make_engine, migrate
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # Column widths a request's strings are checked against before they are stored.
 IDEMPOTENCY_KEY_LENGTH = 256  # the project, '/', the caller's key
 MODEL_NAME_LENGTH = 512
+# The lock that orders adapter publications and deletions.
+ADAPTER_CHANGES = "adapter changes"
 
 
 def _now() -> dt.datetime:
@@ -70,6 +72,9 @@ class JobRecord(Base):
     # The sequence number of the job's latest event: taken by an atomic
     # increment, so replicas writing one job's events at once never collide.
     last_event_sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The job's files in the artifact store (checkpoints, a search's state)
+    # have been removed: it ended, and its adapter holds what it made.
+    files_removed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
 
 class EventRecord(Base):
@@ -94,6 +99,13 @@ class AdapterRecord(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     # Published but not hot-loaded: no checkpoint stayed within the job's forgetting budget.
     held_back: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The order of the adapter's latest change (publication, then deletion):
+    # WatchAdapters resumes after it. A deleted adapter's row stays, so a
+    # watcher that was away still learns of the deletion.
+    changed: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), index=True, default=0)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # Bytes of its files, counted against the project's quota while it is not deleted.
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 @dataclass(frozen=True)
@@ -154,10 +166,14 @@ class Adapter:
     sequence: int
     project: str = "default"
     held_back: bool = False
+    deleted: bool = False
+    size_bytes: int = 0
 
     @classmethod
     def from_record(cls, r: AdapterRecord) -> Adapter:
-        return cls(r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.sequence, r.project, bool(r.held_back))
+        return cls(
+            r.id, r.job_id, r.base_model, r.uri, _utc(r.created_at), r.changed, r.project, bool(r.held_back), bool(r.deleted), r.size_bytes
+        )
 
 
 class JobStore:
@@ -241,6 +257,16 @@ class JobStore:
         with Session(self.engine) as session, session.begin():
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(dataset_released=True))
 
+    def files_kept(self) -> list[str]:
+        """Ended jobs whose files have not been removed yet."""
+        with Session(self.engine) as session:
+            query = select(JobRecord.id).where(JobRecord.state.in_(FINAL_STATES), JobRecord.files_removed.is_(False))
+            return list(session.scalars(query))
+
+    def mark_files_removed(self, job_id: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(files_removed=True))
+
     def transition(
         self,
         job_id: str,
@@ -313,7 +339,7 @@ class JobStore:
     # Adapters
 
     def publish_adapter(
-        self, job_id: str, adapter_id: str, base_model: str, uri: str, owner: str = "", held_back: bool = False
+        self, job_id: str, adapter_id: str, base_model: str, uri: str, owner: str = "", held_back: bool = False, size_bytes: int = 0
     ) -> Adapter | None:
         """Records the adapter and marks the job SUCCEEDED in one transaction;
         None if the job left RUNNING meanwhile (cancelled), or its lease
@@ -321,7 +347,7 @@ class JobStore:
         condition = [JobRecord.id == job_id, JobRecord.state == RUNNING]
         if owner:
             condition.append(JobRecord.lease_owner == owner)
-        with Session(self.engine) as session, session.begin():
+        with exclusive(self.engine, ADAPTER_CHANGES), Session(self.engine) as session, session.begin():
             result = session.execute(
                 update(JobRecord)
                 .where(*condition)
@@ -331,31 +357,72 @@ class JobStore:
                 return None
             project = session.scalar(select(JobRecord.project).where(JobRecord.id == job_id))
             record = AdapterRecord(
-                id=adapter_id, project=project, job_id=job_id, base_model=base_model, uri=uri, created_at=_now(), held_back=held_back
+                id=adapter_id,
+                project=project,
+                job_id=job_id,
+                base_model=base_model,
+                uri=uri,
+                created_at=_now(),
+                held_back=held_back,
+                changed=self._next_change(session),
+                size_bytes=size_bytes,
             )
             session.add(record)
             session.flush()
             self._append(session, job_id, "state", {"state": SUCCEEDED, "adapter_id": adapter_id})
             return Adapter.from_record(record)
 
-    def adapters_after(self, after_sequence: int, project: str = "") -> list[Adapter]:
-        """Adapters published after `after_sequence`: of one project, or of all ('')."""
-        query = select(AdapterRecord).where(AdapterRecord.sequence > after_sequence).order_by(AdapterRecord.sequence)
+    @staticmethod
+    def _next_change(session: Session) -> int:
+        # Under exclusive(ADAPTER_CHANGES): changes commit in the order of
+        # their numbers, so a watcher never skips one still being written.
+        return int(session.scalar(select(func.coalesce(func.max(AdapterRecord.changed), 0)))) + 1
+
+    def delete_adapter(self, project: str, adapter_id: str) -> Adapter | None:
+        """Marks the project's adapter deleted (a change watchers see); None
+        if the project has no such adapter, or it is deleted already."""
+        with exclusive(self.engine, ADAPTER_CHANGES), Session(self.engine) as session, session.begin():
+            live = [AdapterRecord.id == adapter_id, AdapterRecord.project == project, AdapterRecord.deleted.is_(False)]
+            record = session.scalars(select(AdapterRecord).where(*live)).one_or_none()
+            if record is None:
+                return None
+            record.deleted, record.changed = True, self._next_change(session)
+            session.flush()
+            return Adapter.from_record(record)
+
+    def adapters_after(self, after_sequence: int, project: str = "", deleted: bool = True) -> list[Adapter]:
+        """Adapters changed after `after_sequence`: of one project, or of all
+        (''); with `deleted`, the deleted ones too."""
+        query = select(AdapterRecord).where(AdapterRecord.changed > after_sequence).order_by(AdapterRecord.changed)
         if project:
             query = query.where(AdapterRecord.project == project)
+        if not deleted:
+            query = query.where(AdapterRecord.deleted.is_(False))
         with Session(self.engine) as session:
             return [Adapter.from_record(r) for r in session.scalars(query)]
+
+    def adapter_bytes(self, project: str) -> int:
+        """Bytes of the project's adapters that are not deleted."""
+        query = select(func.coalesce(func.sum(AdapterRecord.size_bytes), 0)).where(
+            AdapterRecord.project == project, AdapterRecord.deleted.is_(False)
+        )
+        with Session(self.engine) as session:
+            return int(session.scalar(query))
 
     # Leases
 
     def renew_leases(self, owner: str, job_ids: list[str], lease_seconds: float) -> set[str]:
-        """Extends the owner's leases on these running jobs; returns the ones it still holds."""
+        """Extends the owner's leases on these running jobs; returns the ones it
+        lost: not ended, yet no longer running under its lease (another replica
+        requeued or took them). A job that ended meanwhile is not lost."""
         if not job_ids:
             return set()
         held = [JobRecord.id.in_(job_ids), JobRecord.state == RUNNING, JobRecord.lease_owner == owner]
         with Session(self.engine) as session, session.begin():
             session.execute(update(JobRecord).where(*held).values(lease_expires_at=_now() + dt.timedelta(seconds=lease_seconds)))
-            return set(session.scalars(select(JobRecord.id).where(*held)))
+            not_held = or_(JobRecord.state != RUNNING, JobRecord.lease_owner.is_(None), JobRecord.lease_owner != owner)
+            query = select(JobRecord.id).where(JobRecord.id.in_(job_ids), JobRecord.state.not_in(FINAL_STATES), not_held)
+            return set(session.scalars(query))
 
     def request_cancel(self, job_id: str) -> bool:
         """Records a cancellation for the replica running the job."""
