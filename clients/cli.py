@@ -493,29 +493,38 @@ def keys_create(
     role: str = typer.Option(
         "member", help="member; admin (also loads its project's adapters); or operator (every project's: the services' key)"
     ),
+    service: str = typer.Option(
+        "", "--for", help="a service's key, limited to the RPCs it calls: orchestrator or inference (with --role operator)"
+    ),
+    rpcs: list[str] = typer.Option([], "--rpc", help="limit the key to this RPC (package.Service/Method); repeatable"),
     file: Path = KEYS_FILE,
 ) -> None:
     """Adds a new key to the file and prints it: the only time it is shown."""
-    from tunewire.services.common.auth import new_key
+    from tunewire.services.common.auth import SERVICE_RPCS, new_key
     from tunewire.services.common.errors import InvalidArgument
 
+    if service and service not in SERVICE_RPCS:
+        raise typer.BadParameter(f"--for {service!r}: use one of {', '.join(SERVICE_RPCS)}")
     try:
-        key, entry = new_key(project, role)
+        key, entry = new_key(project, role, tuple(rpcs) + SERVICE_RPCS.get(service, ()))
     except InvalidArgument as error:
         raise typer.BadParameter(str(error)) from None
     keys = _read_keys(file)
     keys["keys"].append(entry)
     _write_keys(file, keys)
-    console.print(f"key {entry['id']} ({role} of {project}) added to {file}; give it to its user as TUNEWIRE_API_KEY:", style="green")
+    limited = f", only {', '.join(entry['rpcs'])}" if entry.get("rpcs") else ""
+    console.print(
+        f"key {entry['id']} ({role} of {project}{limited}) added to {file}; give it to its user as TUNEWIRE_API_KEY:", style="green"
+    )
     print(key)
 
 
 @keys_app.command("list")
 def keys_list(file: Path = KEYS_FILE) -> None:
-    """The keys in the file (ids, projects and roles; keys themselves are not stored)."""
-    table = Table("id", "project", "role")
+    """The keys in the file (ids, projects, roles and the RPCs a key is limited to; keys themselves are not stored)."""
+    table = Table("id", "project", "role", "rpcs")
     for entry in _read_keys(file)["keys"]:
-        table.add_row(entry["id"], entry["project"], entry["role"])
+        table.add_row(entry["id"], entry["project"], entry["role"], ", ".join(entry.get("rpcs", [])) or "all its role may")
     console.print(table)
 
 

@@ -63,15 +63,18 @@ def test_serving_beyond_loopback_needs_keys(tmp_path):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
     """The three services with keys: projects alpha and beta (a member
-    each), and the admin key the services share."""
+    each), alpha's admin, an operator, and the services' own operator key,
+    limited to the RPCs they call on each other."""
     tmp = tmp_path_factory.mktemp("auth")
+    services_rpcs = auth.SERVICE_RPCS["orchestrator"] + auth.SERVICE_RPCS["inference"]
     keys = {
-        name: auth.new_key(project, role)
-        for name, project, role in (
-            ("alpha", "alpha", auth.MEMBER),
-            ("beta", "beta", auth.MEMBER),
-            ("alpha-admin", "alpha", auth.ADMIN),
-            ("operator", "ops", auth.OPERATOR),
+        name: auth.new_key(project, role, rpcs)
+        for name, project, role, rpcs in (
+            ("alpha", "alpha", auth.MEMBER, ()),
+            ("beta", "beta", auth.MEMBER, ()),
+            ("alpha-admin", "alpha", auth.ADMIN, ()),
+            ("operator", "ops", auth.OPERATOR, ()),
+            ("services", "ops", auth.OPERATOR, services_rpcs),
         )
     }
     keys_file = tmp / "keys.json"
@@ -80,7 +83,7 @@ def stack(tmp_path_factory, tiny_model_dir):
         tmp,
         tiny_model_dir,
         api_keys_file=keys_file,
-        service_api_key=keys["operator"][0],
+        service_api_key=keys["services"][0],
         project_max_active_jobs=2,
         project_max_dataset_bytes=100_000,
     ) as servers:
@@ -243,6 +246,15 @@ def test_roles_members_project_admins_and_operators(stack, tiny_model_dir):
     _, _, operator = clients(stack, "operator")
     assert {"alpha", "beta"} <= {a.project for a in operator.loaded_adapters().adapters}
     a_admin.unload_adapter("alpha-manual")
+    # The services' key calls what they call of each other (the jobs of these
+    # tests pin datasets with it, the watcher follows adapters), and no more.
+    services_data, services_train, services_infer = clients(stack, "services", project="alpha")
+    try:
+        next(iter(services_train.stub.WatchAdapters(training_pb2.WatchAdaptersRequest(), timeout=3)))
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # admitted, with nothing published yet
+    for call in (services_data.list, services_train.list_jobs, services_infer.loaded_adapters):
+        assert code_of(call) == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_quotas_per_project(stack):

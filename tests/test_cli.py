@@ -108,3 +108,12 @@ def test_keys_create_list_revoke_and_the_created_key_works(tmp_path, monkeypatch
     assert runner.invoke(app, ["keys", "revoke", caller.key_id, "--file", str(keys)]).exit_code == 0
     assert KeyRing(keys).authenticate(key) is None
     assert runner.invoke(app, ["keys", "revoke", caller.key_id, "--file", str(keys)]).exit_code == 1
+    # A service's key is limited to the RPCs that service calls.
+    created = runner.invoke(app, ["keys", "create", "--project", "ops", "--role", "operator", "--for", "inference", "--file", str(keys)])
+    assert created.exit_code == 0, created.output
+    scoped = KeyRing(keys).authenticate(created.output.strip().splitlines()[-1])
+    assert scoped.rpcs == ("tunewire.v1.TrainingService/WatchAdapters",)
+    assert "WatchAdapters" in runner.invoke(app, ["keys", "list", "--file", str(keys)]).output
+    for bad in (["--for", "dataset"], ["--rpc", "not an rpc"]):
+        refused = runner.invoke(app, ["keys", "create", "--project", "ops", *bad, "--file", str(keys)])
+        assert refused.exit_code != 0 and ("dataset" in refused.output or "not an RPC name" in refused.output)

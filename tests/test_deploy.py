@@ -179,9 +179,10 @@ SERVICES = {
     "inference": (inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name, Settings.model_fields["inference_port"].default),
 }
 # What each service cannot do without in a cluster (its default only works on one machine).
+# The dataset service calls no other: it needs no key of its own.
 AUTH = {"TUNEWIRE_API_KEYS_FILE", "TUNEWIRE_SERVICE_API_KEY"}
 REQUIRED = {
-    "dataset": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_DATASET_DATABASE_URL"} | AUTH,
+    "dataset": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_DATASET_DATABASE_URL", "TUNEWIRE_API_KEYS_FILE"},
     "training": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_DATABASE_URL", "TUNEWIRE_DATASET_ADDRESS", "RAY_ADDRESS"}
     | AUTH,
     "inference": {"TUNEWIRE_HOST", "TUNEWIRE_ARTIFACT_ROOT", "TUNEWIRE_TRAINING_ADDRESS", "TUNEWIRE_BASE_MODEL"} | AUTH,

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.e2e
 # Every hyperparameter set: the job trains once (no search). The pirate set
 # teaches a style, so prompts the dataset never saw show whether it was learned.
 # A style meant to change every answer, general ones included, is what the
-# retention penalty holds back: it is off, and the budget allows any change.
+# retention penalty holds back: it is off, and a budget of 1 (any change) turns
+# the guard off.
 HYPERPARAMETERS = {"learning_rate": 1e-3, "epochs": 3, "lora_rank": 8, "retention_weight": 0.0, "forgetting_budget": 1.0}
 HELD_OUT_PROMPTS = ["What is the capital of Italy?", "What is 12 plus 30?"]
 

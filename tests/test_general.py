@@ -119,6 +119,10 @@ def test_the_forgetting_budget_rule():
     # Over it, the one that forgot less ranks first (13% of answers lost against +24% perplexity).
     assert selection_score(0.1, 10, lost_too_many, budget) < selection_score(0.1, 10, perplexity_too_high, budget)
     assert selection_score(None, 20, None, budget) < selection_score(None, 10, None, budget)  # no validation split: later is better
+    # A budget of 1 is the guard off: even every answer lost and the perplexity tripled is within it.
+    forgot_everything = Forgetting(kept=0, base_correct=30, perplexity=90.0, base_perplexity=29.0)
+    assert forgot_everything.within(1.0) and not forgot_everything.within(0.99)
+    assert selection_score(0.3, 10, forgot_everything, 1.0) == 0.3
 
 
 def test_the_budget_is_validated():

@@ -7,7 +7,9 @@ project's admin, and may also load, unload and delete the project's adapters;
 `x-tunewire-project` metadata, which is how the services call each other on
 a caller's behalf), follows every project's published adapters, sees every
 project's loaded adapters, and holds datasets' pins. The services' own key
-is an operator's.
+is an operator's, and is best limited to the RPCs that service calls
+(`rpcs`, see SERVICE_RPCS): a stolen orchestrator key then pins datasets but
+deletes none.
 
 Keys are `tw_<id>_<secret>` with 32 random bytes of secret. The keys file
 holds only their SHA-256: a key that random cannot be guessed from its hash,
@@ -40,6 +42,16 @@ DEFAULT_PROJECT = "default"
 PROJECT_HEADER = "x-tunewire-project"
 KEY_PATTERN = re.compile(r"^tw_([0-9a-f]{8})_[A-Za-z0-9_-]{20,}$")
 PROJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+RPC_PATTERN = re.compile(r"^[A-Za-z0-9_.]+/[A-Za-z0-9_]+$")
+# What each service calls on the others: its key needs these RPCs only.
+SERVICE_RPCS = {
+    "orchestrator": (
+        "tunewire.v1.DatasetService/GetDataset",
+        "tunewire.v1.DatasetService/PinDataset",
+        "tunewire.v1.DatasetService/UnpinDataset",
+    ),
+    "inference": ("tunewire.v1.TrainingService/WatchAdapters",),
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,13 @@ class Caller:
     project: str
     role: str
     key_id: str
+    # The RPCs the key may call ("package.Service/Method"); empty: every one its role may.
+    rpcs: tuple[str, ...] = ()
+
+    def require_rpc(self, method: str) -> None:
+        """`method` as gRPC names it: "/package.Service/Method"."""
+        if self.rpcs and method.lstrip("/") not in self.rpcs:
+            raise PermissionDenied(f"this key ({self.key_id}) may call only {', '.join(self.rpcs)}; not {method.lstrip('/')}")
 
     @property
     def is_operator(self) -> bool:
@@ -73,7 +92,7 @@ class Caller:
             return self
         self.require_operator(f"acting for project {project!r}")
         check_project(project, PROJECT_HEADER)
-        return Caller(project, self.role, self.key_id)
+        return Caller(project, self.role, self.key_id, self.rpcs)
 
 
 # With authentication off (loopback only), every caller is this one.
@@ -101,20 +120,23 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def new_key(project: str, role: str) -> tuple[str, dict]:
+def new_key(project: str, role: str, rpcs: tuple[str, ...] = ()) -> tuple[str, dict]:
     """A fresh key and the keys-file entry that admits it (the key itself is
-    shown once and stored nowhere)."""
+    shown once and stored nowhere); with `rpcs`, it may call only those."""
     check_project(project)
     if role not in ROLES:
         raise InvalidArgument.field("role", f"{role!r}: use one of {ROLES}")
+    if bad := [rpc for rpc in rpcs if not RPC_PATTERN.match(rpc)]:
+        raise InvalidArgument.field("rpcs", f"{bad[0]!r} is not an RPC name: package.Service/Method, e.g. {SERVICE_RPCS['inference'][0]}")
     key = f"tw_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
     key_id = KEY_PATTERN.match(key).group(1)
-    return key, {"id": key_id, "project": project, "role": role, "sha256": hash_key(key)}
+    entry = {"id": key_id, "project": project, "role": role, "sha256": hash_key(key)}
+    return key, entry | ({"rpcs": list(rpcs)} if rpcs else {})
 
 
 class KeyRing:
     """The keys file, re-read when its modification time changes:
-    {"keys": [{"id", "project", "role", "sha256"}, ...]}."""
+    {"keys": [{"id", "project", "role", "sha256", optional "rpcs"}, ...]}."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -135,8 +157,18 @@ class KeyRing:
         entries = {}
         try:
             for i, entry in enumerate(json.loads(self.path.read_text())["keys"]):
-                if entry["role"] not in ROLES or not PROJECT_PATTERN.match(entry["project"]) or len(entry["sha256"]) != 64:
-                    raise ValueError(f"entry {i}: role must be one of {ROLES}, project a project name, sha256 a hex digest")
+                rpcs = entry.get("rpcs", [])
+                if (
+                    entry["role"] not in ROLES
+                    or not PROJECT_PATTERN.match(entry["project"])
+                    or len(entry["sha256"]) != 64
+                    or not isinstance(rpcs, list)
+                    or not all(isinstance(r, str) and RPC_PATTERN.match(r) for r in rpcs)
+                ):
+                    raise ValueError(
+                        f"entry {i}: role must be one of {ROLES}, project a project name, sha256 a hex digest, "
+                        "rpcs (if present) a list of package.Service/Method names"
+                    )
                 entries[entry["id"]] = entry
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"API keys file {self.path}: {exc}: expected {{'keys': [{{id, project, role, sha256}}]}}") from None
@@ -155,4 +187,4 @@ class KeyRing:
             entry = self._entries.get(match.group(1))
         if entry is None or not hmac.compare_digest(entry["sha256"], hash_key(key)):
             return None
-        return Caller(entry["project"], entry["role"], entry["id"])
+        return Caller(entry["project"], entry["role"], entry["id"], tuple(entry.get("rpcs", ())))

@@ -105,7 +105,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         try:
             telemetry.set_request_id(metadata.get(telemetry.REQUEST_ID_HEADER, ""))
             if not method.startswith(OPEN_METHOD_PREFIXES):
-                auth.set_caller(self.identify(metadata))
+                who = self.identify(metadata)
+                who.require_rpc(method)
+                auth.set_caller(who)
             yield
         except (asyncio.CancelledError, GeneratorExit):
             code = grpc.StatusCode.CANCELLED  # the caller went away

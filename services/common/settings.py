@@ -133,7 +133,8 @@ class Settings(BaseSettings):
         if self.api_keys_file is None and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host} accepts connections from other machines, and no API keys are configured: "
-                "create keys with `tunewire keys create --project ops --role operator --file keys.json` (the services' key) and one per project and set "
+                "create keys with `tunewire keys create --project ops --role operator --for orchestrator --file keys.json` (and "
+                "`--for inference`: the services' keys) and one per project and set "
                 "TUNEWIRE_API_KEYS_FILE=keys.json, or serve on 127.0.0.1"
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

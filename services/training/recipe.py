@@ -138,6 +138,8 @@ class Forgetting:
         return self.perplexity / self.base_perplexity - 1 if self.base_perplexity and self.perplexity else 0.0
 
     def within(self, budget: float) -> bool:
+        if budget >= 1.0:  # the guard is off: any change is allowed
+            return True
         # A hair of slack: 3 of 30 lost is 0.1 however it is rounded.
         return self.lost_share <= budget + 1e-9 and self.perplexity_rise <= budget + 1e-9
 
@@ -544,7 +546,9 @@ class FineTuneRecipe:
         else:
             state.evals_since_best += 1
         forgetting = result = None
-        if val_loss is None or val_loss < state.best_score:
+        # Measured where it can change the choice: a candidate that could become
+        # the run's checkpoint, under a budget that some change would exceed.
+        if (val_loss is None or val_loss < state.best_score) and budget < 1.0:
             forgetting, result = self.measure_forgetting()
         score = selection_score(val_loss, state.step, forgetting, budget)
         record = {"step": state.step, "loss": val_loss} | (self._forgetting_fields(forgetting, budget) if forgetting else {})
