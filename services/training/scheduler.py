@@ -118,7 +118,7 @@ class Scheduler:
             async with self.runner.run(job, functools.partial(self._record, job.id), cancel) as adapter_dir:
                 adapter_id = "ad-" + uuid.uuid4().hex[:16]
                 held_back = not _within_forgetting_budget(adapter_dir)
-                size = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
+                size = await asyncio.to_thread(_bytes_under, adapter_dir)
                 uri = await asyncio.to_thread(self.artifacts.publish_dir, adapter_dir, layout.ADAPTERS, adapter_id)
             if held_back:
                 await self._record(
@@ -157,6 +157,10 @@ class Scheduler:
 
     async def _record(self, job_id: str, kind: str, data: dict) -> None:
         await asyncio.to_thread(self.jobs.record, job_id, kind, data)
+
+
+def _bytes_under(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
 def _within_forgetting_budget(adapter_dir: Path) -> bool:
