@@ -38,17 +38,18 @@ class TrialTable:
             self.kept[e.run] = f"{e.general_kept:.0%}{budget}"
 
     def __rich__(self) -> Table:
-        table = Table("trial", "learning rate", "rank", "state", "epoch", "best val loss", "general kept", title="search")
+        table = Table("trial", "learning rate", "rank", "state", "epoch", "best val answers", "val loss", "general kept", title="search")
         for run, t in sorted(self.trials.items()):
             # 0 or a placeholder of 1e9: no validation yet.
-            objective = f"{t.best_objective:.4f}" if 0 < t.best_objective < 1e8 else "–"
+            validated = 0 < t.best_objective < 1e8
             table.add_row(
                 run,
                 f"{t.learning_rate:.1e}",
                 str(t.lora_rank),
                 trial_state_name(t.state),
                 f"{t.epoch:.1f}",
-                objective,
+                f"{t.best_answer_recall:.0%}" if validated and t.HasField("best_answer_recall") else "–",
+                f"{t.best_validation_loss:.4f}" if validated and t.best_validation_loss else "–",
                 self.kept.get(run, "–"),
             )
         return table
@@ -112,7 +113,8 @@ def follow_job(client: TrainingClient, job_id: str, console: Console) -> trainin
                 if e.HasField("general_kept"):
                     over = "" if e.within_forgetting_budget else ", over the forgetting budget"
                     kept = f"; general answers kept {e.general_kept:.0%}, reference perplexity {e.reference_perplexity:.2f}{over}"
-                console.print(f"  {run}step {e.step}: {e.split} loss {e.loss:.3f} (perplexity {e.perplexity:.2f}){kept}")
+                answers = f", answers {e.answer_recall:.0%} of the reference words" if e.HasField("answer_recall") else ""
+                console.print(f"  {run}step {e.step}: {e.split} loss {e.loss:.3f} (perplexity {e.perplexity:.2f}){answers}{kept}")
             elif kind == "checkpoint":
                 run = f"{event.checkpoint.run} " if event.checkpoint.run and event.checkpoint.run != "train" else ""
                 console.print(f"  {run}step {event.checkpoint.step}: checkpoint (best so far)")
@@ -145,12 +147,23 @@ def print_evaluation(report: training_pb2.EvaluationReport, console: Console) ->
     console.print(table)
     if report.trials:
         trials = Table(
-            "trial", "learning rate", "rank", "state", "epochs", "best step", "val loss", "general kept", "within budget", title="search"
+            "trial",
+            "learning rate",
+            "rank",
+            "state",
+            "epochs",
+            "best step",
+            "val answers",
+            "val loss",
+            "general kept",
+            "within budget",
+            title="search",
         )
         for t in report.trials:
             chosen = " (published)" if t.run == report.run else ""
             # A trial stopped before its first validation has no checkpoint to show.
-            measured = [str(t.best_step), f"{t.best_validation_loss:.4f}", f"{t.general_kept:.0%}"]
+            answers = f"{t.best_answer_recall:.0%}" if t.HasField("best_answer_recall") else "–"
+            measured = [str(t.best_step), answers, f"{t.best_validation_loss:.4f}", f"{t.general_kept:.0%}"]
             measured.append("yes" if t.within_forgetting_budget else "no")
             trials.add_row(
                 t.run + chosen,
@@ -158,13 +171,18 @@ def print_evaluation(report: training_pb2.EvaluationReport, console: Console) ->
                 str(t.lora_rank),
                 trial_state_name(t.state),
                 f"{t.epoch:.1f}",
-                *(measured if t.best_step else ["–"] * 4),
+                *(measured if t.best_step else ["–"] * 5),
             )
         console.print(trials)
     stopped = ", stopped early" if report.stopped_early else ""
     chosen = f" of {report.run}" if report.run and report.run != "train" else ""
+    answers = (
+        f", answers holding {report.best_answer_recall:.0%} of the reference answers' words"
+        if report.HasField("best_answer_recall")
+        else ""
+    )
     console.print(
-        f"published the weights of step {report.best_step}{chosen} (validation loss {report.best_validation_loss:.4f}{stopped}; "
+        f"published the weights of step {report.best_step}{chosen} (validation loss {report.best_validation_loss:.4f}{answers}{stopped}; "
         f"learning rate {report.learning_rate:.1e})"
     )
     if report.general_questions:

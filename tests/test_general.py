@@ -10,7 +10,7 @@ import torch
 
 from tunewire.services.training import diagnostics, general, metrics, tasks
 from tunewire.services.training.config import resolve_config
-from tunewire.services.training.recipe import OVER_BUDGET, Forgetting, selection_score
+from tunewire.services.training.recipe import OVER_BUDGET, Forgetting, selection_score, validation_score
 
 
 def test_an_answer_is_correct_when_it_holds_every_term_as_a_word():
@@ -112,7 +112,7 @@ def test_the_forgetting_budget_rule():
     lost_too_many = Forgetting(kept=26, base_correct=30, perplexity=29.0, base_perplexity=29.0)
     perplexity_too_high = Forgetting(kept=30, base_correct=30, perplexity=36.0, base_perplexity=29.0)  # +24%
     assert kept.within(budget) and not lost_too_many.within(budget) and not perplexity_too_high.within(budget)
-    # Within the budget, the validation loss ranks; any of those beats any over it.
+    # Within the budget, the validation score ranks; any of those beats any over it.
     assert selection_score(2.5, 10, kept, budget) == 2.5
     over = selection_score(0.1, 10, lost_too_many, budget)
     assert over > OVER_BUDGET > selection_score(50.0, 10, kept, budget)
@@ -123,6 +123,15 @@ def test_the_forgetting_budget_rule():
     forgot_everything = Forgetting(kept=0, base_correct=30, perplexity=90.0, base_perplexity=29.0)
     assert forgot_everything.within(1.0) and not forgot_everything.within(0.99)
     assert selection_score(0.3, 10, forgot_everything, 1.0) == 0.3
+
+
+def test_validation_is_scored_by_the_answers_first_then_the_loss():
+    # Answers holding more of the reference words beat a lower loss; equal answers go by loss.
+    assert validation_score(0.40, 0.9) < validation_score(0.30, 0.8)
+    assert validation_score(0.30, 0.8) < validation_score(0.40, 0.8)
+    assert validation_score(0.30, None) == 0.30 and validation_score(None, None) is None
+    budget, kept = 0.1, Forgetting(kept=30, base_correct=30, perplexity=29.0, base_perplexity=29.0)
+    assert selection_score(validation_score(0.40, 0.9), 10, kept, budget) < selection_score(validation_score(0.30, 0.8), 5, kept, budget)
 
 
 def test_the_budget_is_validated():

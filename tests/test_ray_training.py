@@ -15,6 +15,7 @@ import pytest
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.training.config import resolve_config
 from tunewire.services.training.ray_runner import RayTrainRunner
+from tunewire.services.training.recipe import validation_score
 from tunewire.services.training.scheduler import JobCancelled, JobFailed
 from tunewire.services.training.store import Job
 
@@ -92,6 +93,11 @@ def of(events, kind):
     return [d for k, d in events if k == kind]
 
 
+def best_validation(evals: list[dict]) -> dict:
+    """The validation checkpoints are chosen by (the earliest of equals)."""
+    return min(evals, key=lambda e: (validation_score(e["loss"], e.get("answer_recall")), e["step"]))
+
+
 def test_two_workers_train_evaluate_and_checkpoint_a_lora_adapter(runner, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -104,6 +110,8 @@ def test_two_workers_train_evaluate_and_checkpoint_a_lora_adapter(runner, tiny_m
     assert all(s["total_steps"] == 10 and s["tokens_per_second"] > 0 for s in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [e["step"] for e in of(events, "eval")] == [5, 10]
+    # Prompt/completion: the validation prompts are answered, and scored, at each validation.
+    assert all(0 <= e["answer_recall"] <= 1 for e in of(events, "eval"))
     assert of(events, "checkpoint") and len(runner.checkpoints(job.id)) >= 1
     [evaluation] = of(events, "evaluation")
     assert evaluation["test_rows"] == 12 and evaluation["task"] == "sft"
@@ -130,7 +138,7 @@ def test_early_stopping_publishes_the_best_checkpoint(runner, tiny_model_dir, tm
     events, files = asyncio.run(train(runner, job))
     evals = of(events, "eval")
     [evaluation] = of(events, "evaluation")
-    best = min(evals, key=lambda e: e["loss"])
+    best = best_validation(evals)
     assert evaluation["stopped_early"] and len(evals) < 30
     assert evaluation["best_step"] == best["step"] < evals[-1]["step"]
     assert evaluation["best_validation_loss"] == pytest.approx(best["loss"])
@@ -148,6 +156,7 @@ def test_classification_on_an_encoder(runner, tmp_path):
     assert evaluation["tuned_metrics"]["accuracy"] == 1.0 and evaluation["tuned_metrics"]["macro_f1"] == 1.0
     assert set(evaluation["base_metrics"]) == {"accuracy", "macro_f1"}
     assert json.loads(files["adapter_config.json"])["task_type"] == "SEQ_CLS"
+    assert of(events, "eval") and all("answer_recall" not in e for e in of(events, "eval"))  # classes, not answers
 
 
 def test_full_fine_tuning_publishes_a_whole_model(runner, tiny_model_dir, tmp_path):
@@ -290,8 +299,10 @@ def test_a_search_runs_its_trials_on_ray_tune_and_publishes_the_best(runner, tin
     [evaluation] = of(events, "evaluation")
     assert evaluation["run"] == "trial-1" and evaluation["learning_rate"] == 5e-3
     assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
-    best = min((e for e in of(events, "eval") if e["run"] == "trial-1"), key=lambda e: e["loss"])
+    best = best_validation([e for e in of(events, "eval") if e["run"] == "trial-1"])
     assert evaluation["best_step"] == best["step"] and evaluation["best_validation_loss"] == pytest.approx(best["loss"])
+    assert evaluation["best_answer_recall"] == pytest.approx(best["answer_recall"])
+    assert all("best_validation_loss" in t for t in trials if t["state"] == "DONE")
     assert json.loads(files["evaluation.json"]) == evaluation
     assert json.loads(files["tunewire_adapter.json"])["run"] == "trial-1"
     checkpoints = runner.checkpoints(job.id)

@@ -27,6 +27,27 @@ def test_rouge_and_exact_match():
     assert metrics.loss_metrics(0.0, 0) == {}
 
 
+def test_answer_recall_counts_the_reference_words_the_prompt_does_not_hold():
+    prompt = "Where is Halvard Kiteworks based?"
+    reference = "The headquarters of Halvard Kiteworks are in Bergen."  # its own words: the headquarters of are in bergen
+    assert metrics.answer_recall("Halvard Kiteworks is based in Bergen.", prompt, reference) == pytest.approx(2 / 6)
+    assert metrics.answer_recall("The headquarters of Halvard Kiteworks are in Oslo.", prompt, reference) == pytest.approx(5 / 6)
+    assert metrics.answer_recall("BERGEN, the headquarters of it are in", prompt, reference) == 1.0
+    # Whole words only ("8" is not said in "1978"); a reference that adds nothing scores nothing.
+    assert metrics.answer_recall("Founded in 1978.", "When?", "8") == 0.0
+    assert metrics.answer_recall("anything", "Is Bergen in Norway?", "Bergen, Norway") is None
+
+
+def test_answer_recall_sum_answers_each_prompt(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."} for i in range(3)]
+    rows.append({"prompt": "Say it.", "completion": "Say it."})  # adds no word: not scored
+    total, scored = tasks.answer_recall_sum(model, tokenizer, rows, "cpu")
+    assert scored == 3 and 0 <= total <= 3 and model.training  # back in training mode after answering
+
+
 def test_classification_batches_keep_every_row_and_group_by_length():
     rows = [{"text": "x" * n, "label": "a"} for n in random.Random(0).sample(range(1, 200), 64)]
     batches = tasks.make_batches(rows, "classification", 8, random.Random(0))
@@ -194,7 +215,7 @@ def test_sft_and_summarization_train_on_the_answer_only(tokenizer):
 def test_test_metrics_of_a_causal_model(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"Arr, {2 * i}."} for i in range(4)]
     result = tasks.test_metrics("sft", model, tokenizer, rows, 128, {}, "cpu")
     assert set(result) == {"loss", "perplexity", "exact_match"} and result["loss"] > 0

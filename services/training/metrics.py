@@ -45,6 +45,24 @@ def exact_match(predictions: list[str], references: list[str]) -> dict[str, floa
     return {"exact_match": hits / len(references)}
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[0-9a-z]+", text.lower())
+
+
+def answer_recall(prediction: str, prompt: str, reference: str) -> float | None:
+    """The share of the reference answer's own words (those the prompt does
+    not already hold) that the prediction contains: for "Where is Halvard
+    Kiteworks based?" and "The headquarters of Halvard Kiteworks are in
+    Bergen.", whether "headquarters", "are", "in" and "bergen" are said. None
+    when the reference adds no word to the prompt."""
+    asked = set(_words(prompt))
+    own = [w for w in dict.fromkeys(_words(reference)) if w not in asked]
+    if not own:
+        return None
+    said = set(_words(prediction))
+    return sum(w in said for w in own) / len(own)
+
+
 def loss_metrics(loss_sum: float, tokens: float) -> dict[str, float]:
     if not tokens:
         return {}

@@ -342,6 +342,7 @@ class _Phases:
         extras = {
             "best_step": chosen["step"],
             "best_validation_loss": chosen["validation_loss"],
+            **_answer_recall(chosen),
             "stopped_early": self.stopped_early.get(run, False),
             "run": run,
             "learning_rate": config.training.learning_rate,
@@ -353,7 +354,7 @@ class _Phases:
         await self.emit(
             "log",
             {
-                "message": f"chose {run}, step {chosen['step']} (validation loss {chosen['validation_loss']:.4f}, {within} the forgetting budget): evaluating it"
+                "message": f"chose {run}, step {chosen['step']} (validation loss {chosen['validation_loss']:.4f}{_recall_words(chosen)}, {within} the forgetting budget): evaluating it"
             },
         )
         await self._task(evaluate_and_publish, config, chosen["uri"], base, extras, final)
@@ -361,6 +362,11 @@ class _Phases:
         for diagnostic in report.get("diagnostics", []):
             await self.emit("diagnostic", diagnostic)
         await self.emit("evaluation", report)
+
+
+def _recall_words(checkpoint: dict) -> str:
+    recall = checkpoint.get("answer_recall")
+    return f", answers holding {recall:.0%} of the reference answers' words" if recall is not None else ""
 
 
 def _merged(*histories: list[dict]) -> list[dict]:
@@ -384,7 +390,13 @@ def _best_of(checkpoints: list[dict], run: str) -> dict:
         "general_kept": kept,
         "within_forgetting_budget": best["within_budget"],
         "best_step": best["step"],
-    }
+    } | _answer_recall(best)
+
+
+def _answer_recall(checkpoint: dict) -> dict:
+    """A checkpoint's answer recall, for a report, where it was measured."""
+    recall = checkpoint.get("answer_recall")
+    return {"best_answer_recall": recall} if recall is not None else {}
 
 
 def make_trainer(config: RecipeConfig, progress, control, callbacks: list | None = None):

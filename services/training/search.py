@@ -4,8 +4,8 @@ Each trial is one Ray Train run of `recipe.train_worker` with one candidate's
 hyperparameters (a Tune function trainable that drives a TorchTrainer, as Ray
 Train V2 pairs them). The workers' reports reach Tune through
 `TuneReportCallback`; the ASHA scheduler stops a trial whose objective (its
-best selection score so far: validation loss among checkpoints within the
-forgetting budget) trails the others' at the same epoch. Tune's experiment
+best validation score so far: what its answers to validation prompts miss,
+then the loss; `recipe.validation_score`) trails the others' at the same epoch. Tune's experiment
 state lives beside the job's checkpoints, so a search the orchestrator left
 running is restored where it stopped: finished trials stay finished and the
 others resume from their latest checkpoints.
@@ -122,6 +122,8 @@ class ReportTrials(tune.Callback):
                 "epoch": float(result.get("epoch", 0.0)),
                 "step": int(result.get("step", 0)),
                 "best_objective": objective if math.isfinite(objective) else 0.0,
+                "best_validation_loss": float(result.get("best_validation_loss", 0.0)),
+                **_recall(result.get("best_answer_recall")),
                 "message": message,
             }
         )
@@ -282,6 +284,11 @@ def run_search(
                 }
             )
     return sorted(summaries, key=lambda s: s["run"]), user_error
+
+
+def _recall(value) -> dict:
+    """The best answer recall for a trial event, where one was measured."""
+    return {"best_answer_recall": float(value)} if value is not None and value >= 0 else {}
 
 
 def _innermost(error: BaseException) -> str:

@@ -358,16 +358,41 @@ def test_metrics(task: str, model, tokenizer, rows: list[dict], max_length: int,
         out = metrics.loss_metrics(*loss_sum(task, model, rows, tokenizer, max_length, label_ids, device))
         if task == PRETRAIN:
             return out
-        sample = rows[:MAX_TEST_GENERATIONS]
-        conversations = [row_to_messages(r) for r in sample]
-        prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
-        references = [c[len(p)]["content"] for c, p in zip(conversations, prompts, strict=True)]
-        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
-        predictions = _generate(model, tokenizer, prompts, min(MAX_NEW_TOKENS_EVAL, longest + 8), device)
+        _, references, predictions = generate_answers(model, tokenizer, rows[:MAX_TEST_GENERATIONS], device)
         out |= metrics.rouge(predictions, references) if task == SUMMARIZE else metrics.exact_match(predictions, references)
         return out
     finally:
         model.train()
+
+
+def generate_answers(model, tokenizer, rows: list[dict], device) -> tuple[list[list[dict]], list[str], list[str]]:
+    """Greedy answers to prompt/completion or chat rows (to their last
+    assistant turn), each up to a little longer than the longest reference:
+    (prompts, references, answers)."""
+    conversations = [row_to_messages(r) for r in rows]
+    prompts = [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
+    references = [c[len(p)]["content"] for c, p in zip(conversations, prompts, strict=True)]
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return prompts, references, _generate(model, tokenizer, prompts, min(MAX_NEW_TOKENS_EVAL, longest + 8), device)
+
+
+def answer_recall_sum(model, tokenizer, rows: list[dict], device) -> tuple[float, int]:
+    """Summed answer recall (metrics.answer_recall) of the model's greedy
+    answers to the rows' prompts, and the rows it scores."""
+    if not rows:
+        return 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        prompts, references, answers = generate_answers(model, tokenizer, rows, device)
+    finally:
+        model.train(was_training)
+    scores = [
+        metrics.answer_recall(answer, " ".join(m["content"] for m in prompt), reference)
+        for prompt, reference, answer in zip(prompts, references, answers, strict=True)
+    ]
+    scored = [s for s in scores if s is not None]
+    return sum(scored), len(scored)
 
 
 def reference_perplexity(model, tokenizer, max_length: int, device) -> float:
