@@ -525,7 +525,8 @@ class FineTuneRecipe:
         if not self.config.has_validation:
             return None, None
         answering = self.config.task == SFT
-        wanted = math.ceil(MAX_VALIDATION_ANSWERS / self.world) if answering else 0
+        # The rows to answer are picked at the first validation, then kept.
+        wanted = math.ceil(MAX_VALIDATION_ANSWERS / self.world) if answering and self.answer_rows is None else 0
         seen: list[dict] = []
         self.ddp_model.eval()
         total = count = 0.0
