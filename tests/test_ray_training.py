@@ -375,6 +375,31 @@ def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_to_a_first_co
         search._CHANNELS.pop("job-x")
 
 
+def test_each_trial_ends_once_on_the_event_stream_a_budget_cut_one_as_stopped():
+    from types import SimpleNamespace
+
+    from tunewire.services.training import search
+
+    def trial(trial_id, status, last_result):
+        candidate = {"run": trial_id, "learning_rate": 1e-3, "lora_rank": 16}
+        return SimpleNamespace(trial_id=trial_id, status=status, last_result=last_result, config={"candidate": candidate})
+
+    channels = search._Channels(search.TrialEvents(), threading.Event())
+    search._CHANNELS["job-y"] = channels
+    try:
+        report = search.ReportTrials("job-y", max_epochs=10)
+        done = trial("trial-1", "TERMINATED", {"epoch": 9.0, "finished": True, "stopped_early": True, "objective": 0.1})
+        report.on_trial_complete(0, [], done)
+        # Tune's time budget marks a running trial terminated with no completion callback.
+        cut = trial("trial-2", "TERMINATED", {"epoch": 3.0, "objective": 0.5})
+        never = trial("trial-3", "PENDING", None)
+        report.on_experiment_end([done, cut, never])
+        ends = [(e["run"], e["state"]) for e in channels.events.drain()]
+        assert ends == [("trial-1", "DONE"), ("trial-2", "STOPPED"), ("trial-3", "STOPPED")]
+    finally:
+        search._CHANNELS.pop("job-y")
+
+
 def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
     """A crash or a full disk mid-copy leaves a torn state file or missing
     weights: such a checkpoint is skipped, so a resume takes the one before

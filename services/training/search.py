@@ -105,6 +105,7 @@ class ReportTrials(tune.Callback):
     def __init__(self, job_id: str, max_epochs: int):
         self.job_id = job_id
         self.max_epochs = max_epochs
+        self.ended: set[str] = set()  # trial ids whose end went out
 
     def _event(self, trial, state: str, message: str = "") -> None:
         channels = _CHANNELS.get(self.job_id)
@@ -134,6 +135,7 @@ class ReportTrials(tune.Callback):
         self._event(trial, "RUNNING")
 
     def _ended(self, trial) -> None:
+        self.ended.add(trial.trial_id)
         if self.job_id in _CHANNELS:
             _CHANNELS[self.job_id].running.discard(trial.trial_id)
 
@@ -157,13 +159,16 @@ class ReportTrials(tune.Callback):
         self._event(trial, "FAILED", "the trial failed; the orchestrator's log has the error")
 
     def on_experiment_end(self, trials, **info):
-        # The search's time budget ends trials without a completion callback,
-        # and StopSearch ends those it does not start.
+        # The search's time budget ends running trials (Tune marks them
+        # terminated) without a completion callback, and StopSearch ends
+        # those it does not start.
         for trial in trials:
-            if not trial.last_result and trial.status != "ERROR":
+            if trial.trial_id in self.ended or trial.status == "ERROR":
+                continue
+            if trial.last_result:
+                self.on_trial_complete(0, trials, trial)
+            else:
                 self._event(trial, "STOPPED", NOT_STARTED)
-            elif trial.status not in ("TERMINATED", "ERROR"):
-                self._event(trial, "STOPPED", "the search ran out of time")
 
 
 class StopSearch(Stopper):
