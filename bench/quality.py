@@ -52,9 +52,8 @@ CAUSAL_MODEL = "smollm2-135m-instruct"
 ENCODER_MODEL = "all-minilm-l6-v2"
 ANSWER_TOKENS = 40
 MAX_LENGTH = 512
-# What tunewire chose before the search and the forgetting guard existed
-# (and before small datasets got 4-row batches).
-BEFORE = {"learning_rate": 2e-4, "batch_size": 8, "retention_weight": 0.0, "forgetting_budget": 1.0}
+# What tunewire chose before the search and the forgetting guard existed.
+BEFORE = {"learning_rate": 2e-4, "retention_weight": 0.0, "forgetting_budget": 1.0}
 
 
 def read_jsonl(path: Path) -> list[dict]:

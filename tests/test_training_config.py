@@ -47,14 +47,6 @@ def test_auto_epochs_shrink_as_data_grows():
     assert auto_epochs(10) == 10 and auto_epochs(500) == 4 and auto_epochs(5000) == 2 and auto_epochs(50000) == 1
 
 
-def test_a_small_dataset_gets_smaller_batches_unless_the_job_sets_them():
-    small = resolve_config({}, train_rows=40)
-    assert small.batch_size == 4 and "batch_size" in small.auto
-    assert small.steps_per_epoch(40, 1) == 10  # 5 with 8-row batches
-    assert resolve_config({}, train_rows=100).batch_size == DEFAULTS["batch_size"] == 8
-    assert resolve_config({"batch_size": 8}, train_rows=40).batch_size == 8
-
-
 def test_steps_per_epoch_counts_each_workers_share():
     config = resolve_config({"batch_size": 8}, train_rows=100)
     assert config.steps_per_epoch(100, 2) == 7  # 50 rows per worker
