@@ -389,12 +389,14 @@ def test_each_trial_ends_once_on_the_event_stream_a_budget_cut_one_as_stopped():
     try:
         report = search.ReportTrials("job-y", max_epochs=10)
         done = trial("trial-1", "TERMINATED", {"epoch": 9.0, "finished": True, "stopped_early": True, "objective": 0.1})
+        cut = trial("trial-2", "TERMINATED", {"epoch": 3.0, "objective": 0.5})
+        report.on_trial_start(0, [], done)
+        report.on_trial_start(0, [], cut)
         report.on_trial_complete(0, [], done)
         # Tune's time budget marks a running trial terminated with no completion callback.
-        cut = trial("trial-2", "TERMINATED", {"epoch": 3.0, "objective": 0.5})
         never = trial("trial-3", "PENDING", None)
         report.on_experiment_end([done, cut, never])
-        ends = [(e["run"], e["state"]) for e in channels.events.drain()]
+        ends = [(e["run"], e["state"]) for e in channels.events.drain() if e["state"] != "RUNNING"]
         assert ends == [("trial-1", "DONE"), ("trial-2", "STOPPED"), ("trial-3", "STOPPED")]
     finally:
         search._CHANNELS.pop("job-y")

@@ -105,7 +105,6 @@ class ReportTrials(tune.Callback):
     def __init__(self, job_id: str, max_epochs: int):
         self.job_id = job_id
         self.max_epochs = max_epochs
-        self.ended: set[str] = set()  # trial ids whose end went out
 
     def _event(self, trial, state: str, message: str = "") -> None:
         channels = _CHANNELS.get(self.job_id)
@@ -135,7 +134,6 @@ class ReportTrials(tune.Callback):
         self._event(trial, "RUNNING")
 
     def _ended(self, trial) -> None:
-        self.ended.add(trial.trial_id)
         if self.job_id in _CHANNELS:
             _CHANNELS[self.job_id].running.discard(trial.trial_id)
 
@@ -162,12 +160,12 @@ class ReportTrials(tune.Callback):
         # The search's time budget ends running trials (Tune marks them
         # terminated) without a completion callback, and StopSearch ends
         # those it does not start.
+        channels = _CHANNELS.get(self.job_id)
+        running = set(channels.running) if channels else set()
         for trial in trials:
-            if trial.trial_id in self.ended or trial.status == "ERROR":
-                continue
-            if trial.last_result:
+            if trial.trial_id in running:
                 self.on_trial_complete(0, trials, trial)
-            else:
+            elif not trial.last_result and trial.status != "ERROR":
                 self._event(trial, "STOPPED", NOT_STARTED)
 
 
