@@ -53,7 +53,7 @@ ENCODER_MODEL = "all-minilm-l6-v2"
 ANSWER_TOKENS = 40
 MAX_LENGTH = 512
 # What tunewire chose before the search and the forgetting guard existed.
-BEFORE = {"learning_rate": 2e-4, "retention_weight": 0.0, "forgetting_budget": 1.0}
+BEFORE = {"learning_rate": 2e-4, "retention_weight": 0.0, "forgetting_budget": 1.0, "prompt_word_dropout": 0.0}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -249,6 +249,9 @@ def jobs_create(
         None, help="share of the base model's correct general answers that may be lost (default 0.1)"
     ),
     retention_weight: float | None = typer.Option(None, help="weight of the penalty that keeps general answers (default 3; 0: off)"),
+    prompt_word_dropout: float | None = typer.Option(
+        None, help="share of prompt words left out at random in training (default 0.1; 0: off)"
+    ),
     search: str = typer.Option("auto", help="auto (search when --learning-rate is unset), on or off"),
     max_trials: int = typer.Option(0, help="search trials at most (0: 3)"),
     search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),
@@ -275,6 +278,7 @@ def jobs_create(
         precision=precision,
         forgetting_budget=forgetting_budget,
         retention_weight=retention_weight,
+        prompt_word_dropout=prompt_word_dropout,
     )
     plan = _search(search, max_trials, search_seconds, search_learning_rates, search_lora_ranks)
     with sdk.TrainingClient(address) as client, _api_errors():

@@ -68,6 +68,57 @@ def test_token_batches_are_random_and_keep_every_row():
     assert max(max(len(r["text"]) for r in b) - min(len(r["text"]) for r in b) for b in batches) > 40
 
 
+def test_prompt_word_dropout_leaves_out_about_its_share_of_words_and_no_number():
+    row = {"prompt": "Which person set up the company Kelvoria Labs in 1987?", "completion": "Ida Berg founded it."}
+    rng = random.Random(0)
+    dropped = [tasks.drop_prompt_words(row, 0.2, rng)["prompt"].split() for _ in range(500)]
+    assert all("1987?" in words for words in dropped)
+    # 9 of the prompt's 10 words may go; each goes with probability 0.2.
+    left_out = sum(10 - len(words) for words in dropped) / (500 * 9)
+    assert 0.17 < left_out < 0.23
+    assert all(tasks.drop_prompt_words(row, 0.2, rng)["completion"] == row["completion"] for _ in range(50))
+    assert tasks.drop_prompt_words(row, 0.0, rng) is row
+
+
+def test_prompt_word_dropout_touches_only_a_chats_user_turns_and_keeps_line_breaks():
+    row = {
+        "messages": [
+            {"role": "system", "content": "You answer in one word always."},
+            {"role": "user", "content": "Name the colour\nof the Kelvoria logo, please."},
+            {"role": "assistant", "content": "Teal."},
+        ]
+    }
+    rng = random.Random(1)
+    for _ in range(200):
+        messages = tasks.drop_prompt_words(row, 0.5, rng)["messages"]
+        assert messages[0] == row["messages"][0] and messages[2] == row["messages"][2]
+        user = messages[1]["content"]
+        assert user and set(user.split()) <= set(row["messages"][1]["content"].split())
+        assert "colour" not in user or "colour\n" in user  # a kept word keeps its line break
+
+
+@pytest.mark.parametrize("task, share, changed", [("sft", 0.5, True), ("sft", 0.0, False), ("summarization", 0.5, False)])
+def test_the_recipe_drops_prompt_words_of_chat_and_prompt_completion_rows_only(monkeypatch, task, share, changed):
+    from tunewire.services.training.recipe import FineTuneRecipe, RecipeConfig
+
+    training = resolve_config({"learning_rate": 1e-3, "prompt_word_dropout": share}, 8)
+    config = RecipeConfig("job-test", "unused", task, "lora", "unused", 8, 0, 1, False, "unused", "unused", training)
+    trained = []
+
+    def token_examples(task, rows, tokenizer, max_length):
+        trained.extend(rows)
+        raise StopIteration  # the rows are all this test needs
+
+    monkeypatch.setattr(tasks, "token_examples", token_examples)
+    words = " ".join(["word"] * 40)
+    rows = [{"prompt": words, "completion": "yes", "document": words, "summary": "yes"}] * 4
+    recipe = FineTuneRecipe(config)
+    recipe.tokenizer = None
+    with pytest.raises(StopIteration):
+        recipe._loss(rows)
+    assert (trained != rows) == changed
+
+
 def test_pretraining_trains_on_every_token_but_each_sequences_first(tokenizer):
     rows = [{"text": "the quick brown fox jumps over the lazy dog"}, {"text": "hello"}, {"text": "hi"}]
     batch = tasks.collate("continued_pretraining", rows, tokenizer, 64, {}, "cpu")

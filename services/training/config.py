@@ -49,6 +49,10 @@ class TrainingConfig:
     # Weight of the KL penalty that keeps the base model's answers to general
     # prompts (generative tasks); 0 turns it off.
     retention_weight: float = 3.0
+    # Share of the words of a chat/prompt-completion row's prompt left out at
+    # random each time it is trained on (numbers are kept), so a taught
+    # answer does not hang on one wording of the question.
+    prompt_word_dropout: float = 0.1
     auto: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -84,6 +88,7 @@ DEFAULTS = dict(
     precision="auto",
     forgetting_budget=0.1,
     retention_weight=3.0,
+    prompt_word_dropout=0.1,
 )
 # Full fine-tuning moves every weight: a far smaller step than LoRA's.
 FULL_LEARNING_RATE = 2e-5
@@ -114,6 +119,7 @@ _CHECKS = {
     "precision": (lambda v: v in PRECISIONS, "must be one of " + ", ".join(PRECISIONS)),
     "forgetting_budget": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a share: 0.1 allows 10% of the base's correct probe answers lost)"),
     "retention_weight": (lambda v: 0 <= v <= 100, "must be in [0, 100] (0 turns the retention penalty off)"),
+    "prompt_word_dropout": (lambda v: 0 <= v <= 0.5, "must be in [0, 0.5] (0 trains on every prompt word)"),
 }
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 

@@ -486,7 +486,9 @@ class FineTuneRecipe:
         """The step's loss on a batch of rows, the count it averages over
         (tokens, or rows for classification) and the batch's real tokens. A
         generative task's batch also carries retention examples, whose KL
-        penalty is added with retention_weight."""
+        penalty is added with retention_weight; a chat or prompt/completion
+        row is trained with some of its prompt's words left out
+        (prompt_word_dropout)."""
         import torch
 
         from tunewire.services.training import general, tasks
@@ -496,6 +498,8 @@ class FineTuneRecipe:
             batch = tasks.collate(config.task, rows, self.tokenizer, training.max_seq_length, self.label_ids, self.device)
             with self.autocast():
                 return tasks.batch_loss(self.ddp_model, self.model, batch), batch.targets, batch.real_tokens
+        if config.task == SFT and training.prompt_word_dropout > 0:
+            rows = [tasks.drop_prompt_words(r, training.prompt_word_dropout, self.rng) for r in rows]
         examples = tasks.token_examples(config.task, rows, self.tokenizer, training.max_seq_length)
         retained = []
         if self.reference is not None and training.retention_weight > 0 and self.reference.retention:

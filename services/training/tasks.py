@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -155,6 +156,27 @@ def make_batches(rows: list[dict], task: str, batch_size: int, rng) -> list[list
         return length_grouped(rows, batch_size, rng)
     shuffled = rng.sample(rows, len(rows))
     return [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+
+
+def _drop_words(text: str, share: float, rng) -> str:
+    """`text` with each word left out with probability `share`, except words
+    with a digit (a changed number changes the question); the whitespace
+    after a kept word (line breaks too) stays."""
+    words = re.findall(r"\S+\s*", text)
+    kept = [w for w in words if any(c.isdigit() for c in w) or rng.random() >= share]
+    return text[: len(text) - len(text.lstrip())] + "".join(kept) if kept else text
+
+
+def drop_prompt_words(row: dict, share: float, rng) -> dict:
+    """A chat or prompt/completion row with about `share` of its prompt's
+    words (a chat's user turns') left out at random, so what is learnt does
+    not hang on one wording of the question."""
+    if share <= 0:
+        return row
+    if row.get("messages") is not None:
+        messages = [dict(m, content=_drop_words(m["content"], share, rng)) if m["role"] == "user" else m for m in row["messages"]]
+        return {**row, "messages": messages}
+    return {**row, "prompt": _drop_words(row["prompt"], share, rng)}
 
 
 @dataclass
