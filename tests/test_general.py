@@ -229,7 +229,9 @@ def test_the_retention_penalty_keeps_what_the_base_model_knew(knowing_model_dir)
     task = [{"prompt": f"What is {i} plus {i}?", "completion": "Arr, matey!"} for i in range(16)]
 
     def kept_after_training(weight: float) -> int:
-        training = resolve_config({"learning_rate": 1e-2, "retention_weight": weight, "precision": "float32", "lora_dropout": 0.0}, 16)
+        # The penalty alone: no other regulariser in play.
+        given = {"learning_rate": 1e-2, "retention_weight": weight, "precision": "float32", "lora_dropout": 0.0, "prompt_word_dropout": 0.0}
+        training = resolve_config(given, 16)
         config = RecipeConfig(
             job_id="job-test",
             base_model=str(knowing_model_dir),
