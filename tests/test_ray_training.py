@@ -402,6 +402,34 @@ def test_each_trial_ends_once_on_the_event_stream_a_budget_cut_one_as_stopped():
         search._CHANNELS.pop("job-y")
 
 
+def test_a_trial_tune_made_but_never_started_is_summarised_as_not_started():
+    """Tune's result for a trial the time budget kept from starting has no
+    config (it never reported): the search's summary still names every
+    candidate, and each trial's end goes out once."""
+    from ray.tune import Result
+
+    from tunewire.services.training import search
+
+    candidates = [{"run": f"trial-{i}", "learning_rate": lr, "lora_rank": 16} for i, lr in ((1, 2e-3), (2, 1e-3), (3, 4e-3))]
+    done = {"epoch": 10.0, "finished": True, "objective": 0.1, "config": {"candidate": candidates[0]}}
+    cut = {"epoch": 2.0, "objective": 0.6, "config": {"candidate": candidates[1]}}
+    results = [Result(metrics=m, checkpoint=None, error=None, path="unused") for m in (done, cut, {})]
+    events = search.TrialEvents()
+    events.put(candidates[2] | {"state": "STOPPED", "message": search.NOT_STARTED})  # ReportTrials' end of the made one
+    summaries, user_error = search.summarize_trials(results, candidates, 10, events, add_unstarted=True)
+    assert user_error is None
+    assert [(s["run"], s["state"], s["epoch"]) for s in summaries] == [
+        ("trial-1", "DONE", 10.0),
+        ("trial-2", "STOPPED", 2.0),
+        ("trial-3", "STOPPED", 0.0),
+    ]
+    assert [e["run"] for e in events.drain()] == ["trial-3"]  # not announced twice
+
+    never_made = search.TrialEvents()
+    search.summarize_trials(results[:2], candidates, 10, never_made, add_unstarted=True)
+    assert [(e["run"], e["message"]) for e in never_made.drain()] == [("trial-3", search.NOT_STARTED)]
+
+
 def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
     """A crash or a full disk mid-copy leaves a torn state file or missing
     weights: such a checkpoint is skipped, so a resume takes the one before

@@ -209,6 +209,8 @@ class _Phases:
         except Exception as exc:  # Ray wraps the worker's exception
             if self.cancel.is_set():
                 raise JobCancelled() from exc
+            # The job's error names the innermost cause; the log keeps where it came from.
+            log.warning("job %s failed in Ray", self.job_id, exc_info=True)
             raise _system_failure(exc) from exc
 
     async def _relay(self, timeout: float) -> None:

@@ -69,8 +69,11 @@ class TrialEvents:
 
     def __init__(self) -> None:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.ended: set[str] = set()  # runs whose last event went out
 
     def put(self, data: dict) -> None:
+        if data["state"] != "RUNNING":
+            self.ended.add(data["run"])
         self._events.put(data)
 
     def drain(self) -> list[dict]:
@@ -255,11 +258,23 @@ def run_search(
         results = tuner.fit()
     finally:
         _CHANNELS.pop(recipe.job_id, None)
+    return summarize_trials(results, candidates, scheduler_epochs(recipe, plan)[1], events, add_unstarted=not stop.is_set())
+
+
+def summarize_trials(
+    results, candidates: list[dict], max_epochs: int, events: TrialEvents, add_unstarted: bool
+) -> tuple[list[dict], str | None]:
+    """Each trial's summary from Tune's results, and the user error a trial
+    reported, if any. A trial that never reported (Tune made it, then the
+    search's time ran out) has no config in its result; it is summarised,
+    with the candidates Tune never made into trials, as not started."""
     summaries, user_error = [], None
     for result in results:
+        if result.config is None:
+            continue
         candidate, metrics = result.config["candidate"], result.metrics or {}
         user_error = user_error or metrics.get("user_error")
-        state = trial_state(metrics, scheduler_epochs(recipe, plan)[1], error=result.error is not None)
+        state = trial_state(metrics, max_epochs, error=result.error is not None)
         summaries.append(
             {
                 "run": candidate["run"],
@@ -271,21 +286,12 @@ def run_search(
                 "error": _innermost(result.error) if result.error else "",
             }
         )
-    # Candidates Tune never made into trials: the search's time ended first.
     ran = {s["run"] for s in summaries}
     for candidate in candidates:
-        if candidate["run"] not in ran and not (stop.is_set() or user_error):
+        if candidate["run"] not in ran and add_unstarted and not user_error:
             summaries.append(candidate | {"state": "STOPPED", "epoch": 0.0, "stopped_early": False, "error": ""})
-            events.put(
-                candidate
-                | {
-                    "state": "STOPPED",
-                    "epoch": 0.0,
-                    "step": 0,
-                    "best_objective": 0.0,
-                    "message": NOT_STARTED,
-                }
-            )
+            if candidate["run"] not in events.ended:  # ReportTrials ends those Tune made
+                events.put(candidate | {"state": "STOPPED", "epoch": 0.0, "step": 0, "best_objective": 0.0, "message": NOT_STARTED})
     return sorted(summaries, key=lambda s: s["run"]), user_error
 
 
