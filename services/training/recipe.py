@@ -498,7 +498,7 @@ class FineTuneRecipe:
             batch = tasks.collate(config.task, rows, self.tokenizer, training.max_seq_length, self.label_ids, self.device)
             with self.autocast():
                 return tasks.batch_loss(self.ddp_model, self.model, batch), batch.targets, batch.real_tokens
-        if config.task == SFT and training.prompt_word_dropout > 0:
+        if config.task == SFT:
             rows = [tasks.drop_prompt_words(r, training.prompt_word_dropout, self.rng) for r in rows]
         examples = tasks.token_examples(config.task, rows, self.tokenizer, training.max_seq_length)
         retained = []
