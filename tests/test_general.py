@@ -2,6 +2,7 @@
 fast path, the retention penalty, the forgetting budget's rule, and the
 diagnostics."""
 
+import dataclasses
 import math
 import re
 
@@ -76,6 +77,33 @@ def test_the_probes_fast_path_agrees_with_generating_every_answer(tiny, tiny_mod
     generated = general._generate(model, tokenizer, [p.prompt_ids for p in reference.probe], general.PROBE_ANSWER_TOKENS, "cpu")
     truth = [metrics.is_correct(general._text(tokenizer, ids), p.terms) for p, (ids, _) in zip(reference.probe, generated, strict=True)]
     assert result.correct == truth and not all(truth)
+
+
+def test_the_reports_probe_counts_the_base_correct_answers_as_training_does(tiny, tiny_model_dir, monkeypatch):
+    tokenizer, reference = tiny
+    # Half the questions marked as ones the base got wrong: the report also
+    # generates those, and must not batch them with the base's correct ones.
+    probe = [dataclasses.replace(p, base_correct=False, answer_ids=[]) if i % 2 else p for i, p in enumerate(reference.probe)]
+    mixed = general.GeneralReference(probe, reference.retention)
+    model = _model(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    calls = []
+    generate = general._generate
+
+    def recording(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(prompts)
+        return generate(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(general, "_generate", recording)
+    during_training = general.check_probe(model, tokenizer, mixed, "cpu")
+    report = general.check_probe(model, tokenizer, mixed, "cpu", every_question=True)
+    assert report.kept(mixed) == during_training.kept(mixed)
+    wrong = {tuple(p.prompt_ids) for p in probe if not p.base_correct}
+    assert any(tuple(c[0]) in wrong for c in calls if c)  # the report did generate them
+    for prompts in calls:
+        assert len({tuple(ids) in wrong for ids in prompts}) <= 1, "one generate call mixed base-correct and base-wrong questions"
 
 
 def test_the_retention_penalty_is_zero_at_the_base_distribution_and_pulls_towards_it(tiny):

@@ -238,12 +238,16 @@ def check_probe(model, tokenizer, reference: GeneralReference, device, every_que
             unchanged[question] = bool(hits[sources == j].all())
     correct = [p.base_correct and unchanged.get(i, False) for i, p in enumerate(probe)]
     answers = [p.base_answer for p in probe]
-    regenerate = [i for i, p in enumerate(probe) if not unchanged.get(i, False) and (p.base_correct or every_question)]
-    prompts, terms = [probe[i].prompt_ids for i in regenerate], [probe[i].terms for i in regenerate]
-    generated = _generate(model, tokenizer, prompts, PROBE_ANSWER_TOKENS, device, terms=terms)
-    for i, (ids, _) in zip(regenerate, generated, strict=True):
-        answers[i] = _text(tokenizer, ids)
-        correct[i] = is_correct(answers[i], probe[i].terms)
+    changed = [i for i, p in enumerate(probe) if p.base_correct and not unchanged[i]]
+    base_wrong = [i for i, p in enumerate(probe) if not p.base_correct] if every_question else []
+    # Each group in its own generate call: a padded batch's other prompts can
+    # flip a borderline answer, and the report must count the base's correct
+    # answers exactly as the checkpoint's choice during training counted them.
+    for group in (changed, base_wrong):
+        prompts, terms = [probe[i].prompt_ids for i in group], [probe[i].terms for i in group]
+        for i, (ids, _) in zip(group, _generate(model, tokenizer, prompts, PROBE_ANSWER_TOKENS, device, terms=terms), strict=True):
+            answers[i] = _text(tokenizer, ids)
+            correct[i] = is_correct(answers[i], probe[i].terms)
     return ProbeResult(correct, answers)
 
 
