@@ -410,6 +410,39 @@ def test_a_trial_tune_made_but_never_started_is_summarised_as_not_started():
 
     from tunewire.services.training import search
 
+def test_a_search_its_orchestrator_stopped_runs_again_to_the_end(runner, tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=2, learning_rate=None, search={"learning_rates": [5e-3]})
+
+    async def stopped_at_the_first_step():
+        # As the scheduler stops a job when the orchestrator shuts down: its task is cancelled.
+        events, started = [], asyncio.Event()
+
+        async def emit(kind, data):
+            events.append((kind, data))
+            if kind == "step":
+                started.set()
+
+        async def run():
+            async with runner.run(job, emit, asyncio.Event()):
+                pass
+
+        task = asyncio.create_task(run())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return events
+
+    asyncio.run(stopped_at_the_first_step())
+    # The orchestrator starts again and runs the job: the trial trains on to
+    # its last step (Tune's record of the trial it stopped is not restored).
+    events, files = asyncio.run(train(runner, job))
+    steps = [s["step"] for s in of(events, "step") if s["run"] == "trial-1"]
+    assert steps and steps[-1] == 18  # 2 epochs of 9 steps
+    [evaluation] = of(events, "evaluation")
+    assert [t["run"] for t in evaluation["trials"]] == ["trial-1"] and "adapter_model.safetensors" in files
+
+
     candidates = [{"run": f"trial-{i}", "learning_rate": lr, "lora_rank": 16} for i, lr in ((1, 2e-3), (2, 1e-3), (3, 4e-3))]
     done = {"epoch": 10.0, "finished": True, "objective": 0.1, "config": {"candidate": candidates[0]}}
     cut = {"epoch": 2.0, "objective": 0.6, "config": {"candidate": candidates[1]}}

@@ -40,6 +40,10 @@ from tunewire.services.training.store import Job
 
 log = logging.getLogger(__name__)
 
+# How long a phase whose orchestrator stops may take to wind down (within
+# Kubernetes' default 30 s termination grace period).
+STOP_WAIT_SECONDS = 20.0
+
 
 class RayTrainRunner:
     def __init__(self, ray_address: str, num_cpus: int, artifacts: ArtifactStore, model_cache: Path):
@@ -201,7 +205,9 @@ class _Phases:
         except asyncio.CancelledError:
             # This orchestrator stops running the job (it is shutting down, or
             # lost the job's lease to another replica): its workers stop too,
-            # rather than train on beside the new owner's.
+            # rather than train on beside the new owner's. The phase is given
+            # a moment to wind down (the workers stop at their next step), so
+            # what it leaves on storage is whole for the run that resumes it.
             stop_workers()
             raise
         except (JobFailed, JobCancelled):
@@ -239,6 +245,8 @@ class _Phases:
     async def _task(self, function, *args):
         """`function(*args)` as a Ray task with a worker's resources."""
         import ray
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(done), STOP_WAIT_SECONDS)
 
         recipe: RecipeConfig = args[0]
         ref = ray.remote(num_cpus=1, num_gpus=1 if recipe.use_gpu else 0, max_retries=1)(function).remote(*args)
@@ -309,12 +317,6 @@ class _Phases:
             lambda: run_search(recipe, plan, storage, trainer, concurrent, self.trial_events, self.stop)
         )
         if self.cancel.is_set():
-            # Tune records the trials it stopped as terminated, and a restored
-            # experiment would never run them again. Their own checkpoints hold
-            # what a later run of the job needs: it starts a fresh experiment
-            # whose trials resume from them. (After a crash Tune's state is
-            # kept: its trials are still running there, and restore resumes them.)
-            self.artifacts.delete(*layout.job_parts(self.job_id), layout.TUNE_DIR)
             raise JobCancelled()
         if user_error:
             raise JobFailed(user_error, user_error=True)

@@ -6,9 +6,10 @@ Train V2 pairs them). The workers' reports reach Tune through
 `TuneReportCallback`; the ASHA scheduler stops a trial whose objective (its
 best validation score so far: what its answers to validation prompts miss,
 then the loss; `recipe.validation_score`) trails the others' at the same epoch. Tune's experiment
-state lives beside the job's checkpoints, so a search the orchestrator left
-running is restored where it stopped: finished trials stay finished and the
-others resume from their latest checkpoints.
+state lives beside the job's checkpoints, so a search whose orchestrator
+crashed is restored where it stopped: finished trials stay finished and the
+others resume from their latest checkpoints. A search stopped on purpose (a
+cancel, the orchestrator stopping) leaves only the trials' checkpoints.
 
 The trials' lifecycle (started, its latest evaluation, finished, stopped,
 failed) is handed to the orchestrator as `trial` events.
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from ray import tune
 from ray.tune.stopper import Stopper
 
-from tunewire.services.common.layout import TUNE_DIR
+from tunewire.services.common.artifacts import ArtifactStore
+from tunewire.services.common.layout import TUNE_DIR, job_parts
 from tunewire.services.training.config import SearchPlan, TrainingConfig
 from tunewire.services.training.recipe import RecipeConfig
 
@@ -256,6 +258,14 @@ def run_search(
                 ),
             )
         results = tuner.fit()
+        if stop.is_set():
+            # Tune records the trials it stopped (a cancel, or the orchestrator
+            # stopping) as terminated, and a restored experiment would never
+            # run them again. Their own checkpoints hold what a later run of
+            # the job needs: it starts a fresh experiment whose trials resume
+            # from them. (After a crash Tune's state is kept: its trials are
+            # still running there, and restore resumes them.)
+            ArtifactStore(recipe.artifact_root).delete(*job_parts(recipe.job_id), TUNE_DIR)
     finally:
         _CHANNELS.pop(recipe.job_id, None)
     return summarize_trials(results, candidates, scheduler_epochs(recipe, plan)[1], events, add_unstarted=not stop.is_set())
