@@ -15,7 +15,7 @@ import pytest
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.training.config import resolve_config
 from tunewire.services.training.ray_runner import RayTrainRunner
-from tunewire.services.training.recipe import validation_score
+from tunewire.services.training.recipe import RecipeConfig, validation_score
 from tunewire.services.training.scheduler import JobCancelled, JobFailed
 from tunewire.services.training.store import Job
 
@@ -202,6 +202,32 @@ def test_cancel_then_resume_from_the_checkpoint(runner, tiny_model_dir, tmp_path
     assert of(events, "step")[0]["step"] == 6 and of(events, "step")[-1]["step"] == 20
 
 
+def test_a_run_waiting_for_room_says_so_and_goes_on_when_it_is_released(runner, tiny_model_dir, tmp_path):
+    import ray
+
+    @ray.remote(num_cpus=3)
+    class Holder:  # other work on the cluster: 3 of its 4 CPUs
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+
+    def release(kind, data) -> bool:
+        if kind == "log" and "waiting for 2 CPU (1 free now)" in data["message"]:
+            ray.kill(holder)
+        return False
+
+    try:
+        job = make_job(tmp_path, tiny_model_dir, sums(20), workers=2, epochs=1)
+        events, files = asyncio.run(train(runner, job, cancel_when=release))
+    finally:
+        ray.kill(holder)
+    waiting = [d["message"] for d in of(events, "log") if d["message"].startswith("waiting for")]
+    assert waiting == ["waiting for 2 CPU (1 free now): other work holds the rest of the Ray cluster; the job goes on when it is released"]
+    assert of(events, "step") and "adapter_model.safetensors" in files
+
+
 class ListQueue:
     """Stands in for a Ray queue: what was put, nothing to get."""
 
@@ -266,7 +292,38 @@ def test_gpu_job_without_gpus_fails_clearly(runner, tiny_model_dir, tmp_path):
     job = Job(**{**job.__dict__, "spec": {**job.spec, "use_gpu": True}})
     with pytest.raises(JobFailed) as caught:
         asyncio.run(train(runner, job))
-    assert caught.value.user_error and "GPU" in str(caught.value)
+    assert caught.value.user_error and "1 GPU (the Ray cluster has 0 in all)" in str(caught.value)
+    assert "use_gpu=false" in str(caught.value)
+
+
+def test_a_job_the_cluster_can_never_hold_fails_at_once_naming_what_is_missing(runner, tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, sums(10), workers=5)  # the runner's local Ray has 4 CPUs
+    started = time.monotonic()
+    with pytest.raises(JobFailed) as caught:
+        asyncio.run(train(runner, job))
+    assert time.monotonic() - started < 10, "it failed at once, rather than wait for CPUs that never come"
+    assert caught.value.user_error and "5 CPU (the Ray cluster has 4 in all)" in str(caught.value)
+    assert "lower num_workers" in str(caught.value)
+
+
+def test_what_a_run_needs_of_the_cluster():
+    from tunewire.services.training import ray_runner
+
+    def _recipe(workers: int, train_rows: int = 100, use_gpu: bool = False) -> RecipeConfig:
+        training = resolve_config({}, train_rows)
+        return RecipeConfig(
+            "job-x", "model", "sft", "lora", "data.parquet", train_rows, 10, workers, use_gpu, "models", "artifacts", training
+        )
+
+    assert ray_runner.run_needs(_recipe(workers=2)) == {"CPU": 2.0}
+    # A split too large to keep in memory streams through Ray Data, whose reading tasks need a CPU of their own.
+    assert ray_runner.run_needs(_recipe(workers=2, train_rows=10**6)) == {"CPU": 3.0}
+    assert ray_runner.run_needs(_recipe(workers=2, use_gpu=True)) == {"GPU": 2.0}
+    assert ray_runner.shortfall({"CPU": 3.0}, {"CPU": 2.0, "GPU": 1.0}) == {"CPU": (3.0, 2.0)}
+    assert ray_runner.shortfall({"CPU": 2.0}, {"CPU": 2.0}) == {}
+    with pytest.raises(JobFailed) as caught:
+        ray_runner.check_fits(_recipe(workers=2, train_rows=10**6), {"CPU": 2.0})
+    assert "its 2 worker(s) and Ray Data's reading of its splits need 3 CPU" in str(caught.value)
 
 
 def test_an_unloadable_model_is_the_users_error(runner, tmp_path):
@@ -353,6 +410,39 @@ def test_a_cancelled_search_resumes_its_trials_where_they_stopped(runner, tiny_m
     assert "adapter_model.safetensors" in files
 
 
+def test_a_search_its_orchestrator_stopped_runs_again_to_the_end(runner, tiny_model_dir, tmp_path):
+    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=2, learning_rate=None, search={"learning_rates": [5e-3]})
+
+    async def stopped_at_the_first_step():
+        # As the scheduler stops a job when the orchestrator shuts down: its task is cancelled.
+        events, started = [], asyncio.Event()
+
+        async def emit(kind, data):
+            events.append((kind, data))
+            if kind == "step":
+                started.set()
+
+        async def run():
+            async with runner.run(job, emit, asyncio.Event()):
+                pass
+
+        task = asyncio.create_task(run())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return events
+
+    asyncio.run(stopped_at_the_first_step())
+    # The orchestrator starts again and runs the job: the trial trains on to
+    # its last step (Tune's record of the trial it stopped is not restored).
+    events, files = asyncio.run(train(runner, job))
+    steps = [s["step"] for s in of(events, "step") if s["run"] == "trial-1"]
+    assert steps and steps[-1] == 18  # 2 epochs of 9 steps
+    [evaluation] = of(events, "evaluation")
+    assert [t["run"] for t in evaluation["trials"]] == ["trial-1"] and "adapter_model.safetensors" in files
+
+
 def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_to_a_first_comparison():
     from tunewire.services.training import search
 
@@ -409,39 +499,6 @@ def test_a_trial_tune_made_but_never_started_is_summarised_as_not_started():
     from ray.tune import Result
 
     from tunewire.services.training import search
-
-def test_a_search_its_orchestrator_stopped_runs_again_to_the_end(runner, tiny_model_dir, tmp_path):
-    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=2, learning_rate=None, search={"learning_rates": [5e-3]})
-
-    async def stopped_at_the_first_step():
-        # As the scheduler stops a job when the orchestrator shuts down: its task is cancelled.
-        events, started = [], asyncio.Event()
-
-        async def emit(kind, data):
-            events.append((kind, data))
-            if kind == "step":
-                started.set()
-
-        async def run():
-            async with runner.run(job, emit, asyncio.Event()):
-                pass
-
-        task = asyncio.create_task(run())
-        await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return events
-
-    asyncio.run(stopped_at_the_first_step())
-    # The orchestrator starts again and runs the job: the trial trains on to
-    # its last step (Tune's record of the trial it stopped is not restored).
-    events, files = asyncio.run(train(runner, job))
-    steps = [s["step"] for s in of(events, "step") if s["run"] == "trial-1"]
-    assert steps and steps[-1] == 18  # 2 epochs of 9 steps
-    [evaluation] = of(events, "evaluation")
-    assert [t["run"] for t in evaluation["trials"]] == ["trial-1"] and "adapter_model.safetensors" in files
-
 
     candidates = [{"run": f"trial-{i}", "learning_rate": lr, "lora_rank": 16} for i, lr in ((1, 2e-3), (2, 1e-3), (3, 4e-3))]
     done = {"epoch": 10.0, "finished": True, "objective": 0.1, "config": {"candidate": candidates[0]}}

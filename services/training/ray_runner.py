@@ -122,13 +122,7 @@ class RayTrainRunner:
         from ray.util.queue import Queue
 
         recipe = self.recipe(job)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if recipe.use_gpu and gpus < recipe.num_workers:
-            raise JobFailed(
-                f"the job asks for {recipe.num_workers} GPU worker(s) but the Ray cluster has {gpus:g} GPUs: "
-                "set use_gpu=false or point RAY_ADDRESS at a cluster with GPUs",
-                user_error=True,
-            )
+        check_fits(recipe, ray.cluster_resources())
         phases = _Phases(self.artifacts, recipe, emit, cancel, Queue(), Queue())
         try:
             final = layout.job_parts(job.id, layout.FINAL_DIR)
@@ -158,6 +152,48 @@ class RayTrainRunner:
         if recipe.use_gpu:
             return max(1, int(resources.get("GPU", 0) // recipe.num_workers))
         return max(1, int(resources.get("CPU", 0) // (recipe.num_workers + 1)))
+
+
+def _streams_data(recipe: RecipeConfig) -> bool:
+    return not all(recipe.kept_in_memory(split) for split in ("train", "validation"))
+
+
+def run_needs(recipe: RecipeConfig) -> dict[str, float]:
+    """What one training run holds at once: its workers, as Ray Train
+    reserves them, and a CPU for Ray Data's reading tasks where a split
+    streams through Ray Data (they run beside the workers, which hold theirs)."""
+    from ray.train import ScalingConfig
+
+    needs = dict(ScalingConfig(num_workers=recipe.num_workers, use_gpu=recipe.use_gpu).total_resources)
+    if _streams_data(recipe):
+        needs["CPU"] = needs.get("CPU", 0.0) + 1
+    return needs
+
+
+def task_needs(recipe: RecipeConfig) -> dict[str, float]:
+    """What the base measurement and the evaluation (one Ray task each) hold."""
+    return {"CPU": 1.0} | ({"GPU": 1.0} if recipe.use_gpu else {})
+
+
+def shortfall(needs: dict[str, float], have: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Each resource `needs` asks more of than `have` holds: (needed, held)."""
+    return {r: (n, have.get(r, 0.0)) for r, n in sorted(needs.items()) if n > have.get(r, 0.0) + 1e-9}
+
+
+def check_fits(recipe: RecipeConfig, cluster: dict[str, float]) -> None:
+    """Fails the job at once, as the user's error, when a phase of it could
+    never be placed on the cluster (`cluster`: Ray's total resources)."""
+    missing = shortfall(run_needs(recipe), cluster) | shortfall(task_needs(recipe), cluster)
+    if not missing:
+        return
+    what = " and ".join(f"{n:g} {r} (the Ray cluster has {h:g} in all)" for r, (n, h) in missing.items())
+    whose = f"{recipe.num_workers} worker(s)" + (" and Ray Data's reading of its splits" if _streams_data(recipe) else "")
+    hint = (
+        "set use_gpu=false or point RAY_ADDRESS at a cluster with GPUs"
+        if "GPU" in missing
+        else "lower num_workers or add nodes to the Ray cluster"
+    )
+    raise JobFailed(f"the job can never start: its {whose} need {what} at once: {hint}", user_error=True)
 
 
 class _Phases:
@@ -209,6 +245,8 @@ class _Phases:
             # a moment to wind down (the workers stop at their next step), so
             # what it leaves on storage is whole for the run that resumes it.
             stop_workers()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(done), STOP_WAIT_SECONDS)
             raise
         except (JobFailed, JobCancelled):
             raise
@@ -242,14 +280,25 @@ class _Phases:
             await self.emit(kind, data)
             timeout = 0
 
+    async def _say_if_waiting(self, needs: dict[str, float]) -> None:
+        """An event when the cluster has less free than the phase about to
+        start needs: it waits for other work to release it."""
+        import ray
+
+        short = shortfall(needs, ray.available_resources())
+        if short:
+            what = " and ".join(f"{n:g} {r} ({h:g} free now)" for r, (n, h) in short.items())
+            await self.emit(
+                "log", {"message": f"waiting for {what}: other work holds the rest of the Ray cluster; the job goes on when it is released"}
+            )
+
     async def _task(self, function, *args):
         """`function(*args)` as a Ray task with a worker's resources."""
         import ray
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(done), STOP_WAIT_SECONDS)
 
-        recipe: RecipeConfig = args[0]
-        ref = ray.remote(num_cpus=1, num_gpus=1 if recipe.use_gpu else 0, max_retries=1)(function).remote(*args)
+        needs = task_needs(args[0])
+        await self._say_if_waiting(needs)
+        ref = ray.remote(num_cpus=needs["CPU"], num_gpus=needs.get("GPU", 0), max_retries=1)(function).remote(*args)
         result = await self._relaying(lambda: ray.get(ref), on_cancel=lambda: ray.cancel(ref, force=True))
         if self.cancel.is_set():
             raise JobCancelled()
@@ -285,6 +334,7 @@ class _Phases:
         earlier = list_checkpoints(self.artifacts, self.job_id, recipe.run)
         how = f"resuming from the checkpoint of step {earlier[-1]['step']}" if earlier else "from the start"
         await self.emit("log", {"message": f"starting Ray Train ({how}): {recipe.num_workers} worker(s), {recipe.total_steps} steps"})
+        await self._say_if_waiting(run_needs(recipe))
         trainer = make_trainer(recipe, self.progress, self.control)
         result = await self._relaying(trainer.fit)
         outcome = self.outcomes.get(recipe.run, {})
@@ -311,6 +361,7 @@ class _Phases:
             "log",
             {"message": f"searching {len(plan.candidates)} trials ({described}), {concurrent} at a time, within {plan.max_seconds} s"},
         )
+        await self._say_if_waiting(run_needs(recipe))
         storage = self.artifacts.uri(*layout.job_parts(self.job_id))
         trainer = functools.partial(make_trainer, progress=self.progress, control=self.control)
         summaries, user_error = await self._relaying(
