@@ -98,12 +98,31 @@ def best_validation(evals: list[dict]) -> dict:
     return min(evals, key=lambda e: (validation_score(e["loss"], e.get("answer_recall")), e["step"]))
 
 
-def test_two_workers_train_evaluate_and_checkpoint_a_lora_adapter(runner, tiny_model_dir, tmp_path):
+def test_two_workers_wait_for_room_then_train_evaluate_and_checkpoint_a_lora_adapter(runner, tiny_model_dir, tmp_path):
+    import ray
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    @ray.remote(num_cpus=3)
+    class Holder:  # other work on the cluster: 3 of its 4 CPUs, released once the job says it waits
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+
+    def release(kind, data) -> bool:
+        if kind == "log" and data["message"].startswith("waiting for"):
+            ray.kill(holder)
+        return False
+
     job = make_job(tmp_path, tiny_model_dir, sums(60))
-    events, files = asyncio.run(train(runner, job))
+    try:
+        events, files = asyncio.run(train(runner, job, cancel_when=release))
+    finally:
+        ray.kill(holder)
+    waiting = [d["message"] for d in of(events, "log") if d["message"].startswith("waiting for")]
+    assert len(waiting) == 1 and waiting[0].startswith("waiting for 2 CPU (1 free now): other work holds the rest of the Ray cluster")
     steps = of(events, "step")
     # 36 training rows, 18 per worker, batches of 4: 5 steps an epoch.
     assert [s["step"] for s in steps] == list(range(1, 11))
@@ -200,32 +219,6 @@ def test_cancel_then_resume_from_the_checkpoint(runner, tiny_model_dir, tmp_path
     events, _ = asyncio.run(train(runner, job))
     assert any("resuming from the checkpoint of step 5" in d["message"] for d in of(events, "log"))
     assert of(events, "step")[0]["step"] == 6 and of(events, "step")[-1]["step"] == 20
-
-
-def test_a_run_waiting_for_room_says_so_and_goes_on_when_it_is_released(runner, tiny_model_dir, tmp_path):
-    import ray
-
-    @ray.remote(num_cpus=3)
-    class Holder:  # other work on the cluster: 3 of its 4 CPUs
-        def ready(self) -> bool:
-            return True
-
-    holder = Holder.remote()
-    ray.get(holder.ready.remote())
-
-    def release(kind, data) -> bool:
-        if kind == "log" and "waiting for 2 CPU (1 free now)" in data["message"]:
-            ray.kill(holder)
-        return False
-
-    try:
-        job = make_job(tmp_path, tiny_model_dir, sums(20), workers=2, epochs=1)
-        events, files = asyncio.run(train(runner, job, cancel_when=release))
-    finally:
-        ray.kill(holder)
-    waiting = [d["message"] for d in of(events, "log") if d["message"].startswith("waiting for")]
-    assert waiting == ["waiting for 2 CPU (1 free now): other work holds the rest of the Ray cluster; the job goes on when it is released"]
-    assert of(events, "step") and "adapter_model.safetensors" in files
 
 
 class ListQueue:
@@ -394,26 +387,14 @@ def test_no_checkpoint_within_the_budget_publishes_the_least_forgetting_and_says
     assert over and not any(c["within_budget"] for c in over)
 
 
-def test_a_cancelled_search_resumes_its_trials_where_they_stopped(runner, tiny_model_dir, tmp_path):
+def test_a_search_stopped_by_a_cancel_or_its_orchestrator_resumes_its_trials_where_they_stopped(runner, tiny_model_dir, tmp_path):
     job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=4, learning_rate=None, search={"learning_rates": [5e-3, 1e-3]})
     with pytest.raises(JobCancelled):
         asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint" and data["step"] >= 10))
     saved = {c["run"]: c["step"] for c in runner.checkpoints(job.id)}
     assert saved.get("trial-1", 0) >= 10
-    # Run again (as after an orchestrator restart): Tune's saved state is
-    # restored and the interrupted trial goes on from its checkpoint.
-    events, files = asyncio.run(train(runner, job))
-    steps = [s["step"] for s in of(events, "step") if s["run"] == "trial-1"]
-    assert steps and steps[0] == saved["trial-1"] + 1 and steps[-1] == 36  # 4 epochs of 9 steps
-    [evaluation] = of(events, "evaluation")
-    assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
-    assert "adapter_model.safetensors" in files
 
-
-def test_a_search_its_orchestrator_stopped_runs_again_to_the_end(runner, tiny_model_dir, tmp_path):
-    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=2, learning_rate=None, search={"learning_rates": [5e-3]})
-
-    async def stopped_at_the_first_step():
+    async def orchestrator_stops_at_the_first_step():
         # As the scheduler stops a job when the orchestrator shuts down: its task is cancelled.
         events, started = [], asyncio.Event()
 
@@ -431,16 +412,18 @@ def test_a_search_its_orchestrator_stopped_runs_again_to_the_end(runner, tiny_mo
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return events
+        return [d["step"] for k, d in events if k == "step"]
 
-    asyncio.run(stopped_at_the_first_step())
-    # The orchestrator starts again and runs the job: the trial trains on to
-    # its last step (Tune's record of the trial it stopped is not restored).
+    assert asyncio.run(orchestrator_stops_at_the_first_step())[0] == saved["trial-1"] + 1
+    # Run again (as after an orchestrator restart): the interrupted trial goes
+    # on from its checkpoint (Tune's record of the trials it stopped, which
+    # would end them, is not restored), to its last step.
     events, files = asyncio.run(train(runner, job))
     steps = [s["step"] for s in of(events, "step") if s["run"] == "trial-1"]
-    assert steps and steps[-1] == 18  # 2 epochs of 9 steps
+    assert steps and steps[0] == saved["trial-1"] + 1 and steps[-1] == 36  # 4 epochs of 9 steps
     [evaluation] = of(events, "evaluation")
-    assert [t["run"] for t in evaluation["trials"]] == ["trial-1"] and "adapter_model.safetensors" in files
+    assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
+    assert "adapter_model.safetensors" in files
 
 
 def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_to_a_first_comparison():

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -43,6 +44,38 @@ log = logging.getLogger(__name__)
 # How long a phase whose orchestrator stops may take to wind down (within
 # Kubernetes' default 30 s termination grace period).
 STOP_WAIT_SECONDS = 20.0
+# How long a phase looks again before it says it waits for room.
+WAITING_RECHECK_SECONDS = 1.0
+
+
+class RayConnectionError(ConnectionError):
+    """The Ray cluster RAY_ADDRESS names cannot be used, and why."""
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fails at once, naming the address, when nothing accepts connections
+    at a host:port Ray address (Ray itself retries for minutes)."""
+    import socket
+
+    if "://" in address or ":" not in address:  # "auto", or a scheme Ray resolves itself
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise RayConnectionError(
+            f"no Ray cluster answers at RAY_ADDRESS={address} ({exc}): start one there (`ray start --head`), or set "
+            "RAY_ADDRESS to its head node's GCS address (host:6379); leave it empty for a local Ray"
+        ) from exc
+
+
+def ray_token_source() -> str:
+    """Where Ray's clients find a token here ("" where none is), in Ray's order."""
+    for variable in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        if os.environ.get(variable):
+            return variable
+    return "~/.ray/auth_token" if (Path.home() / ".ray" / "auth_token").exists() else ""
 
 
 class RayTrainRunner:
@@ -53,39 +86,73 @@ class RayTrainRunner:
         self.model_cache = model_cache
 
     def start(self) -> None:
-        """Connects to Ray (blocking, seconds): call before serving. A local
-        cluster's start-up can time out on a loaded machine: it is retried."""
+        """Connects to Ray (blocking, seconds): call before serving. An
+        existing cluster that cannot be used stops the service, saying why; a
+        local cluster's start-up can time out on a loaded machine: it is retried."""
         import ray
-        from tenacity import before_sleep_log, retry, stop_after_attempt, wait_fixed
 
         if ray.is_initialized():
             return
-
-        @retry(stop=stop_after_attempt(3), wait=wait_fixed(2), reraise=True, before_sleep=before_sleep_log(log, logging.WARNING))
-        def connect() -> None:
-            try:
-                if self.ray_address:
-                    ray.init(address=self.ray_address, logging_level=logging.WARNING)
-                else:
-                    # The dashboard serves Ray's state API, which Ray Train uses to
-                    # free the workers of a run whose driver was stopped (as Ray Tune
-                    # stops a trial): without it their CPUs stay reserved.
-                    ray.init(
-                        num_cpus=self.num_cpus,
-                        include_dashboard=True,
-                        dashboard_host="127.0.0.1",
-                        dashboard_port=None,
-                        logging_level=logging.WARNING,
-                    )
-            except Exception:
-                ray.shutdown()
-                raise
-
-        connect()
+        if self.ray_address:
+            self._connect_to_cluster()
+        else:
+            self._start_local_cluster()
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
         log.info("Ray ready: %s", ray.cluster_resources())
+
+    def _connect_to_cluster(self) -> None:
+        import ray
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+        check_reachable(self.ray_address)
+        token = ray_token_source()
+        # A driver joining a cluster sends a token only in token mode
+        # (RAY_AUTH_MODE=token). Ray's own rule for when it is unset: token
+        # mode where a token is found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+        # ~/.ray/auth_token); a cluster without authentication ignores it.
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        try:
+            ray.init(address=self.ray_address, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            ray.shutdown()
+            # It answered (check_reachable), then refused: Ray's error does not
+            # say why, and its log names the cause only among its retries.
+            cause = (
+                f"the token in {token} is not the cluster's"
+                if token
+                else "it most likely requires Ray's token authentication (Ray 2.60's default) and no token was given: set "
+                "RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it (a mounted secret); "
+                "`ray get-auth-token` on the head prints it"
+            )
+            raise RayConnectionError(
+                f"the Ray cluster at RAY_ADDRESS={self.ray_address} answers but refused this service: {cause}. "
+                f"Otherwise it may run another Ray version than this service's {ray.__version__}"
+            ) from exc
+
+    def _start_local_cluster(self) -> None:
+        import ray
+        from tenacity import before_sleep_log, retry, stop_after_attempt, wait_fixed
+
+        @retry(stop=stop_after_attempt(3), wait=wait_fixed(2), reraise=True, before_sleep=before_sleep_log(log, logging.WARNING))
+        def start() -> None:
+            try:
+                # The dashboard serves Ray's state API, which Ray Train uses to
+                # free the workers of a run whose driver was stopped (as Ray Tune
+                # stops a trial): without it their CPUs stay reserved.
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=None,
+                    logging_level=logging.WARNING,
+                )
+            except Exception:
+                ray.shutdown()
+                raise
+
+        start()
 
     def shutdown(self) -> None:
         import ray
@@ -286,6 +353,9 @@ class _Phases:
         import ray
 
         short = shortfall(needs, ray.available_resources())
+        if short:  # a phase that just ended may not have released its share yet
+            await asyncio.sleep(WAITING_RECHECK_SECONDS)
+            short = shortfall(needs, ray.available_resources())
         if short:
             what = " and ".join(f"{n:g} {r} ({h:g} free now)" for r, (n, h) in short.items())
             await self.emit(
