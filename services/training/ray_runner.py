@@ -432,11 +432,8 @@ class _Phases:
             {"message": f"searching {len(plan.candidates)} trials ({described}), {concurrent} at a time, within {plan.max_seconds} s"},
         )
         await self._say_if_waiting(run_needs(recipe))
-        storage = self.artifacts.uri(*layout.job_parts(self.job_id))
         trainer = functools.partial(make_trainer, progress=self.progress, control=self.control)
-        summaries, user_error = await self._relaying(
-            lambda: run_search(recipe, plan, storage, trainer, concurrent, self.trial_events, self.stop)
-        )
+        summaries, user_error = await self._relaying(lambda: run_search(recipe, plan, trainer, concurrent, self.trial_events, self.stop))
         if self.cancel.is_set():
             raise JobCancelled()
         if user_error:

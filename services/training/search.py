@@ -204,7 +204,6 @@ class StopSearch(Stopper):
 def run_search(
     recipe: RecipeConfig,
     plan: SearchPlan,
-    storage_path: str,
     make_trainer,
     concurrent: int,
     events: TrialEvents,
@@ -231,6 +230,8 @@ def run_search(
     ]
     # A trial's driver does no work itself: its TorchTrainer asks for the workers.
     trainable = tune.with_resources(run_trial, {"CPU": 0.01})
+    artifacts = ArtifactStore(recipe.artifact_root)
+    storage_path = artifacts.uri(*job_parts(recipe.job_id))  # beside the job's checkpoints
     path = f"{storage_path}/{TUNE_DIR}"
     _CHANNELS[recipe.job_id] = _Channels(events, stop)
     try:
@@ -265,7 +266,7 @@ def run_search(
             # the job needs: it starts a fresh experiment whose trials resume
             # from them. (After a crash Tune's state is kept: its trials are
             # still running there, and restore resumes them.)
-            ArtifactStore(recipe.artifact_root).delete(*job_parts(recipe.job_id), TUNE_DIR)
+            artifacts.delete(*job_parts(recipe.job_id), TUNE_DIR)
     finally:
         _CHANNELS.pop(recipe.job_id, None)
     return summarize_trials(results, candidates, scheduler_epochs(recipe, plan)[1], events, add_unstarted=not stop.is_set())
