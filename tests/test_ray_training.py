@@ -149,6 +149,40 @@ def test_two_workers_wait_for_room_then_train_evaluate_and_checkpoint_a_lora_ada
     assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # trained, not the zero init
 
 
+@pytest.mark.timeout(120, method="thread")  # the job would wait for ever: stop the run
+def test_a_job_cancelled_while_it_waits_for_room_stops_and_lets_its_placement_group_go(runner, tiny_model_dir, tmp_path):
+    import ray
+    from ray.util import placement_group_table
+
+    @ray.remote(num_cpus=3)
+    class Holder:  # other work holds 3 of the cluster's 4 CPUs for the whole test
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    job, cancel = make_job(tmp_path, tiny_model_dir, sums(20)), asyncio.Event()
+
+    async def emit(kind, data):
+        if kind == "log" and data["message"].startswith("waiting for"):
+            # Cancelled while Ray Train waits for the room (its workers not started).
+            asyncio.get_running_loop().call_later(3, cancel.set)
+
+    async def run():
+        async with runner.run(job, emit, cancel):
+            pass
+
+    try:
+        with pytest.raises(JobCancelled):
+            asyncio.run(run())
+        # Nothing of the job holds or asks for the cluster's room any more.
+        assert all(group["state"] == "REMOVED" for group in placement_group_table().values())
+        assert ray.available_resources().get("CPU") == 1.0
+    finally:
+        ray.kill(holder)
+    assert not runner.checkpoints(job.id)
+
+
 def test_early_stopping_publishes_the_best_checkpoint(runner, tiny_model_dir, tmp_path):
     # Validation answers contradict training answers: the better the model
     # fits train, the worse validation gets.
@@ -249,7 +283,7 @@ def test_workers_are_told_to_stop_when_the_orchestrator_stops_following_their_ru
     phases = _Phases(None, SimpleNamespace(job_id="job-x"), lambda kind, data: None, asyncio.Event(), ListQueue(), control)
 
     async def follow_then_stop():
-        task = asyncio.create_task(phases._relaying(lambda: told.wait(10), on_cancel=told.set))
+        task = asyncio.create_task(phases._relaying(lambda: told.wait(10), {}, on_cancel=told.set))
         await asyncio.sleep(0.3)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -257,6 +291,23 @@ def test_workers_are_told_to_stop_when_the_orchestrator_stops_following_their_ru
 
     asyncio.run(follow_then_stop())
     assert control.items == ["cancel"] and phases.stop.is_set() and told.is_set()
+
+
+def test_a_running_job_says_when_the_cluster_loses_the_room_it_needs_and_when_it_is_back(monkeypatch):
+    import ray
+
+    from tunewire.services.training.ray_runner import RoomWatch
+
+    totals = iter([{"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 3.0}])  # a node leaves, another joins
+    monkeypatch.setattr(ray, "cluster_resources", lambda: next(totals))
+    watch = RoomWatch({"CPU": 2.0}, every=0)
+    said = [watch.check() for _ in range(4)]
+    assert said[0] == said[2] == ""  # nothing changed
+    assert said[1].startswith(
+        "the Ray cluster no longer has the room for this job, which needs 2 CPU (the cluster has 1 in all now) at once"
+    )
+    assert "waits for the room to come back" in said[1] and "cancel it to stop waiting" in said[1]
+    assert said[3].startswith("the Ray cluster has the room for this job again")
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes(runner, tiny_model_dir, tmp_path):

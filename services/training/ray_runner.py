@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -46,6 +47,14 @@ log = logging.getLogger(__name__)
 STOP_WAIT_SECONDS = 20.0
 # How long a phase looks again before it says it waits for room.
 WAITING_RECHECK_SECONDS = 1.0
+# How often a running phase checks that the cluster still has its room.
+ROOM_CHECK_SECONDS = 5.0
+# How long a Ray Train controller waits for its workers' placement group
+# before it tries again (Ray's default is 60 s). A cancel reaches a run that
+# waits for room only between tries (cancel_check), so this bounds how long
+# it takes to let go. An operator's own RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S wins.
+WORKER_GROUP_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_GROUP_START_TIMEOUT_SECONDS = 10
 
 
 class RayConnectionError(ConnectionError):
@@ -76,6 +85,13 @@ def ray_token_source() -> str:
         if os.environ.get(variable):
             return variable
     return "~/.ray/auth_token" if (Path.home() / ".ray" / "auth_token").exists() else ""
+
+
+def job_runtime_env() -> dict:
+    """What every task and actor of the service's Ray job runs with (the
+    Ray Train controllers of Ray Tune's trials among them)."""
+    timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_VAR, str(WORKER_GROUP_START_TIMEOUT_SECONDS))
+    return {"env_vars": {WORKER_GROUP_START_TIMEOUT_VAR: timeout}}
 
 
 class RayTrainRunner:
@@ -114,7 +130,7 @@ class RayTrainRunner:
         # ~/.ray/auth_token); a cluster without authentication ignores it.
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
-            ray.init(address=self.ray_address, logging_level=logging.WARNING)
+            ray.init(address=self.ray_address, runtime_env=job_runtime_env(), logging_level=logging.WARNING)
         except ConnectionError as exc:
             ray.shutdown()
             # It answered (check_reachable), then refused: Ray's error does not
@@ -146,6 +162,7 @@ class RayTrainRunner:
                     include_dashboard=True,
                     dashboard_host="127.0.0.1",
                     dashboard_port=None,
+                    runtime_env=job_runtime_env(),
                     logging_level=logging.WARNING,
                 )
             except Exception:
@@ -187,10 +204,14 @@ class RayTrainRunner:
     async def run(self, job: Job, emit: EmitEvent, cancel: asyncio.Event) -> AsyncIterator[Path]:
         import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         recipe = self.recipe(job)
         check_fits(recipe, ray.cluster_resources())
-        phases = _Phases(self.artifacts, recipe, emit, cancel, Queue(), Queue())
+        # The job's queues live on this service's own node: a node that leaves
+        # mid-job takes its workers, never the job's way to talk to them.
+        here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+        phases = _Phases(self.artifacts, recipe, emit, cancel, Queue(actor_options=here), Queue(actor_options=here))
         try:
             final = layout.job_parts(job.id, layout.FINAL_DIR)
             if not self.artifacts.exists(*final):
@@ -263,6 +284,38 @@ def check_fits(recipe: RecipeConfig, cluster: dict[str, float]) -> None:
     raise JobFailed(f"the job can never start: its {whose} need {what} at once: {hint}", user_error=True)
 
 
+class RoomWatch:
+    """Watches whether the Ray cluster as a whole still has the room a
+    running phase needs at once. A node that leaves mid-run (a lost machine,
+    a pod rescheduled) can take it away: Ray Train then waits for the room to
+    start the run's workers again, and would wait without a word."""
+
+    def __init__(self, needs: dict[str, float], every: float = ROOM_CHECK_SECONDS):
+        self.needs, self.every = needs, every
+        self.checked = time.monotonic()
+        self.short = False
+
+    def check(self) -> str:
+        """What changed since the last check, in words for the job's events ('' for nothing)."""
+        import ray
+
+        if not self.needs or time.monotonic() - self.checked < self.every:
+            return ""
+        self.checked = time.monotonic()
+        short = shortfall(self.needs, ray.cluster_resources())
+        if bool(short) == self.short:
+            return ""
+        self.short = bool(short)
+        if not short:
+            return "the Ray cluster has the room for this job again: it goes on (training from its latest checkpoint)"
+        what = " and ".join(f"{n:g} {r} (the cluster has {h:g} in all now)" for r, (n, h) in short.items())
+        return (
+            f"the Ray cluster no longer has the room for this job, which needs {what} at once: a node has most likely left. "
+            "The job waits for the room to come back (a node restarted or added), then goes on (training from its latest checkpoint); "
+            "cancel it to stop waiting"
+        )
+
+
 class _Phases:
     """One job's phases, with what they share: the progress and control
     queues, the events relayed, and each run's validation history."""
@@ -286,10 +339,13 @@ class _Phases:
             with contextlib.suppress(Exception):
                 queue.shutdown()
 
-    async def _relaying(self, blocking: Callable, on_cancel: Callable[[], None] | None = None):
+    async def _relaying(self, blocking: Callable, needs: dict[str, float], on_cancel: Callable[[], None] | None = None):
         """Runs `blocking` in a thread and relays progress while it runs;
-        a cancellation reaches the workers (and the search) at once."""
+        a cancellation reaches the workers (and the search) at once. `needs`
+        (what the phase holds of the cluster at once) is watched against the
+        cluster's room (RoomWatch)."""
         done = asyncio.create_task(asyncio.to_thread(blocking))
+        room = RoomWatch(needs)
 
         def stop_workers() -> None:
             if not self.stop.is_set():
@@ -303,6 +359,8 @@ class _Phases:
                 if self.cancel.is_set():
                     stop_workers()
                 await self._relay(timeout=0.5)
+                if message := room.check():
+                    await self.emit("log", {"message": message})
             await self._relay(timeout=0)
             return done.result()
         except asyncio.CancelledError:
@@ -369,7 +427,7 @@ class _Phases:
         needs = task_needs(args[0])
         await self._say_if_waiting(needs)
         ref = ray.remote(num_cpus=needs["CPU"], num_gpus=needs.get("GPU", 0), max_retries=1)(function).remote(*args)
-        result = await self._relaying(lambda: ray.get(ref), on_cancel=lambda: ray.cancel(ref, force=True))
+        result = await self._relaying(lambda: ray.get(ref), needs, on_cancel=lambda: ray.cancel(ref, force=True))
         if self.cancel.is_set():
             raise JobCancelled()
         if isinstance(result, dict) and result.get("user_error"):
@@ -404,9 +462,10 @@ class _Phases:
         earlier = list_checkpoints(self.artifacts, self.job_id, recipe.run)
         how = f"resuming from the checkpoint of step {earlier[-1]['step']}" if earlier else "from the start"
         await self.emit("log", {"message": f"starting Ray Train ({how}): {recipe.num_workers} worker(s), {recipe.total_steps} steps"})
-        await self._say_if_waiting(run_needs(recipe))
+        needs = run_needs(recipe)
+        await self._say_if_waiting(needs)
         trainer = make_trainer(recipe, self.progress, self.control)
-        result = await self._relaying(trainer.fit)
+        result = await self._relaying(trainer.fit, needs)
         outcome = self.outcomes.get(recipe.run, {})
         if outcome.get("user_error"):
             raise JobFailed(outcome["user_error"], user_error=True)
@@ -431,9 +490,12 @@ class _Phases:
             "log",
             {"message": f"searching {len(plan.candidates)} trials ({described}), {concurrent} at a time, within {plan.max_seconds} s"},
         )
-        await self._say_if_waiting(run_needs(recipe))
+        needs = run_needs(recipe)  # a trial's
+        await self._say_if_waiting(needs)
         trainer = functools.partial(make_trainer, progress=self.progress, control=self.control)
-        summaries, user_error = await self._relaying(lambda: run_search(recipe, plan, trainer, concurrent, self.trial_events, self.stop))
+        summaries, user_error = await self._relaying(
+            lambda: run_search(recipe, plan, trainer, concurrent, self.trial_events, self.stop), needs
+        )
         if self.cancel.is_set():
             raise JobCancelled()
         if user_error:
@@ -544,7 +606,7 @@ def make_trainer(config: RecipeConfig, progress, control, callbacks: list | None
         run_config=RunConfig(
             name=layout.run_name(config.run, attempt),
             storage_path=artifacts.uri(*layout.job_parts(config.job_id)),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), cancel_check(control)],
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.training.keep_checkpoints,
                 checkpoint_score_attribute="selection_score",
@@ -553,6 +615,26 @@ def make_trainer(config: RecipeConfig, progress, control, callbacks: list | None
             failure_config=FailureConfig(max_failures=2),
         ),
     )
+
+
+def cancel_check(control):
+    """A Ray Train callback its controller runs before each try to start the
+    run's workers: where the job is cancelled (the control queue holds the
+    cancel), the run ends there. Workers that never started read no control
+    queue, and a run that waits for the cluster's room tries again every
+    WORKER_GROUP_START_TIMEOUT_SECONDS, each try's placement group let go."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class CancelCheck(WorkerGroupCallback):
+        def before_worker_group_start(self, worker_group_context) -> None:
+            if control.qsize():
+                import ray
+
+                # The controller lets an actor exit through (nothing retries it);
+                # fit() then raises, and the phase ends as cancelled.
+                ray.actor.exit_actor()
+
+    return CancelCheck()
 
 
 def _split(uri: str, split: str):
