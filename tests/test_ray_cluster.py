@@ -1,8 +1,11 @@
-"""The training service's connection to a Ray cluster started apart from it,
-as an operator runs one (`ray start --head`, Ray's token authentication on):
-it connects with the cluster's token, taken where Ray's own clients take it,
-and fails naming the cause without it, or where no cluster answers."""
+"""The training service on a Ray cluster started apart from it, as an
+operator runs one: a head and a worker node (`ray start`, on loopback), Ray's
+token authentication on as Ray 2.60 defaults. The service connects with the
+cluster's token, taken where Ray's own clients take it, and fails naming the
+cause without it, or where no cluster answers; a two-worker job runs across
+both nodes and survives its orchestrator killed mid-job."""
 
+import contextlib
 import os
 import secrets
 import signal
@@ -10,12 +13,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from tunewire.clients.local_stack import LocalStack
+from tunewire.clients.sdk import DatasetClient, TrainingClient
 from tunewire.services.training.ray_runner import RayConnectionError, check_reachable
+from tunewire.v1 import training_pb2
+
+from conftest import prompt_completion_jsonl
 
 # The service's start-up, in a process of its own (a process joins one Ray cluster).
 CONNECT = """
@@ -55,60 +65,130 @@ def test_an_address_where_nothing_answers_is_named_at_once():
     assert time.monotonic() - started < 10
 
 
+def _ray_node(env: dict, *args: str) -> subprocess.Popen:
+    """`ray start ... --block`: a Ray node in a process group of its own."""
+    # Ray's socket paths must stay short: each node's session directory goes under /tmp.
+    temp = tempfile.mkdtemp(prefix="tw-ray-")
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", *args, "--num-cpus=1", f"--temp-dir={temp}", "--block"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_started(node: subprocess.Popen) -> subprocess.Popen:
+    for line in node.stdout:
+        if "Ray runtime started" in line:
+            threading.Thread(target=node.stdout.read, daemon=True).start()  # its later output, read so it never blocks
+            return node
+    raise AssertionError(f"the Ray node exited with code {node.wait()} before it started")
+
+
 @pytest.fixture(scope="module")
 def token_cluster(tmp_path_factory):
-    """A one-node Ray cluster with token authentication, stopped at the end."""
+    """A Ray cluster of a head and a worker node (1 CPU each) with token
+    authentication, stopped at the end."""
     token = secrets.token_hex(16)
     port = _free_port()
     home = tmp_path_factory.mktemp("home")
-    # Ray's socket paths must stay short: its session directory goes under /tmp.
-    temp = tempfile.mkdtemp(prefix="tw-ray-")
     env = _without_ray_auth(home) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    ray = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen(
-        [str(ray), "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            check_reachable(address, timeout=1)
-            break
-        except RayConnectionError:
-            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-            time.sleep(1)
+    cluster = SimpleNamespace(address=f"127.0.0.1:{port}", token=token, home=home, nodes={})
+    cluster.add_worker = lambda: _wait_started(_ray_node(env, f"--address={cluster.address}"))
     try:
-        yield address, token, home
+        # The head's dashboard serves Ray's state API, which Ray Train's placement group cleaner asks.
+        cluster.nodes["head"] = _wait_started(_ray_node(env, "--head", f"--port={port}", f"--dashboard-port={_free_port()}"))
+        cluster.nodes["worker"] = cluster.add_worker()
+        check_reachable(cluster.address)
+        yield cluster
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the head and every Ray process it started
-        head.wait()
+        for node in reversed(cluster.nodes.values()):  # each node and every Ray process it started
+            with contextlib.suppress(ProcessLookupError):  # a node a test killed
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
 
 
 def test_the_service_connects_with_the_clusters_token_from_the_environment(token_cluster, tmp_path):
-    address, token, home = token_cluster
+    address, token, home = token_cluster.address, token_cluster.token, token_cluster.home
     done = _connect(address, _without_ray_auth(home) | {"RAY_AUTH_TOKEN": token}, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "connected, CPUs: 1.0" in done.stdout
+    assert "connected, CPUs: 2.0" in done.stdout
 
 
 def test_the_service_connects_with_the_token_in_a_mounted_file(token_cluster, tmp_path):
-    address, token, home = token_cluster
+    address, token, home = token_cluster.address, token_cluster.token, token_cluster.home
     (tmp_path / "secret").mkdir()
     (tmp_path / "secret" / "token").write_text(token)
     done = _connect(address, _without_ray_auth(home) | {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "secret" / "token")}, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "connected, CPUs: 1.0" in done.stdout
+    assert "connected, CPUs: 2.0" in done.stdout
 
 
 def test_without_the_token_the_service_says_the_cluster_wants_one(token_cluster, tmp_path):
-    address, _, home = token_cluster
+    address, home = token_cluster.address, token_cluster.home
     started = time.monotonic()
     done = _connect(address, _without_ray_auth(home), tmp_path)
     assert done.returncode != 0
     assert f"the Ray cluster at RAY_ADDRESS={address} answers but refused this service" in done.stderr
     assert "requires Ray's token authentication (Ray 2.60's default) and no token was given: set RAY_AUTH_TOKEN" in done.stderr
     assert time.monotonic() - started < 120
+
+
+def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node_killed(token_cluster, tmp_path, tiny_model_dir):
+    """The services pointed at the cluster as the README tells an operator
+    (RAY_ADDRESS, RAY_AUTH_TOKEN). Each node has one CPU: the job's two
+    workers run one on each. Its orchestrator is killed mid-job, then the
+    worker node; each time the job goes on from its latest checkpoint."""
+    cluster = token_cluster
+    env = _without_ray_auth(cluster.home) | {
+        "RAY_ADDRESS": cluster.address,
+        "RAY_AUTH_TOKEN": cluster.token,
+        "TUNEWIRE_HOME": str(tmp_path / "home"),
+        "TUNEWIRE_DATASET_PORT": str(_free_port()),
+        "TUNEWIRE_TRAINING_PORT": str(_free_port()),
+        "TUNEWIRE_MODEL_ROOTS": str(tiny_model_dir),
+    }
+    hyperparameters = {"epochs": 4, "batch_size": 4, "eval_every_steps": 2, "early_stopping_patience": 0, "learning_rate": 1e-2}
+    with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
+        with DatasetClient(datasets.address("dataset")) as client:
+            dataset = client.upload(prompt_completion_jsonl(60), name="sums").dataset
+        first = LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs")
+        with first, TrainingClient(first.address("training")) as training:
+            job = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters, num_workers=2)
+            for event in training.stream_events(job.id, timeout=300):
+                if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 8:
+                    break
+            first.processes["training"].kill()  # SIGKILL: no chance to clean up
+            first.processes["training"].wait()
+        with (
+            LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs") as second,
+            TrainingClient(second.address("training")) as training,
+        ):
+            events, node_killed = [], False
+            for event in training.stream_events(job.id, timeout=600):
+                events.append(event)
+                kind = event.WhichOneof("event")
+                if kind == "checkpoint" and event.checkpoint.step >= 14 and not node_killed:
+                    os.killpg(cluster.nodes["worker"].pid, signal.SIGKILL)  # the node and its Ray worker
+                    cluster.nodes["worker"].wait()
+                    node_killed = True
+                if kind == "log" and "no longer has the room" in event.log:
+                    cluster.nodes["worker"] = cluster.add_worker()  # a node takes its place
+            job = training.get_job(job.id)
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    logs = [e.log for e in events if e.WhichOneof("event") == "log"]
+    assert any("starting Ray Train (from the start): 2 worker(s)" in line for line in logs), logs
+    restart = max(i for i, e in enumerate(events) if e.WhichOneof("event") == "log" and "orchestrator running this job stopped" in e.log)
+    resumed = [e.log for e in events[restart:] if e.WhichOneof("event") == "log" and "resuming from the checkpoint of step" in e.log]
+    assert resumed and "2 worker(s)" in resumed[0], logs
+    # 48 training rows, 24 a worker, batches of 4: 6 steps an epoch. The
+    # checkpoint of step 8 or later resumes at its epoch's first step.
+    steps = [e.step.step for e in events[restart:] if e.WhichOneof("event") == "step"]
+    assert steps[0] in (7, 13) and steps[-1] == job.latest_step.total_steps == 24
+    # The node lost: the job said so, waited, and went on from a checkpoint once a node took its place.
+    lost = next(i for i, line in enumerate(logs) if "no longer has the room" in line)
+    assert "needs 2 CPU (the cluster has 1 in all now)" in logs[lost]
+    assert any("has the room for this job again" in line for line in logs[lost:]), logs
+    assert any("resumed from the checkpoint of step" in line for line in logs[lost:]), logs

@@ -54,7 +54,7 @@ def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_
                 str(tiny_model_dir),
                 dataset.id,
                 {
-                    "epochs": 4,
+                    "epochs": 2,
                     "batch_size": 4,
                     "eval_every_steps": 2,
                     "early_stopping_patience": 0,
@@ -104,7 +104,7 @@ def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model
     state is restored, the interrupted trial resumes from its checkpoint and
     the search ends with every trial in the report."""
     env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=50263, training_port=50264), _SUMS
-    hyperparameters = {"epochs": 3, "batch_size": 4, "eval_every_steps": 4, "early_stopping_patience": 0, "warmup_fraction": 0.0}
+    hyperparameters = {"epochs": 2, "batch_size": 4, "eval_every_steps": 4, "early_stopping_patience": 0, "warmup_fraction": 0.0}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:
             dataset = client.upload(rows, name="sums").dataset
