@@ -268,13 +268,19 @@ def shortfall(needs: dict[str, float], have: dict[str, float]) -> dict[str, tupl
     return {r: (n, have.get(r, 0.0)) for r, n in sorted(needs.items()) if n > have.get(r, 0.0) + 1e-9}
 
 
+def describe_shortfall(short: dict[str, tuple[float, float]], having: str) -> str:
+    """Each resource `shortfall` found short, in words: '2 CPU (1 free now)',
+    with `having` ('{:g} free now') saying what there is."""
+    return " and ".join(f"{n:g} {r} ({having.format(h)})" for r, (n, h) in short.items())
+
+
 def check_fits(recipe: RecipeConfig, cluster: dict[str, float]) -> None:
     """Fails the job at once, as the user's error, when a phase of it could
     never be placed on the cluster (`cluster`: Ray's total resources)."""
     missing = shortfall(run_needs(recipe), cluster) | shortfall(task_needs(recipe), cluster)
     if not missing:
         return
-    what = " and ".join(f"{n:g} {r} (the Ray cluster has {h:g} in all)" for r, (n, h) in missing.items())
+    what = describe_shortfall(missing, "the Ray cluster has {:g} in all")
     whose = f"{recipe.num_workers} worker(s)" + (" and Ray Data's reading of its splits" if _streams_data(recipe) else "")
     hint = (
         "set use_gpu=false or point RAY_ADDRESS at a cluster with GPUs"
@@ -308,7 +314,7 @@ class RoomWatch:
         self.short = bool(short)
         if not short:
             return "the Ray cluster has the room for this job again: it goes on (training from its latest checkpoint)"
-        what = " and ".join(f"{n:g} {r} (the cluster has {h:g} in all now)" for r, (n, h) in short.items())
+        what = describe_shortfall(short, "the cluster has {:g} in all now")
         return (
             f"the Ray cluster no longer has the room for this job, which needs {what} at once: a node has most likely left. "
             "The job waits for the room to come back (a node restarted or added), then goes on (training from its latest checkpoint); "
@@ -415,7 +421,7 @@ class _Phases:
             await asyncio.sleep(WAITING_RECHECK_SECONDS)
             short = shortfall(needs, ray.available_resources())
         if short:
-            what = " and ".join(f"{n:g} {r} ({h:g} free now)" for r, (n, h) in short.items())
+            what = describe_shortfall(short, "{:g} free now")
             await self.emit(
                 "log", {"message": f"waiting for {what}: other work holds the rest of the Ray cluster; the job goes on when it is released"}
             )
