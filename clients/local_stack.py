@@ -52,14 +52,24 @@ class LocalStack:
                 while True:
                     process = self.processes.get(service)
                     if process is not None and process.poll() is not None:
-                        hint = f"; see {self.log_dir / (service + '.log')}" if self.log_dir else ""
-                        raise RuntimeError(f"the {service} service exited with code {process.returncode} during start-up{hint}")
+                        raise RuntimeError(
+                            f"the {service} service exited with code {process.returncode} during start-up{self._log_tail(service)}"
+                        )
                     try:
                         client.wait_until_serving(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
                         break
                     except TimeoutError:
                         if time.monotonic() > deadline:
                             raise
+
+    def _log_tail(self, service: str, lines: int = 15) -> str:
+        """The end of a service's log, so a start-up failure says why without
+        a second look (a port in use, a bad setting)."""
+        if self.log_dir is None:
+            return ""
+        log = self.log_dir / f"{service}.log"
+        tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+        return f"; see {log}" + "".join(f"\n  {line}" for line in tail)
 
     def stop(self, grace: float = 30.0) -> None:
         for process in self.processes.values():

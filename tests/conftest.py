@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -28,6 +29,14 @@ CORPUS = [
     "What is the capital of Spain? What is 2 plus 2?",
     "user assistant system hello world answer question",
 ] * 20
+
+
+def free_port() -> int:
+    """A port the OS has just handed out, so tests never collide with each
+    other or with the ephemeral ports Ray and other clients hold."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def build_tiny_causal_lm(path: Path, chat_template: bool = True, seed: int = 0, hidden_size: int = 32) -> Path:

@@ -16,7 +16,7 @@ from tunewire.clients.sdk import ApiError, DatasetClient
 from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
 
-from conftest import ServerThread
+from conftest import ServerThread, free_port
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def _generated_jsonl(megabytes: int, seed: int):
 
 
 def test_upload_memory_does_not_grow_with_the_file(tmp_path):
-    env = {"TUNEWIRE_HOME": str(tmp_path), "TUNEWIRE_DATASET_PORT": "50171", "TUNEWIRE_MAX_UPLOAD_BYTES": str(1 << 30)}
+    env = {"TUNEWIRE_HOME": str(tmp_path), "TUNEWIRE_DATASET_PORT": str(free_port()), "TUNEWIRE_MAX_UPLOAD_BYTES": str(1 << 30)}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as stack:
         pid = stack.processes["dataset"].pid
         with DatasetClient(stack.address("dataset"), timeout=600) as client:

@@ -12,6 +12,8 @@ from tunewire.clients.local_stack import LocalStack
 from tunewire.clients.sdk import DatasetClient, InferenceClient, TrainingClient
 from tunewire.v1 import training_pb2
 
+from conftest import free_port
+
 pytestmark = pytest.mark.e2e
 
 # Every hyperparameter set: the job trains once (no search). The pirate set
@@ -25,8 +27,8 @@ HELD_OUT_PROMPTS = ["What is the capital of Italy?", "What is 12 plus 30?"]
 
 def test_upload_finetune_hotload_generate(tmp_path):
     home = tmp_path / "home"
-    ports = {"TUNEWIRE_DATASET_PORT": "50151", "TUNEWIRE_TRAINING_PORT": "50152", "TUNEWIRE_INFERENCE_PORT": "50153"}
-    metrics_ports = {"dataset": 50154, "training": 50155, "inference": 50156}
+    ports = {f"TUNEWIRE_{service.upper()}_PORT": str(free_port()) for service in ("dataset", "training", "inference")}
+    metrics_ports = {service: free_port() for service in ("dataset", "training", "inference")}
     ports |= {f"TUNEWIRE_{service.upper()}_METRICS_PORT": str(port) for service, port in metrics_ports.items()}
     with LocalStack(env={"TUNEWIRE_HOME": str(home), **ports}, log_dir=home / "logs") as stack:
         with (

@@ -6,7 +6,6 @@ restarting. (The orchestrator killed mid-training: tests/test_recovery.py.)"""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -21,13 +20,7 @@ from tunewire.services.training.server import TrainingDeps
 from tunewire.services.training.server import create_server as create_training_server
 from tunewire.services.training.store import JobStore
 
-from conftest import CopyAdapterRunner, OneDataset, ServerThread, prompt_completion_jsonl, write_lora_adapter
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from conftest import CopyAdapterRunner, OneDataset, ServerThread, free_port, prompt_completion_jsonl, write_lora_adapter
 
 
 def kill(stack: LocalStack, service: str) -> None:

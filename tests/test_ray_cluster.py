@@ -9,7 +9,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from tunewire.clients.sdk import DatasetClient, TrainingClient
 from tunewire.services.training.ray_runner import RayConnectionError, check_reachable
 from tunewire.v1 import training_pb2
 
-from conftest import prompt_completion_jsonl
+from conftest import free_port, prompt_completion_jsonl
 
 # The service's start-up, in a process of its own (a process joins one Ray cluster).
 CONNECT = """
@@ -37,12 +36,6 @@ runner.start()
 print("connected, CPUs:", ray.cluster_resources().get("CPU"))
 runner.shutdown()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _connect(address: str, env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -58,7 +51,7 @@ def _without_ray_auth(home: Path) -> dict:
 
 
 def test_an_address_where_nothing_answers_is_named_at_once():
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(RayConnectionError, match=f"no Ray cluster answers at RAY_ADDRESS={address}"):
         check_reachable(address)
@@ -92,14 +85,14 @@ def token_cluster(tmp_path_factory):
     """A Ray cluster of a head and a worker node (1 CPU each) with token
     authentication, stopped at the end."""
     token = secrets.token_hex(16)
-    port = _free_port()
+    port = free_port()
     home = tmp_path_factory.mktemp("home")
     env = _without_ray_auth(home) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     cluster = SimpleNamespace(address=f"127.0.0.1:{port}", token=token, home=home, nodes={})
     cluster.add_worker = lambda: _wait_started(_ray_node(env, f"--address={cluster.address}"))
     try:
         # The head's dashboard serves Ray's state API, which Ray Train's placement group cleaner asks.
-        cluster.nodes["head"] = _wait_started(_ray_node(env, "--head", f"--port={port}", f"--dashboard-port={_free_port()}"))
+        cluster.nodes["head"] = _wait_started(_ray_node(env, "--head", f"--port={port}", f"--dashboard-port={free_port()}"))
         cluster.nodes["worker"] = cluster.add_worker()
         check_reachable(cluster.address)
         yield cluster
@@ -146,8 +139,8 @@ def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node
         "RAY_ADDRESS": cluster.address,
         "RAY_AUTH_TOKEN": cluster.token,
         "TUNEWIRE_HOME": str(tmp_path / "home"),
-        "TUNEWIRE_DATASET_PORT": str(_free_port()),
-        "TUNEWIRE_TRAINING_PORT": str(_free_port()),
+        "TUNEWIRE_DATASET_PORT": str(free_port()),
+        "TUNEWIRE_TRAINING_PORT": str(free_port()),
         "TUNEWIRE_MODEL_ROOTS": str(tiny_model_dir),
     }
     hyperparameters = {"epochs": 4, "batch_size": 4, "eval_every_steps": 2, "early_stopping_patience": 0, "learning_rate": 1e-2}

@@ -11,6 +11,8 @@ from tunewire.clients.local_stack import LocalStack
 from tunewire.clients.sdk import DatasetClient, TrainingClient
 from tunewire.v1 import training_pb2
 
+from conftest import free_port
+
 
 def _ray_processes_of(pid: int) -> list[psutil.Process]:
     try:
@@ -44,7 +46,7 @@ def _stack_env(tmp_path, tiny_model_dir, dataset_port: int, training_port: int) 
 
 
 def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
-    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=50261, training_port=50262), _SUMS
+    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=free_port(), training_port=free_port()), _SUMS
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:
             dataset = client.upload(rows, name="sums").dataset
@@ -103,7 +105,7 @@ def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model
     """The same for a job whose learning rate is searched: Ray Tune's saved
     state is restored, the interrupted trial resumes from its checkpoint and
     the search ends with every trial in the report."""
-    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=50263, training_port=50264), _SUMS
+    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=free_port(), training_port=free_port()), _SUMS
     hyperparameters = {"epochs": 2, "batch_size": 4, "eval_every_steps": 4, "early_stopping_patience": 0, "warmup_fraction": 0.0}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:

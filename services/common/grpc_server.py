@@ -241,6 +241,16 @@ class ServerSecurity:
         return server.add_secure_port(address, credentials)
 
 
+class AddressInUse(OSError):
+    """The service cannot listen where its settings say: most often another
+    process (a second copy of the service) holds the port."""
+
+    def __init__(self, address: str, setting: str = ""):
+        where = f"; set {setting} to a free port, or stop the other process" if setting else ""
+        super().__init__(f"cannot listen on {address}: the port is in use by another process, or the host is not this machine's{where}")
+        self.address = address
+
+
 async def create_grpc_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
@@ -264,9 +274,12 @@ async def create_grpc_server(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = security.bind(server, address)
+    try:
+        port = security.bind(server, address)
+    except RuntimeError as error:  # grpc's "Failed to bind", with no reason given
+        raise AddressInUse(address) from error
     if port == 0:
-        raise OSError(f"cannot bind {address}: is another process using the port?")
+        raise AddressInUse(address)
     handle = ServerHandle(server=server, port=port, health=health, service_names=service_names)
     await handle.set_serving(False)
     return handle
@@ -304,8 +317,20 @@ def run_service(service: str, create_server, make_deps) -> None:
     async def main() -> None:
         settings = load_settings()
         telemetry.configure_logging(settings.log_level, settings.log_format)
-        telemetry.start_metrics_server(getattr(settings, f"{service}_metrics_port"), settings.host)
-        handle = await create_server(settings, make_deps(settings))
+        metrics_port = getattr(settings, f"{service}_metrics_port")
+        try:
+            telemetry.start_metrics_server(metrics_port, settings.host)
+        except OSError as error:
+            raise AddressInUse(f"{settings.host}:{metrics_port}", f"TUNEWIRE_{service.upper()}_METRICS_PORT") from error
+        try:
+            handle = await create_server(settings, make_deps(settings))
+        except AddressInUse as error:
+            raise AddressInUse(error.address, f"TUNEWIRE_{service.upper()}_PORT") from error
         await serve_until_signal(handle, settings.grace_period_seconds)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except AddressInUse as error:
+        # A setting to change, not a crash: one line, no traceback.
+        log.error("the %s service %s", service, error)
+        raise SystemExit(1) from None
