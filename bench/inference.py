@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench.common import write_results
 from tunewire.clients.local_stack import LocalStack
 from tunewire.clients.sdk import InferenceClient
@@ -136,7 +138,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="for the service and the baselines alike")
     args = parser.parse_args()
-    dtype = serving_dtype(args.dtype)
+    dtype = serving_dtype(args.dtype, torch.device("cpu"))  # the service and the baselines run on the CPU
     dtype_name = str(dtype).removeprefix("torch.")
     home = args.home.resolve()
     model_path = resolve_model(BASE_MODEL, home / "models")
@@ -158,6 +160,7 @@ def main() -> None:
             "TUNEWIRE_INFERENCE_PORT": "50193",
             "TUNEWIRE_IMPORT_ROOTS": str(adapter_root),
             "TUNEWIRE_INFERENCE_DTYPE": dtype_name,
+            "TUNEWIRE_INFERENCE_DEVICE": "cpu",
         }
         with (
             LocalStack(env=env, services=("inference",), log_dir=adapter_root / "logs") as stack,

@@ -6,6 +6,7 @@ code (settings, ports, service names, images)."""
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,7 @@ def test_gpu_overlay_asks_for_gpus():
     [inference] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "tunewire-inference"]
     container = inference["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and container["image"].startswith("tunewire-cuda:")
+    assert {"name": "TUNEWIRE_INFERENCE_DEVICE", "value": "cuda"} in container["env"]
     assert not any("nvidia.com/gpu" in str(o) for o in render("cpu"))
 
 
@@ -259,6 +261,15 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     assert out.returncode == 0, out.stdout + out.stderr
     text = dockerfile.read_text()
     assert "USER 10001" in text and "tunewire.services." in text
+
+
+def test_every_image_runs_the_same_python_and_ray():
+    """A Ray cluster refuses a node whose Python differs from the head's, and
+    the CUDA image's GPU workers join the CPU image's head (Ray itself comes
+    from pyproject.toml's pins in both)."""
+    bases = {p.name: re.findall(r"^FROM (\S+)", p.read_text(), re.M) for p in (DEPLOY / "docker").glob("Dockerfile.*")}
+    assert len(bases) == 2 and len({tuple(b) for b in bases.values()}) == 1, bases
+    assert "qlora" in (DEPLOY / "docker" / "Dockerfile.cuda").read_text()
 
 
 def test_protos_pass_buf_lint():

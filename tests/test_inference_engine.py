@@ -423,3 +423,41 @@ def test_a_stopped_engine_refuses_adapter_loads_instead_of_hanging(tiny_model_di
     engine.stop()
     with pytest.raises(FailedPrecondition, match="shutting down"):
         add(engine, "a1", adapters["a1"])
+
+
+def test_the_serving_device_and_dtype_follow_what_the_machine_has(monkeypatch):
+    from tunewire.services.common import hardware
+    from tunewire.services.common.hardware import serving_device
+    from tunewire.services.inference.engine import serving_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serving_device("auto") == cpu and serving_device("cpu") == cpu
+    with pytest.raises(ValueError, match="not a CUDA device this process can see.*CUDA_VISIBLE_DEVICES"):
+        serving_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert serving_device("auto") == cuda and serving_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="2 visible"):
+        serving_device("cuda:2")
+
+    # auto: bfloat16 where computed natively; else float16 on a GPU (every one has it), float32 on a CPU.
+    native = {"cuda": False, "cpu": False}
+    monkeypatch.setattr(hardware, "native_bfloat16", lambda device_type: native[device_type])
+    monkeypatch.setattr("tunewire.services.inference.engine.native_bfloat16", lambda device_type: native[device_type])
+    assert serving_dtype("auto", cuda) == torch.float16 and serving_dtype("auto", cpu) == torch.float32
+    native["cuda"] = native["cpu"] = True
+    assert serving_dtype("auto", cuda) == torch.bfloat16 and serving_dtype("auto", cpu) == torch.bfloat16
+    assert serving_dtype("float16", cpu) == torch.float16 and serving_dtype("float32", cuda) == torch.float32
+
+
+def test_a_device_the_machine_lacks_is_a_settings_error_naming_the_variable(tmp_path, monkeypatch):
+    from tunewire.services.common.settings import SettingsError, load_settings
+    from tunewire.services.inference.server import InferenceDeps
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = load_settings(home=tmp_path, inference_device="cuda")
+    with pytest.raises(SettingsError, match="TUNEWIRE_INFERENCE_DEVICE='cuda': cuda is not a CUDA device"):
+        InferenceDeps.from_settings(settings)
+    with pytest.raises(SettingsError, match="TUNEWIRE_INFERENCE_DEVICE='gpu'"):
+        load_settings(home=tmp_path, inference_device="gpu")

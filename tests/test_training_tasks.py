@@ -298,3 +298,14 @@ def test_estimate_counts_parameters_tokens_and_steps(tiny_model_dir, tmp_path):
     searched = estimate_job(spec, dataset, 2, config, 100.0, plan=plan)
     assert searched["trials"] == 2 and searched["search_max_seconds"] == 60
     assert searched["eta_seconds"] == pytest.approx(min(estimate["eta_seconds"] * 2, 60))
+
+
+def test_qlora_without_bitsandbytes_names_the_package_and_the_extra(tiny_model_dir, tokenizer, monkeypatch):
+    import importlib.util
+
+    from tunewire.services.training.config import QLORA, SFT
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match=r"QLoRA needs the bitsandbytes package.*tunewire\[qlora\]"):
+        tasks.load_model(SFT, str(tiny_model_dir), QLORA, resolve_config({"learning_rate": 1e-3}, 10, QLORA), [], tokenizer, True)

@@ -312,7 +312,7 @@ def run_service(service: str, create_server, make_deps) -> None:
     """The body of each service process: settings from the environment, logs
     and the metrics endpoint, then create_server(settings, make_deps(settings))
     served until SIGTERM."""
-    from tunewire.services.common.settings import load_settings
+    from tunewire.services.common.settings import SettingsError, load_settings
 
     async def main() -> None:
         settings = load_settings()
@@ -330,7 +330,7 @@ def run_service(service: str, create_server, make_deps) -> None:
 
     try:
         asyncio.run(main())
-    except AddressInUse as error:
+    except (AddressInUse, SettingsError) as error:
         # A setting to change, not a crash: one line, no traceback.
-        log.error("the %s service %s", service, error)
+        log.error("the %s service cannot start: %s", service, error)
         raise SystemExit(1) from None

@@ -68,9 +68,13 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(64, ge=1)
     max_resident_adapters: int = Field(8, ge=1)
     max_adapter_rank: int = Field(64, ge=1)
-    # The served model's weights: auto is bfloat16 where the hardware computes
-    # it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32.
-    inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Where the served model runs: auto is the first CUDA GPU when one is
+    # visible, else the CPU; or cpu, cuda, cuda:N by name.
+    inference_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # The served model's weights: auto is bfloat16 where the device computes
+    # it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float16
+    # on a GPU and float32 on a CPU.
+    inference_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     max_upload_bytes: int = Field(1 << 30, gt=0)
     # Longer rows are invalid (bounds the memory one row may take).

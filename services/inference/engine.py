@@ -32,7 +32,7 @@ import torch
 
 from tunewire.services.common import telemetry
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from tunewire.services.common.hardware import native_bfloat16
+from tunewire.services.common.hardware import native_bfloat16, serving_device
 from tunewire.services.common.models import base_model_aliases, resolve_model
 from tunewire.services.common.text import prompt_text
 from tunewire.services.inference.kv_cache import BatchCache, new_cache
@@ -213,12 +213,15 @@ class _Classification:
     future: Future
 
 
-def serving_dtype(name: str) -> torch.dtype:
-    """float32, bfloat16, or auto: bfloat16 where the hardware computes it
-    natively (`hardware.native_bfloat16`), else float32."""
+def serving_dtype(name: str, device: torch.device) -> torch.dtype:
+    """float32, bfloat16, float16, or auto: bfloat16 where the device computes
+    it natively (`hardware.native_bfloat16`); else float16 on a GPU (every
+    CUDA GPU computes it) and float32 on a CPU (which emulates both)."""
     if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-    return torch.bfloat16 if native_bfloat16("cuda" if torch.cuda.is_available() else "cpu") else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if native_bfloat16(device.type):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def not_loaded(adapter_id: str) -> NotFound:
@@ -227,11 +230,19 @@ def not_loaded(adapter_id: str) -> NotFound:
 
 
 class BatchEngine:
-    def __init__(self, base_model_name: str, model_cache: Path, limits: EngineLimits | None = None, dtype: str = "float32"):
+    def __init__(
+        self,
+        base_model_name: str,
+        model_cache: Path,
+        limits: EngineLimits | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ):
         self.base_model_name = base_model_name
         self.model_cache = model_cache
         self.limits = limits or EngineLimits()
-        self.dtype = serving_dtype(dtype)
+        self.device = serving_device(device)
+        self.dtype = serving_dtype(dtype, self.device)
         self.model = None
         self.tokenizer = None
         self.generative = True
@@ -246,7 +257,7 @@ class BatchEngine:
         self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._running: list[_Sequence] = []
         self._batch: BatchCache | None = None
-        self._next_tokens = torch.zeros(0, dtype=torch.long)
+        self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run, for tests and metrics
@@ -264,7 +275,7 @@ class BatchEngine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         loader = AutoModelForCausalLM if self.generative else AutoModel
-        self.model = loader.from_pretrained(path, dtype=self.dtype).eval()
+        self.model = loader.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self._base_names = base_model_aliases(self.base_model_name) | {path}
         self._max_positions = getattr(config.get_text_config(), "max_position_embeddings", 0) or 1 << 30
         if self.generative:
@@ -272,14 +283,16 @@ class BatchEngine:
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
             if getattr(config.get_text_config(), "sliding_window", None):
                 raise FailedPrecondition(f"{self.base_model_name}: sliding-window attention models are not served yet")
-        packed = pack_linears(self.model, self.limits.max_batch_size)
+        # oneDNN's packed weights are a CPU kernel; a GPU runs the plain ones.
+        packed = pack_linears(self.model, self.limits.max_batch_size) if self.device.type == "cpu" else 0
         self.slots = SlotTable(self.model, self.limits.max_resident_adapters)
         log.info(
-            "base model %s loaded from %s (%s, %s, %d linear layers packed for oneDNN)",
+            "base model %s loaded from %s (%s, %s on %s, %d linear layers packed for oneDNN)",
             self.base_model_name,
             path,
             "generation" if self.generative else "classification",
             str(self.dtype).removeprefix("torch."),
+            self.device,
             packed,
         )
 
@@ -472,7 +485,7 @@ class BatchEngine:
                     for sequence in self._running:
                         self._finish(sequence, exc)
                     self._running, self._batch = [], None
-                    self._next_tokens = torch.zeros(0, dtype=torch.long)
+                    self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         for sequence in [*self._running, *self._waiting]:
             self._finish(sequence, _shutting_down())
         for _, future in self._commands:
@@ -567,6 +580,7 @@ class BatchEngine:
         for row, sequence in enumerate(sequences):
             input_ids[row, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
             mask[row, width - len(sequence.prompt_ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = new_cache(self.model.config.get_text_config().num_hidden_layers)
         self.slots.row_slots.set([_slot(s) for s in sequences])
@@ -574,7 +588,7 @@ class BatchEngine:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1]
         if self._batch is None:
-            self._batch = BatchCache(len(cache.layers))
+            self._batch = BatchCache(len(cache.layers), self.device)
         self._batch.merge(cache, mask)
         tokens = self._sample(logits, sequences)
         self._next_tokens = torch.cat([self._next_tokens, tokens])
@@ -605,7 +619,8 @@ class BatchEngine:
         tokens = logits.argmax(dim=-1)
         for row, sequence in enumerate(sequences):
             if sequence.generator is not None:
-                tokens[row] = _sample_row(logits[row], sequence.request, sequence.generator)
+                # Sampled on the CPU, whose generator the request's seed drives on any device.
+                tokens[row] = _sample_row(logits[row].cpu(), sequence.request, sequence.generator)
         return tokens
 
     def _accept(self, sequences: list[_Sequence], tokens: list[int]) -> None:
@@ -707,13 +722,13 @@ class BatchEngine:
     def _classify(self, adapters: list[_Adapter], texts: list[str]) -> list[ClassificationResult]:
         encoded = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self._max_positions, return_tensors="pt", padding_side="right"
-        )
+        ).to(self.device)
         self.slots.row_slots.set([a.slot for a in adapters])
         if self.generative:
             # A decoder classifies from its last real token's hidden state.
             hidden = self.model.get_decoder()(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
             last = encoded["attention_mask"].sum(dim=1) - 1
-            features = hidden[torch.arange(len(texts)), last]
+            features = hidden[torch.arange(len(texts), device=self.device), last]
         else:
             output = self.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
             features = output.pooler_output if getattr(output, "pooler_output", None) is not None else output.last_hidden_state[:, 0]

@@ -70,10 +70,11 @@ def new_cache(num_layers: int) -> Cache:
 class BatchCache:
     """The cache plus the attention mask (rows, length) of the running batch."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, device: torch.device | str = "cpu"):
         self.num_layers = num_layers
+        self.device = torch.device(device)
         self.cache = new_cache(num_layers)
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
 
     @property
     def rows(self) -> int:
@@ -105,9 +106,9 @@ class BatchCache:
         """Keeps only `rows` (indices into the batch), dropping padding columns no row needs."""
         if not rows:
             self.cache = new_cache(self.num_layers)
-            self.mask = torch.zeros(0, 0, dtype=torch.long)
+            self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
             return
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         mask = self.mask[index]
         start = int((mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
         self._set([(k[index, :, start:], v[index, :, start:]) for k, v in _layer_tensors(self.cache)], mask[:, start:])

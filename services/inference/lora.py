@@ -44,7 +44,8 @@ class RowSlots:
     holds each layer's weights gathered for these rows; it goes when the
     rows change, and with it their memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.rows: torch.Tensor | None = None
         self.uniform: int | None = 0
         self.gathered: dict[SlottedLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -59,7 +60,7 @@ class RowSlots:
         if all(s == first for s in slots):
             self.uniform, self.rows = first, None
         else:
-            self.uniform, self.rows = None, torch.tensor(slots, dtype=torch.long)
+            self.uniform, self.rows = None, torch.tensor(slots, dtype=torch.long, device=self.device)
 
 
 class SlottedLoRALinear(nn.Module):
@@ -266,7 +267,7 @@ class SlotTable:
         self.capacity = capacity
         # The served model's linear layers by name, as adapters name them.
         self.linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-        self.row_slots = RowSlots()
+        self.row_slots = RowSlots(next(model.parameters()).device)
         self.layers: dict[str, SlottedLoRALinear] = {}
         self.heads: dict[int, dict[str, torch.Tensor]] = {}
         self.free = list(range(capacity, 0, -1))
@@ -275,7 +276,8 @@ class SlotTable:
         slot = self.free.pop()
         for name, (a, b) in weights.modules.items():
             self._layer(name).set_slot(slot, a, b)
-        self.heads[slot] = weights.head
+        device = self.row_slots.device
+        self.heads[slot] = {name: tensor.to(device) for name, tensor in weights.head.items()}
         return slot
 
     def remove(self, slot: int) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
-from tunewire.services.common.settings import Settings
+from tunewire.services.common.settings import Settings, SettingsError
 from tunewire.services.inference.core import InferenceManager
 from tunewire.services.inference.engine import BatchEngine, EngineLimits
 from tunewire.services.inference.servicer import InferenceServicer
@@ -32,7 +32,10 @@ class InferenceDeps:
             max_resident_adapters=settings.max_resident_adapters,
             max_adapter_rank=settings.max_adapter_rank,
         )
-        engine = BatchEngine(settings.base_model, settings.model_cache, limits, settings.inference_dtype)
+        try:
+            engine = BatchEngine(settings.base_model, settings.model_cache, limits, settings.inference_dtype, settings.inference_device)
+        except ValueError as error:  # a device this machine does not have
+            raise SettingsError(f"invalid settings: TUNEWIRE_INFERENCE_DEVICE={settings.inference_device!r}: {error}") from None
         manager = InferenceManager(
             engine,
             ArtifactStore(settings.artifact_root),

@@ -59,7 +59,15 @@ def load_model(task: str, model_path: str, method: str, config: TrainingConfig, 
         dtype = torch.bfloat16
     options: dict = {"dtype": dtype}
     if method == QLORA:
+        import importlib.util
+
         from transformers import BitsAndBytesConfig
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(
+                "QLoRA needs the bitsandbytes package on the training workers: install tunewire[qlora] there "
+                "(the CUDA image has it), or use method lora"
+            )
 
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
