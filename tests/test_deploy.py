@@ -93,13 +93,22 @@ def test_network_policies_keep_ray_to_the_orchestrator_and_deny_the_rest(objects
     assert ray["podSelector"] == {"matchLabels": {"ray.io/cluster": "tunewire-ray"}}
     sources = [peer["podSelector"]["matchLabels"] for rule in ray["ingress"] for peer in rule["from"]]
     assert sources == [{"ray.io/cluster": "tunewire-ray"}, {"app.kubernetes.io/name": "tunewire-training"}]
+    # The orchestrator's pod is a Ray node: the cluster's nodes, and only they, reach it beyond its API ports.
+    node = policies["tunewire-training-ray-node"]
+    assert node["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "tunewire-training"}}
+    assert [peer["podSelector"]["matchLabels"] for rule in node["ingress"] for peer in rule["from"]] == [{"ray.io/cluster": "tunewire-ray"}]
     # The API policy opens ports by the names the containers give them.
     api_ports = {port["port"] for rule in policies["tunewire-api"]["ingress"] for port in rule["ports"]}
     for o in objects:
         if o["kind"] == "Deployment":
             assert {p["name"] for p in o["spec"]["template"]["spec"]["containers"][0]["ports"]} == api_ports
+    # Every Ray API, the dashboard's included, asks for the cluster's token; the orchestrator has the same one.
     [ray_cluster] = [o for o in objects if o["kind"] == "RayCluster"]
-    assert ray_cluster["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert ray_cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "tunewire-ray-token"}
+    [training] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "tunewire-training"]
+    env = {e["name"]: e for e in training["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tunewire-ray-token", "key": "auth_token"}
 
 
 def test_kubernetes_objects_pass_strict_schema_validation(objects):
@@ -175,6 +184,8 @@ def test_containers_are_hardened(objects):
 
 
 SETTINGS_ENV = {("RAY_ADDRESS" if name == "ray_address" else f"TUNEWIRE_{name.upper()}") for name in Settings.model_fields}
+# Read by Ray itself, in the orchestrator's process and its Ray node.
+SETTINGS_ENV |= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
 SERVICES = {
     "dataset": (dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name, Settings.model_fields["dataset_port"].default),
     "training": (training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name, Settings.model_fields["training_port"].default),
@@ -212,7 +223,11 @@ def test_manifests_and_code_agree(objects):
         env = container_env(container, objects)
         assert env <= SETTINGS_ENV, f"{name} sets variables no service reads: {env - SETTINGS_ENV}"
         assert REQUIRED[name] <= env, f"{name} lacks {REQUIRED[name] - env}"
-        assert container["command"] == ["python", "-m", f"tunewire.services.{name}"]
+        # The orchestrator's container first joins the Ray cluster as a node (no CPUs), then runs the service.
+        command = container["command"] if name != "training" else ["python", *container["command"][-1].split("exec python")[-1].split()]
+        assert command == ["python", "-m", f"tunewire.services.{name}"]
+        if name == "training":
+            assert container["command"][-1].startswith('ray start --address="$RAY_ADDRESS" --num-cpus=0 --num-gpus=0')
         assert container["ports"][0]["containerPort"] == port
         assert services[f"tunewire-{name}"]["spec"]["ports"][0]["port"] == port
         assert container["readinessProbe"]["grpc"] == {"port": port, "service": grpc_service}
@@ -225,7 +240,9 @@ def test_manifests_and_code_agree(objects):
     config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
     assert config["TUNEWIRE_DATASET_ADDRESS"] == f"tunewire-dataset:{SERVICES['dataset'][1]}"
     assert config["TUNEWIRE_TRAINING_ADDRESS"] == f"tunewire-training:{SERVICES['training'][1]}"
-    assert config["RAY_ADDRESS"].startswith("ray://tunewire-ray-head-svc:")
+    # The head's GCS address, which the settings accept (Ray Client's ray:// they refuse).
+    assert config["RAY_ADDRESS"] == "tunewire-ray-head-svc:6379"
+    assert Settings(ray_address=config["RAY_ADDRESS"]).ray_address == config["RAY_ADDRESS"]
     for obj in objects:
         for container in _containers(obj):
             assert container_env(container, objects) <= SETTINGS_ENV

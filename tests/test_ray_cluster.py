@@ -50,6 +50,13 @@ def _without_ray_auth(home: Path) -> dict:
     return env | {"HOME": str(home)}
 
 
+def test_a_ray_client_address_is_refused_at_start_saying_what_to_use():
+    from tunewire.services.common.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"RAY_ADDRESS='ray://head:10001': .*does not run Ray Train or Ray Tune.*<head>:6379"):
+        load_settings(ray_address="ray://head:10001")
+
+
 def test_an_address_where_nothing_answers_is_named_at_once():
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()

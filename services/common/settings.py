@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tunewire.services.common.errors import InvalidArgument
@@ -111,6 +111,18 @@ class Settings(BaseSettings):
     project_max_adapter_bytes: int = Field(20 << 30, gt=0)
     # Half the queue by default: one project can never take all of it.
     project_max_generation_requests: int = Field(32, ge=1)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _not_ray_client(cls, value: str) -> str:
+        # Ray Client connects, then every job fails at once (ray.util.queue.Empty):
+        # Ray's documentation keeps Ray Train and Tune off it.
+        if value.startswith("ray://"):
+            raise ValueError(
+                "Ray Client (ray://) does not run Ray Train or Ray Tune: run the training service on a node of the "
+                "cluster (`ray start --address=<head>:6379` there) and set RAY_ADDRESS to the head's GCS address, <head>:6379"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
