@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pyarrow as pa
@@ -350,7 +351,7 @@ def test_a_job_the_cluster_can_never_hold_fails_at_once_naming_what_is_missing(r
     assert "lower num_workers" in str(caught.value)
 
 
-def test_what_a_run_needs_of_the_cluster():
+def test_what_a_run_needs_of_the_cluster(monkeypatch):
     from tunewire.services.training import ray_runner
 
     def _recipe(workers: int, train_rows: int = 100, use_gpu: bool = False) -> RecipeConfig:
@@ -368,6 +369,17 @@ def test_what_a_run_needs_of_the_cluster():
     with pytest.raises(JobFailed) as caught:
         ray_runner.check_fits(_recipe(workers=2, train_rows=10**6), {"CPU": 2.0})
     assert "its 2 worker(s) and Ray Data's reading of its splits need 3 CPU" in str(caught.value)
+
+    # Trials side by side on a cluster of one's own: as many runs as its resources hold at once.
+    import ray
+
+    cluster = ray_runner.RayTrainRunner("head:6379", 0, None, Path("models"))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 7.0, "GPU": 4.0})
+    assert cluster._room_for_trials(_recipe(workers=2)) == 3
+    assert cluster._room_for_trials(_recipe(workers=2, train_rows=10**6)) == 2
+    assert cluster._room_for_trials(_recipe(workers=3, use_gpu=True)) == 1
+    assert cluster._room_for_trials(_recipe(workers=8)) == 1  # it waits for the room, one trial at a time
+    assert ray_runner.RayTrainRunner("", 4, None, Path("models"))._room_for_trials(_recipe(workers=2)) == 1
 
 
 def test_an_unloadable_model_is_the_users_error(runner, tmp_path):

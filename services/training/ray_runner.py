@@ -231,15 +231,14 @@ class RayTrainRunner:
 
     def _room_for_trials(self, recipe: RecipeConfig) -> int:
         """Trials side by side: one on a local cluster (its workers already
-        use every core), else as many as the cluster's CPUs (or GPUs) hold."""
+        use every core), else as many runs as the cluster's resources hold
+        at once (`run_needs`: workers, and Ray Data's reading where it streams)."""
         import ray
 
         if not self.ray_address:
             return 1
         resources = ray.cluster_resources()
-        if recipe.use_gpu:
-            return max(1, int(resources.get("GPU", 0) // recipe.num_workers))
-        return max(1, int(resources.get("CPU", 0) // (recipe.num_workers + 1)))
+        return max(1, min(int(resources.get(r, 0.0) // n) for r, n in run_needs(recipe).items() if n > 0))
 
 
 def _streams_data(recipe: RecipeConfig) -> bool:
