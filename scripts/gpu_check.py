@@ -137,8 +137,12 @@ def main() -> int:
             if not adapters:
                 return checks.failed
             started = time.monotonic()
-            for adapter in adapters.values():
-                inference.wait_for_adapter(adapter, timeout=300)
+            try:
+                for adapter in adapters.values():
+                    inference.wait_for_adapter(adapter, timeout=300)
+            except TimeoutError as error:  # a failed check, not a crash: the rest still report
+                checks.report("hot-load", False, str(error))
+                return checks.failed
             checks.report(
                 "hot-load", True, f"{len(adapters)} adapter(s) served {time.monotonic() - started:.1f} s after the last job ended"
             )

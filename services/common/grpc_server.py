@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
@@ -321,6 +322,8 @@ def run_service(service: str, create_server, make_deps) -> None:
         try:
             telemetry.start_metrics_server(metrics_port, settings.host)
         except OSError as error:
+            if error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                raise
             raise AddressInUse(f"{settings.host}:{metrics_port}", f"TUNEWIRE_{service.upper()}_METRICS_PORT") from error
         try:
             handle = await create_server(settings, make_deps(settings))
