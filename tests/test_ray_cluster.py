@@ -94,12 +94,16 @@ def token_cluster(tmp_path_factory):
     token = secrets.token_hex(16)
     port = free_port()
     home = tmp_path_factory.mktemp("home")
-    env = _without_ray_auth(home) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    cluster = SimpleNamespace(address=f"127.0.0.1:{port}", token=token, home=home, nodes={})
+    # The nodes run where tunewire is installed: Ray Jobs start its job drivers on the head.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = _without_ray_auth(home) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
+    cluster = SimpleNamespace(address=f"127.0.0.1:{port}", token=token, home=home, nodes={}, env=env)
     cluster.add_worker = lambda: _wait_started(_ray_node(env, f"--address={cluster.address}"))
     try:
         # The head's dashboard serves Ray's state API, which Ray Train's placement group cleaner asks.
-        cluster.nodes["head"] = _wait_started(_ray_node(env, "--head", f"--port={port}", f"--dashboard-port={free_port()}"))
+        dashboard_port = free_port()
+        cluster.dashboard = f"http://127.0.0.1:{dashboard_port}"
+        cluster.nodes["head"] = _wait_started(_ray_node(env, "--head", f"--port={port}", f"--dashboard-port={dashboard_port}"))
         cluster.nodes["worker"] = cluster.add_worker()
         check_reachable(cluster.address)
         yield cluster
@@ -136,13 +140,9 @@ def test_without_the_token_the_service_says_the_cluster_wants_one(token_cluster,
     assert time.monotonic() - started < 120
 
 
-def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node_killed(token_cluster, tmp_path, tiny_model_dir):
-    """The services pointed at the cluster as the README tells an operator
-    (RAY_ADDRESS, RAY_AUTH_TOKEN). Each node has one CPU: the job's two
-    workers run one on each. Its orchestrator is killed mid-job, then the
-    worker node; each time the job goes on from its latest checkpoint."""
-    cluster = token_cluster
-    env = _without_ray_auth(cluster.home) | {
+def _service_env(cluster, tmp_path: Path, tiny_model_dir: Path) -> dict:
+    """The services' environment, as the README tells an operator: RAY_ADDRESS and RAY_AUTH_TOKEN."""
+    return _without_ray_auth(cluster.home) | {
         "RAY_ADDRESS": cluster.address,
         "RAY_AUTH_TOKEN": cluster.token,
         "TUNEWIRE_HOME": str(tmp_path / "home"),
@@ -150,7 +150,51 @@ def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node
         "TUNEWIRE_TRAINING_PORT": str(free_port()),
         "TUNEWIRE_MODEL_ROOTS": str(tiny_model_dir),
     }
-    hyperparameters = {"epochs": 4, "batch_size": 4, "eval_every_steps": 2, "early_stopping_patience": 0, "learning_rate": 1e-2}
+
+
+def _ray_job_status(cluster, submission: str) -> str:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "status", submission, f"--address={cluster.dashboard}"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.stdout + done.stderr
+
+
+def test_a_cancel_stops_the_jobs_ray_job_on_the_cluster(token_cluster, tmp_path, tiny_model_dir):
+    """A job on a cluster runs as a Ray Job; cancelled mid-training, that Ray
+    Job is stopped and the job ends CANCELLED, its CPUs free for the next."""
+    env = _service_env(token_cluster, tmp_path, tiny_model_dir)
+    hyperparameters = {"epochs": 50, "batch_size": 4, "learning_rate": 1e-2}
+    with (
+        LocalStack(env=env, services=("dataset", "training"), log_dir=tmp_path / "logs") as stack,
+        DatasetClient(stack.address("dataset")) as datasets,
+        TrainingClient(stack.address("training")) as training,
+    ):
+        dataset = datasets.upload(prompt_completion_jsonl(60), name="sums").dataset
+        job = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters, num_workers=1)
+        for event in training.stream_events(job.id, timeout=300):
+            if event.WhichOneof("event") == "step":
+                training.cancel_job(job.id)
+                break
+        for _ in training.stream_events(job.id, timeout=120):
+            pass
+        job = training.get_job(job.id)
+    assert job.state == training_pb2.JOB_STATE_CANCELLED, job.error
+    assert f"Job 'tunewire-{job.id}-1' was stopped" in _ray_job_status(token_cluster, f"tunewire-{job.id}-1")
+
+
+def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node_killed(token_cluster, tmp_path, tiny_model_dir):
+    """The services pointed at the cluster as the README tells an operator
+    (RAY_ADDRESS, RAY_AUTH_TOKEN). Each node has one CPU: the job's two
+    workers run one on each. Its orchestrator is killed mid-job: the job's
+    Ray Job trains on, and the restarted orchestrator reattaches to it. Then
+    the worker node is killed: the job goes on from its latest checkpoint."""
+    cluster = token_cluster
+    env = _service_env(cluster, tmp_path, tiny_model_dir)
+    hyperparameters = {"epochs": 6, "batch_size": 4, "eval_every_steps": 2, "early_stopping_patience": 0, "learning_rate": 1e-2}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:
             dataset = client.upload(prompt_completion_jsonl(60), name="sums").dataset
@@ -166,11 +210,12 @@ def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node
             LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs") as second,
             TrainingClient(second.address("training")) as training,
         ):
-            events, node_killed = [], False
+            events, reattached, node_killed = [], False, False
             for event in training.stream_events(job.id, timeout=600):
                 events.append(event)
                 kind = event.WhichOneof("event")
-                if kind == "checkpoint" and event.checkpoint.step >= 14 and not node_killed:
+                reattached = reattached or (kind == "log" and "reattached to its Ray job" in event.log)
+                if kind == "step" and reattached and not node_killed:  # the driver trains on
                     os.killpg(cluster.nodes["worker"].pid, signal.SIGKILL)  # the node and its Ray worker
                     cluster.nodes["worker"].wait()
                     node_killed = True
@@ -180,13 +225,21 @@ def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     logs = [e.log for e in events if e.WhichOneof("event") == "log"]
     assert any("starting Ray Train (from the start): 2 worker(s)" in line for line in logs), logs
+    # The job ran as one Ray Job, to which the restarted orchestrator reattached.
+    submitted = next(line for line in logs if "submitted to the Ray cluster as Ray job" in line)
+    submission = submitted.split("as Ray job ")[1].split()[0]
+    assert submission == f"tunewire-{job.id}-1", submitted
     restart = max(i for i, e in enumerate(events) if e.WhichOneof("event") == "log" and "orchestrator running this job stopped" in e.log)
-    resumed = [e.log for e in events[restart:] if e.WhichOneof("event") == "log" and "resuming from the checkpoint of step" in e.log]
-    assert resumed and "2 worker(s)" in resumed[0], logs
-    # 48 training rows, 24 a worker, batches of 4: 6 steps an epoch. The
-    # checkpoint of step 8 or later resumes at its epoch's first step.
-    steps = [e.step.step for e in events[restart:] if e.WhichOneof("event") == "step"]
-    assert steps[0] in (7, 13) and steps[-1] == job.latest_step.total_steps == 24
+    after_restart = [e.log for e in events[restart:] if e.WhichOneof("event") == "log"]
+    assert any(f"reattached to its Ray job {submission} (running)" in line for line in after_restart), logs
+    # Its training went on through the restart, until the node was lost: no
+    # step trained twice, and none missing from the job's events (one the killed
+    # orchestrator read but had not recorded is relayed again).
+    lost_at = next(i for i, e in enumerate(events) if e.WhichOneof("event") == "log" and "no longer has the room" in e.log)
+    steps = [e.step.step for e in events[:lost_at] if e.WhichOneof("event") == "step"]
+    assert steps == sorted(steps) and set(steps) == set(range(1, steps[-1] + 1)) and steps[-1] > 8, steps
+    assert not any(e.WhichOneof("event") == "log" and "resuming from the checkpoint" in e.log for e in events[restart:lost_at]), logs
+    assert job.latest_step.step == job.latest_step.total_steps == 36
     # The node lost: the job said so, waited, and went on from a checkpoint once a node took its place.
     lost = next(i for i, line in enumerate(logs) if "no longer has the room" in line)
     assert "needs 2 CPU (the cluster has 1 in all now)" in logs[lost]

@@ -383,10 +383,11 @@ class JobManager:
 
     def requeue_lapsed(self, restarted: bool = False) -> list[str]:
         """Jobs whose replica died (its lease lapsed; or, just after a
-        restart, it was this replica) are queued again; they resume from their
-        latest checkpoint."""
+        restart, it was this replica) are queued again: they resume from their
+        latest checkpoint, or, on a Ray cluster, their Ray Job is reattached."""
         requeued = self.store.requeue_lapsed(
-            "the orchestrator running this job stopped; another run resumes it from its latest checkpoint",
+            "the orchestrator running this job stopped; another takes it over: on a local Ray, its training resumes from the "
+            "latest checkpoint; on a Ray cluster, its Ray Job trains on and is reattached",
             owner=self.owner if restarted else None,
         )
         if requeued:

@@ -11,10 +11,13 @@ A job runs in three phases, each resumable after an orchestrator restart:
    (`recipe.evaluate_and_publish`, a Ray task).
 
 Ray is started by the orchestrator (a local cluster) unless RAY_ADDRESS names
-one. Workers read the train and validation splits from the artifact store
-through Ray Data shards; rank 0 of each run sends progress through a Ray
-queue, which this runner drains into job events while the phase runs in a
-thread, and watches a second queue for cancellation. Checkpoints go to
+one. On a local cluster the orchestrator runs the phases itself (`run_phases`);
+on a cluster of the operator's own, each job's phases run as a Ray Job on the
+head (`ray_jobs`, `job_driver`), which trains on while the orchestrator
+restarts and is reattached. Workers read the train and validation splits
+from the artifact store through Ray Data shards; rank 0 of each run sends
+progress through a Ray queue, which the phases' driver drains into job events
+while the phase runs in a thread, and watches a second queue for cancellation. Checkpoints go to
 <artifact root>/ray/<job>/<run>.<attempt>/; a run that starts again resumes
 from its latest one.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -30,12 +34,14 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunewire.services.common import layout
 from tunewire.services.common.artifacts import ArtifactStore, read_text
 from tunewire.services.training import diagnostics
 from tunewire.services.training.config import TASK_OF_FORMAT, TrainingConfig, resolve_search
+from tunewire.services.training.ray_jobs import RayJobs
 from tunewire.services.training.recipe import RecipeConfig, list_checkpoints
 from tunewire.services.training.scheduler import EmitEvent, JobCancelled, JobFailed
 from tunewire.services.training.store import Job
@@ -100,6 +106,8 @@ class RayTrainRunner:
         self.num_cpus = num_cpus
         self.artifacts = artifacts
         self.model_cache = model_cache
+        # On a cluster of its own, each job runs as a Ray Job (set by start()).
+        self.ray_jobs: RayJobs | None = None
 
     def start(self) -> None:
         """Connects to Ray (blocking, seconds): call before serving. An
@@ -130,7 +138,7 @@ class RayTrainRunner:
         # ~/.ray/auth_token); a cluster without authentication ignores it.
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
-            ray.init(address=self.ray_address, runtime_env=job_runtime_env(), logging_level=logging.WARNING)
+            context = ray.init(address=self.ray_address, runtime_env=job_runtime_env(), logging_level=logging.WARNING)
         except ConnectionError as exc:
             ray.shutdown()
             # It answered (check_reachable), then refused: Ray's error does not
@@ -146,6 +154,13 @@ class RayTrainRunner:
                 f"the Ray cluster at RAY_ADDRESS={self.ray_address} answers but refused this service: {cause}. "
                 f"Otherwise it may run another Ray version than this service's {ray.__version__}"
             ) from exc
+        if not context.dashboard_url:
+            ray.shutdown()
+            raise RayConnectionError(
+                f"the Ray cluster at RAY_ADDRESS={self.ray_address} runs no dashboard: tunewire submits each job to it as a Ray Job "
+                "through the head's dashboard. Start the head with it (`ray start --head --include-dashboard=true`, Ray's default)"
+            )
+        self.ray_jobs = RayJobs.at(context.dashboard_url)
 
     def _start_local_cluster(self) -> None:
         import ray
@@ -203,31 +218,19 @@ class RayTrainRunner:
     @contextlib.asynccontextmanager
     async def run(self, job: Job, emit: EmitEvent, cancel: asyncio.Event) -> AsyncIterator[Path]:
         import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         recipe = self.recipe(job)
         check_fits(recipe, ray.cluster_resources())
-        # The job's queues live on this service's own node: a node that leaves
-        # mid-job takes its workers, never the job's way to talk to them.
-        here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
-        phases = _Phases(self.artifacts, recipe, emit, cancel, Queue(actor_options=here), Queue(actor_options=here))
-        try:
-            final = layout.job_parts(job.id, layout.FINAL_DIR)
-            if not self.artifacts.exists(*final):
-                base = await phases.measure_base()
-                recipe = recipe.replace(general_uri=base.get("general_uri", ""), base_perplexity=base.get("reference_perplexity", 0.0))
-                plan = resolve_search(job.spec.get("search") or {}, job.spec["hyperparameters"], recipe.method, recipe.train_rows)
-                if plan is None:
-                    trials = await phases.train(recipe)
-                else:
-                    trials = await phases.search(recipe, plan, self._room_for_trials(recipe))
-                await phases.evaluate_and_publish(recipe, plan, trials, base, final)
-            with contextlib.ExitStack() as stack:
-                downloads = stack.enter_context(self.artifacts.staged_dir()) if not self.artifacts.is_local else None
-                yield self.artifacts.local_copy(self.artifacts.uri(*final), downloads or Path())
-        finally:
-            phases.close()
+        final = layout.job_parts(job.id, layout.FINAL_DIR)
+        if not self.artifacts.exists(*final):
+            request = JobRequest(recipe, job.spec.get("search") or {}, job.spec["hyperparameters"], self._room_for_trials(recipe))
+            if self.ray_jobs is not None:
+                await self.ray_jobs.run(request, emit, cancel)
+            else:
+                await run_phases(self.artifacts, request, emit, cancel)
+        with contextlib.ExitStack() as stack:
+            downloads = stack.enter_context(self.artifacts.staged_dir()) if not self.artifacts.is_local else None
+            yield self.artifacts.local_copy(self.artifacts.uri(*final), downloads or Path())
 
     def _room_for_trials(self, recipe: RecipeConfig) -> int:
         """Trials side by side: one on a local cluster (its workers already
@@ -239,6 +242,53 @@ class RayTrainRunner:
             return 1
         resources = ray.cluster_resources()
         return max(1, min(int(resources.get(r, 0.0) // n) for r, n in run_needs(recipe).items() if n > 0))
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a job's phases need: its recipe, the search and hyperparameters it
+    asked for, and how many trials the cluster holds side by side."""
+
+    recipe: RecipeConfig
+    search: dict
+    hyperparameters: dict
+    room_for_trials: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRequest:
+        data = json.loads(text)
+        recipe = data.pop("recipe")
+        training = TrainingConfig.from_dict(recipe.pop("training"))
+        return cls(RecipeConfig(**recipe | {"training": training, "labels": tuple(recipe["labels"])}), **data)
+
+
+async def run_phases(artifacts: ArtifactStore, request: JobRequest, emit: EmitEvent, cancel: asyncio.Event) -> None:
+    """Measures the base model, trains (once, or a search) and writes the
+    job's final directory. Where it runs is Ray's driver of the job: this
+    orchestrator on a local Ray, the job's Ray Job on a cluster (`ray_jobs`)."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    recipe = request.recipe
+    # The job's queues live on the driver's own node: a node that leaves
+    # mid-job takes its workers, never the job's way to talk to them.
+    here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    phases = _Phases(artifacts, recipe, emit, cancel, Queue(actor_options=here), Queue(actor_options=here))
+    try:
+        base = await phases.measure_base()
+        recipe = recipe.replace(general_uri=base.get("general_uri", ""), base_perplexity=base.get("reference_perplexity", 0.0))
+        plan = resolve_search(request.search, request.hyperparameters, recipe.method, recipe.train_rows)
+        if plan is None:
+            trials = await phases.train(recipe)
+        else:
+            trials = await phases.search(recipe, plan, request.room_for_trials)
+        await phases.evaluate_and_publish(recipe, plan, trials, base, layout.job_parts(recipe.job_id, layout.FINAL_DIR))
+    finally:
+        phases.close()
 
 
 def _streams_data(recipe: RecipeConfig) -> bool:
