@@ -69,7 +69,7 @@ class FakeClient:
         return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
 
     def get_job_info(self, submission):
-        return SimpleNamespace(status=self._status(), message="the driver's node died")
+        return SimpleNamespace(status=self._status(), message="the driver's node died\nlast available logs:\n...")
 
     def get_job_status(self, submission):
         return self._status()
@@ -150,11 +150,46 @@ def test_an_ended_attempt_whose_end_was_not_read_is_read_not_run_again():
     assert client.submitted == []
 
 
-def test_an_ended_attempt_whose_end_was_read_is_followed_by_a_new_one():
-    client = FakeClient(jobs=[attempt(1, JobStatus.STOPPED)], statuses=[JobStatus.SUCCEEDED])
-    FakeEventLog.holding("tunewire-job-1-2", SUCCESS)
+def test_an_ended_attempt_whose_end_was_read_is_followed_by_a_new_one_numbered_after_the_last():
+    # Attempt 1 was deleted from Ray's list (`ray job delete`): the next is numbered after the last one listed.
+    client = FakeClient(jobs=[attempt(2, JobStatus.STOPPED)], statuses=[JobStatus.SUCCEEDED])
+    FakeEventLog.holding("tunewire-job-1-3", SUCCESS)
     run(RayJobs(client))
-    assert [s["submission_id"] for s in client.submitted] == ["tunewire-job-1-2"]
+    assert [s["submission_id"] for s in client.submitted] == ["tunewire-job-1-3"]
+
+
+def test_an_unexpected_error_while_following_stops_the_ray_job():
+    client = FakeClient(statuses=[JobStatus.RUNNING])
+
+    def dashboard_gone(submission):
+        raise ConnectionError("dashboard unreachable")
+
+    client.get_job_info = dashboard_gone
+    events = FakeEventLog.holding("tunewire-job-1-1", step(1))
+    with pytest.raises(ConnectionError):
+        run(RayJobs(client))
+    assert client.stopped == ["tunewire-job-1-1"] and events.closed
+
+
+def test_the_jobs_checks_run_before_a_new_attempt_not_on_reattaching():
+    checked = []
+
+    def check():
+        checked.append(True)
+        raise JobFailed("the job can never start", user_error=True)
+
+    client = FakeClient(jobs=[attempt(1, JobStatus.RUNNING)], statuses=[JobStatus.SUCCEEDED])
+    FakeEventLog.holding("tunewire-job-1-1", SUCCESS)
+    asyncio.run(RayJobs(client).run(request(), _ignore, asyncio.Event(), before_submit=check))
+    assert checked == [] and client.submitted == []
+    client = FakeClient()
+    with pytest.raises(JobFailed, match="can never start"):
+        asyncio.run(RayJobs(client).run(request(), _ignore, asyncio.Event(), before_submit=check))
+    assert checked == [True] and client.submitted == []
+
+
+async def _ignore(kind, data):
+    pass
 
 
 def test_the_drivers_failure_is_the_jobs_with_its_kind():
@@ -170,7 +205,9 @@ def test_a_driver_that_ended_without_an_outcome_is_started_again_then_fails_the_
     # Each attempt submitted ended FAILED, as Ray lists it.
     client.list_jobs = lambda: [attempt(n + 1, JobStatus.FAILED) for n in range(len(client.submitted))]
     FakeEventLog.holding("tunewire-job-1-1", step(1))
-    with pytest.raises(JobFailed, match=r"its Ray job tunewire-job-1-3 ended FAILED without a result: the driver's node died") as failed:
+    with pytest.raises(
+        JobFailed, match=r"its Ray job tunewire-job-1-3 ended FAILED without a result: the driver's node died \(`ray"
+    ) as failed:
         run(RayJobs(client))
     assert not failed.value.user_error
     assert [s["submission_id"] for s in client.submitted] == [f"tunewire-job-1-{n}" for n in (1, 2, 3)]

@@ -538,6 +538,33 @@ def test_each_trial_ends_once_on_the_event_stream_a_budget_cut_one_as_stopped():
         search._CHANNELS.pop("job-y")
 
 
+def test_a_worker_that_could_never_fit_the_largest_nodes_memory_fails_the_job_at_once(tiny_model_dir):
+    from tunewire.services.training import ray_runner
+
+    def _recipe(base_model: str, method: str) -> RecipeConfig:
+        training = resolve_config({}, 100, method)
+        return RecipeConfig("job-x", base_model, "sft", method, "data.parquet", 100, 10, 2, False, "models", "artifacts", training)
+
+    lora = ray_runner.worker_memory_floor(_recipe(str(tiny_model_dir), "lora"))
+    full = ray_runner.worker_memory_floor(_recipe(str(tiny_model_dir), "full"))
+    from transformers import AutoModelForCausalLM
+
+    parameters = AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    # Full fine-tuning: float32 weights, gradients and Adam's two moments of every one. LoRA: the weights, and those of its own.
+    assert full == 16 * parameters and 4 * parameters < lora < full
+    assert ray_runner.worker_memory_floor(_recipe("example-org/some-model", "lora")) is None  # not on this machine: not judged
+
+    recipe = _recipe(str(tiny_model_dir), "full")
+    ray_runner.check_memory(recipe, full, largest_node=float(full))
+    ray_runner.check_memory(recipe, None, largest_node=1.0)
+    with pytest.raises(JobFailed) as caught:
+        ray_runner.check_memory(recipe, 3 * 2**30, largest_node=2 * 2**30)
+    assert caught.value.user_error
+    message = str(caught.value)
+    assert "each of its workers needs at least 3.0 GiB of memory" in message and "largest node has 2.0 GiB for tasks" in message
+    assert "gradients and Adam's two moments" in message and "use LoRA" in message
+
+
 def test_a_trial_tune_made_but_never_started_is_summarised_as_not_started():
     """Tune's result for a trial the time budget kept from starting has no
     config (it never reported): the search's summary still names every

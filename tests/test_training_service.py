@@ -229,6 +229,41 @@ def test_cancel_a_queued_and_a_running_job(tmp_path):
         assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+class RunnerOfRayJobs(FakeRunner):
+    """A FakeRunner whose runs outlive their orchestrator, as Ray Jobs on a cluster do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.going: set[str] = set()
+        self.abandoned: list[str] = []
+
+    async def unfinished_job_ids(self):
+        return set(self.going)
+
+    async def abandon(self, job_id):
+        self.abandoned.append(job_id)
+        self.going.discard(job_id)
+
+
+def test_a_run_left_going_for_a_job_that_ended_without_it_is_stopped(tmp_path):
+    """A job on a Ray cluster requeued by a restart and cancelled while it
+    waits: its Ray Job, which trained on, is stopped; a running job's is not."""
+    runner = RunnerOfRayJobs(hold=True)
+    server, _ = make_service(tmp_path, runner, job_lease_seconds=1.5)
+    with server, TrainingClient(server.address) as client:
+        running = client.create_job("smollm2-135m-instruct", "ds-1")
+        stream = client.stream_events(running.id, timeout=30)
+        assert [next(stream).state for _ in range(2)] == [training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING]
+        queued = client.create_job("smollm2-135m-instruct", "ds-1")  # waits: one job at a time
+        runner.going |= {running.id, queued.id}
+        assert client.cancel_job(queued.id).state == training_pb2.JOB_STATE_CANCELLED
+        deadline = time.monotonic() + 20
+        while not runner.abandoned and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert runner.abandoned == [queued.id]
+        client.cancel_job(running.id)
+
+
 def test_a_retried_create_returns_the_same_job(tmp_path):
     server, _ = make_service(tmp_path, FakeRunner())
     with server, TrainingClient(server.address) as client:

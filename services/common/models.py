@@ -142,6 +142,21 @@ def resolve_model(name: str, cache_dir: Path) -> str:
     return str(_converted_gguf(bundled.name, source, cache_dir))
 
 
+def local_model_dir(name: str, cache_dir: Path) -> Path | None:
+    """The model directory `name` loads from where it is on this machine
+    already, without converting anything: a local directory, or a bundled
+    model's (converted) copy; None for a hub id or a copy not yet made."""
+    bundled = BUNDLED_MODELS.get(name)
+    if bundled is None:
+        path = Path(name).expanduser()
+        return path.resolve() if (path / "config.json").exists() else None
+    with contextlib.suppress(FailedPrecondition):  # the package that carries it is not installed here
+        source = bundled.locate()
+        if source.is_dir():
+            return source
+    return cache_dir / name if _converted(cache_dir / name) else None
+
+
 def _converted(target: Path) -> bool:
     # Copies made before the quantization note was dropped are converted again.
     config = target / "config.json"

@@ -20,8 +20,7 @@ def estimate_job(
     model_cache: Path | None = None,
     plan: SearchPlan | None = None,
 ) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from tunewire.services.common.models import loading_requested_model, resolve_model
     from tunewire.services.training import general, tasks
@@ -47,28 +46,14 @@ def estimate_job(
         per_example = sum(len(general.prompt_ids(tokenizer, p)) for p in prompts) / len(prompts) + general.RETENTION_ANSWER_TOKENS
         retention_tokens = round(dataset.train_rows * RETENTION_PER_ROW * per_example)
 
-    # Parameters without allocating weights: the model built on the meta device.
-    with torch.device("meta"):
-        if task == CLASSIFY:
-            model_config.num_labels = max(2, len(dataset.labels))
-            model = AutoModelForSequenceClassification.from_config(model_config)
-        else:
-            model = AutoModelForCausalLM.from_config(model_config)
-        parameters = sum(p.numel() for p in model.parameters())
-        if spec.method == FULL:
-            trainable = parameters
-        else:
-            model = tasks.load_peft(model, task, config)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
+    parameters, trainable = count_parameters(model_config, task, spec.method, config, len(dataset.labels))
     steps = config.steps_per_epoch(dataset.train_rows, workers) * config.epochs
     hidden = getattr(model_config, "hidden_size", 0)
     layers = getattr(model_config, "num_hidden_layers", 0)
     tokens_per_batch = config.batch_size * min(config.max_seq_length, max(1, train_tokens // max(dataset.train_rows, 1)) * 2)
-    # Weights, gradients and Adam's two moments for the trainable part, and
-    # roughly 16 saved values per hidden unit per layer per token of activations.
+    # Roughly 16 saved values per hidden unit per layer per token of activations.
     activations = tokens_per_batch * hidden * layers * 16 * BYTES_PER_PARAMETER // (4 if config.gradient_checkpointing else 1)
-    memory = parameters * BYTES_PER_PARAMETER + trainable * BYTES_PER_PARAMETER * 3 + activations
+    memory = weights_bytes(parameters, trainable) + activations
     tokens_to_process = (train_tokens + retention_tokens) * config.epochs
     trials = len(plan.candidates) if plan else 1
     if measured_tokens_per_second > 0:
@@ -93,3 +78,30 @@ def estimate_job(
         "trials": trials,
         "search_max_seconds": plan.max_seconds if plan else 0,
     }
+
+
+def count_parameters(model_config, task: str, method: str, config: TrainingConfig, labels: int = 0) -> tuple[int, int]:
+    """The model's parameters and the trainable part of them, built on the
+    meta device: no weights are allocated or read."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tunewire.services.training import tasks
+
+    with torch.device("meta"):
+        if task == CLASSIFY:
+            model_config.num_labels = max(2, labels)
+            model = AutoModelForSequenceClassification.from_config(model_config)
+        else:
+            model = AutoModelForCausalLM.from_config(model_config)
+        parameters = sum(p.numel() for p in model.parameters())
+        if method == FULL:
+            return parameters, parameters
+        model = tasks.load_peft(model, task, config)
+        return parameters, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def weights_bytes(parameters: int, trainable: int) -> int:
+    """What a worker holds for the weights alone, before any activation:
+    float32 weights, and the trainable part's gradients and Adam's two moments."""
+    return parameters * BYTES_PER_PARAMETER + trainable * BYTES_PER_PARAMETER * 3

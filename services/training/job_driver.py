@@ -40,7 +40,7 @@ async def drive(request: JobRequest, events: EventLog) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("submission_id", help="this attempt's Ray Job id, which names its event queue")
+    parser.add_argument("submission_id", help="this attempt's Ray Job id, which names its event log")
     parser.add_argument("request", help="the job's request (JobRequest as JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -50,17 +50,25 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(logging_level=logging.WARNING)  # the cluster Ray Jobs started this driver on
     DataContext.get_current().enable_progress_bars = False
-    request = JobRequest.from_json(args.request)
     events = EventLog(args.submission_id)
-    log.info("job %s: attempt %s", request.recipe.job_id, args.submission_id)
 
     async def main_async() -> dict:
-        outcome = await drive(request, events)
+        try:
+            request = JobRequest.from_json(args.request)
+        except (ValueError, TypeError, KeyError) as exc:  # not a retry's to mend: the orchestrator is told
+            outcome = {
+                "state": FAILED,
+                "error": f"the job's driver could not read its request ({type(exc).__name__}: {exc}): "
+                "run the same tunewire version on the Ray cluster's head as on the orchestrator",
+            }
+        else:
+            log.info("job %s: attempt %s", request.recipe.job_id, args.submission_id)
+            outcome = await drive(request, events)
         await events.put("outcome", outcome)
         return outcome
 
     outcome = asyncio.run(main_async())
-    log.info("job %s: %s", request.recipe.job_id, outcome)
+    log.info("attempt %s: %s", args.submission_id, outcome)
     return 0 if outcome["state"] == SUCCEEDED else 1
 
 

@@ -18,9 +18,11 @@ an attempt whose end was not yet read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tunewire.services.training.scheduler import EmitEvent, JobCancelled, JobFailed
@@ -143,43 +145,67 @@ class RayJobs:
         mine = [j for j in self.client.list_jobs() if (j.metadata or {}).get(JOB_METADATA_KEY) == job_id and j.submission_id]
         return sorted(mine, key=lambda j: int(j.submission_id.rsplit("-", 1)[1]))
 
-    def _attach_or_submit(self, request: JobRequest) -> tuple[str, str]:
-        """The attempt to follow: the job's latest Ray Job where it still runs
-        or its end was not read, else a new one. Returns it and what was done."""
-        job_id = request.recipe.job_id
+    def _unfinished_attempt(self, job_id: str):
+        """The job's latest Ray Job where it still runs or its end was not
+        read yet, else None; and the number the next attempt takes."""
         attempts = self._attempts(job_id)
-        if attempts:
-            latest = attempts[-1]
-            if not latest.status.is_terminal() or EventLog.exists(latest.submission_id):
-                return latest.submission_id, f"reattached to its Ray job {latest.submission_id} ({latest.status.value.lower()})"
-        submission = submission_id(job_id, len(attempts) + 1)
-        EventLog(submission)  # before the driver asks for it
+        if not attempts:
+            return None, 1
+        latest = attempts[-1]
+        unfinished = not latest.status.is_terminal() or EventLog.exists(latest.submission_id)
+        return (latest if unfinished else None), int(latest.submission_id.rsplit("-", 1)[1]) + 1
+
+    def _submit(self, request: JobRequest, attempt: int) -> str:
         from tunewire.services.training.ray_runner import STOP_WAIT_SECONDS, job_runtime_env
 
+        submission = submission_id(request.recipe.job_id, attempt)
+        EventLog(submission)  # before the driver asks for it
         runtime_env = job_runtime_env()
-        # How long a stopped driver has to wind down before Ray kills it (Ray's default: 3 s).
-        runtime_env["env_vars"] |= {"RAY_JOB_STOP_WAIT_TIME_S": str(int(STOP_WAIT_SECONDS))}
+        # How long a stopped driver has to wind its phase down (which takes up
+        # to STOP_WAIT_SECONDS) and say so, before Ray kills it (Ray's default: 3 s).
+        runtime_env["env_vars"] |= {"RAY_JOB_STOP_WAIT_TIME_S": str(int(STOP_WAIT_SECONDS + 10))}
         self.client.submit_job(
             entrypoint=f"python -m tunewire.services.training.job_driver {submission} {shlex.quote(request.to_json())}",
             submission_id=submission,
-            metadata={JOB_METADATA_KEY: job_id},
+            metadata={JOB_METADATA_KEY: request.recipe.job_id},
             runtime_env=runtime_env,
             # No entrypoint resources: Ray runs the driver on the head, beside its event log.
         )
-        return submission, f"submitted to the Ray cluster as Ray job {submission}"
+        return submission
 
-    async def run(self, request: JobRequest, emit: EmitEvent, cancel: asyncio.Event) -> None:
+    async def run(
+        self, request: JobRequest, emit: EmitEvent, cancel: asyncio.Event, before_submit: Callable[[], None] = lambda: None
+    ) -> None:
         """Runs the job's phases as a Ray Job and relays its events until it
-        ends. Raises JobFailed or JobCancelled as the phases would. A task
-        cancelled here (the orchestrator stops) leaves the Ray Job running.
-        An attempt whose driver ended without a result (killed, or its node
-        lost) is followed by another, which resumes from the latest checkpoint."""
+        ends, reattaching to the job's unfinished Ray Job where there is one
+        (`before_submit`, the job's checks, runs only before a new one).
+        Raises JobFailed or JobCancelled as the phases would. A task cancelled
+        here (the orchestrator stops) leaves the Ray Job running; any other
+        error stops it. An attempt whose driver ended without a result
+        (killed, or its node lost) is followed by another, up to
+        MAX_LOST_ATTEMPTS in a row, which resumes from the latest checkpoint."""
         for tries_left in reversed(range(MAX_LOST_ATTEMPTS)):
-            submission, what = await asyncio.to_thread(self._attach_or_submit, request)
+            latest, attempt = await asyncio.to_thread(self._unfinished_attempt, request.recipe.job_id)
+            if latest is not None:
+                submission = latest.submission_id
+                what = f"reattached to its Ray job {submission} ({latest.status.value.lower()})"
+            else:
+                before_submit()
+                submission = await asyncio.to_thread(self._submit, request, attempt)
+                what = f"submitted to the Ray cluster as Ray job {submission}"
             await emit("log", {"message": f"{what} (`ray job logs {submission}` on the cluster shows its driver's log)"})
             events = EventLog(submission)
-            outcome = await self._relay(submission, events, emit, cancel)
-            await self._until_ended(submission)
+            try:
+                outcome = await self._relay(submission, events, emit, cancel)
+                await self._until_ended(submission)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("job %s: following its Ray job %s failed; stopping it", request.recipe.job_id, submission)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.client.stop_job, submission)
+                    events.close()
+                raise
             events.close()  # its end is read: the next attempt is a new Ray Job
             if outcome["state"] != LOST or cancel.is_set() or not tries_left:
                 break
@@ -190,6 +216,23 @@ class RayJobs:
         if state == CANCELLED or cancel.is_set():
             raise JobCancelled()
         raise JobFailed(outcome["error"], user_error=outcome.get("user_error", False))
+
+    async def unfinished_job_ids(self) -> set[str]:
+        """The tunewire jobs with a Ray Job still running."""
+        jobs = await asyncio.to_thread(self.client.list_jobs)
+        return {j.metadata[JOB_METADATA_KEY] for j in jobs if JOB_METADATA_KEY in (j.metadata or {}) and not j.status.is_terminal()}
+
+    async def abandon(self, job_id: str) -> None:
+        """Stops the job's unfinished Ray Job, its events unread."""
+        latest, _ = await asyncio.to_thread(self._unfinished_attempt, job_id)
+        if latest is not None:
+            await asyncio.to_thread(self.client.stop_job, latest.submission_id)
+            EventLog(latest.submission_id).close()
+
+    async def has_unfinished(self, job_id: str) -> bool:
+        """Whether the job has a Ray Job still running or whose end was not read."""
+        latest, _ = await asyncio.to_thread(self._unfinished_attempt, job_id)
+        return latest is not None
 
     async def _until_ended(self, submission: str) -> None:
         """Waits for the driver to exit once it has said how it ended (what it
@@ -223,9 +266,10 @@ class RayJobs:
             if ended is not None and not items:  # it ended, and everything it said is out
                 if ended.status == JobStatus.STOPPED:
                     return {"state": CANCELLED if stopping else FAILED, "error": f"its Ray job {submission} was stopped outside tunewire"}
+                said = (ended.message or "").strip().splitlines()  # a failed driver's message carries its log's tail
                 return {
                     "state": LOST,
-                    "error": f"its Ray job {submission} ended {ended.status.value} without a result: {ended.message} "
+                    "error": f"its Ray job {submission} ended {ended.status.value} without a result: {said[0] if said else 'no reason given'} "
                     f"(`ray job logs {submission}` on the cluster shows why)",
                 }
             if ended is None and time.monotonic() - checked >= STATUS_CHECK_SECONDS:

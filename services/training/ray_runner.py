@@ -40,7 +40,7 @@ from pathlib import Path
 from tunewire.services.common import layout
 from tunewire.services.common.artifacts import ArtifactStore, read_text
 from tunewire.services.training import diagnostics
-from tunewire.services.training.config import TASK_OF_FORMAT, TrainingConfig, resolve_search
+from tunewire.services.training.config import FULL, TASK_OF_FORMAT, TrainingConfig, resolve_search
 from tunewire.services.training.ray_jobs import RayJobs
 from tunewire.services.training.recipe import RecipeConfig, list_checkpoints
 from tunewire.services.training.scheduler import EmitEvent, JobCancelled, JobFailed
@@ -160,7 +160,15 @@ class RayTrainRunner:
                 f"the Ray cluster at RAY_ADDRESS={self.ray_address} runs no dashboard: tunewire submits each job to it as a Ray Job "
                 "through the head's dashboard. Start the head with it (`ray start --head --include-dashboard=true`, Ray's default)"
             )
-        self.ray_jobs = RayJobs.at(context.dashboard_url)
+        try:
+            self.ray_jobs = RayJobs.at(context.dashboard_url)
+        except ConnectionError as exc:
+            ray.shutdown()
+            raise RayConnectionError(
+                f"the Ray cluster at RAY_ADDRESS={self.ray_address} has its dashboard at {context.dashboard_url}, which this service "
+                f"cannot reach ({exc}): tunewire submits each job there as a Ray Job. Start the head with "
+                "`ray start --head --dashboard-host=0.0.0.0` (and let this service reach its port)"
+            ) from exc
 
     def _start_local_cluster(self) -> None:
         import ray
@@ -220,17 +228,33 @@ class RayTrainRunner:
         import ray
 
         recipe = self.recipe(job)
-        check_fits(recipe, ray.cluster_resources())
+        memory_floor = await asyncio.to_thread(worker_memory_floor, recipe)
+
+        def check() -> None:
+            check_fits(recipe, ray.cluster_resources())
+            check_memory(recipe, memory_floor, largest_node_memory())
+
         final = layout.job_parts(job.id, layout.FINAL_DIR)
-        if not self.artifacts.exists(*final):
-            request = JobRequest(recipe, job.spec.get("search") or {}, job.spec["hyperparameters"], self._room_for_trials(recipe))
-            if self.ray_jobs is not None:
-                await self.ray_jobs.run(request, emit, cancel)
-            else:
-                await run_phases(self.artifacts, request, emit, cancel)
+        request = JobRequest(recipe, job.spec.get("search") or {}, job.spec["hyperparameters"], self._room_for_trials(recipe))
+        if self.ray_jobs is not None:
+            # A Ray Job that wrote the adapter before this orchestrator came may
+            # still hold events to relay; one that runs is not judged again.
+            if not self.artifacts.exists(*final) or await self.ray_jobs.has_unfinished(job.id):
+                await self.ray_jobs.run(request, emit, cancel, before_submit=check)
+        elif not self.artifacts.exists(*final):
+            check()
+            await run_phases(self.artifacts, request, emit, cancel)
         with contextlib.ExitStack() as stack:
             downloads = stack.enter_context(self.artifacts.staged_dir()) if not self.artifacts.is_local else None
             yield self.artifacts.local_copy(self.artifacts.uri(*final), downloads or Path())
+
+    async def unfinished_job_ids(self) -> set[str]:
+        """The jobs whose Ray Job runs on (none on a local Ray: the orchestrator drives them)."""
+        return set() if self.ray_jobs is None else await self.ray_jobs.unfinished_job_ids()
+
+    async def abandon(self, job_id: str) -> None:
+        if self.ray_jobs is not None:
+            await self.ray_jobs.abandon(job_id)
 
     def _room_for_trials(self, recipe: RecipeConfig) -> int:
         """Trials side by side: one on a local cluster (its workers already
@@ -337,6 +361,53 @@ def check_fits(recipe: RecipeConfig, cluster: dict[str, float]) -> None:
         else "lower num_workers or add nodes to the Ray cluster"
     )
     raise JobFailed(f"the job can never start: its {whose} need {what} at once: {hint}", user_error=True)
+
+
+def worker_memory_floor(recipe: RecipeConfig) -> int | None:
+    """The least memory one worker needs: the base model's weights, and the
+    trainable part's gradients and optimizer state (activations come on top).
+    None where the model's config is not on this machine (a hub id, a bundled
+    model not converted yet): the workers find out as they load it."""
+    from transformers import AutoConfig
+
+    from tunewire.services.common.models import local_model_dir
+    from tunewire.services.training.estimate import count_parameters, weights_bytes
+
+    path = local_model_dir(recipe.base_model, Path(recipe.model_cache))
+    if path is None:
+        return None
+    parameters, trainable = count_parameters(
+        AutoConfig.from_pretrained(path), recipe.task, recipe.method, recipe.training, len(recipe.labels)
+    )
+    return weights_bytes(parameters, trainable)
+
+
+def largest_node_memory() -> float:
+    """The most memory one live node of the Ray cluster has for tasks and actors."""
+    import ray
+
+    return max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def check_memory(recipe: RecipeConfig, worker_needs: int | None, largest_node: float) -> None:
+    """Fails the job at once, as the user's error, when one worker's share of
+    the model could never fit the memory of the cluster's largest node (Ray
+    reserves no memory for tasks: such a worker would start and be killed
+    for memory, again and again)."""
+    if not worker_needs or not largest_node or worker_needs <= largest_node:
+        return
+    gib = 2**30
+    what = "its weights" + (", their gradients and Adam's two moments" if recipe.method == FULL else "")
+    hint = (
+        "use LoRA (method lora or qlora), a smaller base model, or a node with more memory"
+        if recipe.method == FULL
+        else "use a smaller base model, or add a node with more memory"
+    )
+    raise JobFailed(
+        f"the job can never start: each of its workers needs at least {worker_needs / gib:.1f} GiB of memory for {recipe.base_model} "
+        f"({what}, in float32), and the Ray cluster's largest node has {largest_node / gib:.1f} GiB for tasks: {hint}",
+        user_error=True,
+    )
 
 
 class RoomWatch:

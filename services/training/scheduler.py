@@ -46,6 +46,9 @@ class TrainingRunner(Protocol):
     def checkpoints(self, job_id: str) -> list[dict]:
         """The job's checkpoints: step, validation_loss, uri, oldest first."""
 
+    # A runner whose work outlives its orchestrator (Ray Jobs on a cluster)
+    # also has `async unfinished_job_ids() -> set[str]` and `async abandon(job_id)`.
+
 
 class Scheduler:
     def __init__(self, jobs: JobManager, runner: TrainingRunner, artifacts: ArtifactStore, max_concurrent: int = 1):
@@ -70,9 +73,10 @@ class Scheduler:
             if self._job_ended:
                 self._job_ended = False
                 try:
+                    await self._stop_abandoned_runs()
                     await self.jobs.tidy_ended_jobs()
                 except Exception:  # housekeeping: it must not stop the scheduler
-                    log.exception("tidying ended jobs (dataset pins, checkpoints) failed; retrying later")
+                    log.exception("tidying ended jobs (dataset pins, checkpoints, runs left going) failed; retrying later")
             for job in await asyncio.to_thread(self.jobs.queued):
                 if len(self._running) >= self.max_concurrent:
                     break
@@ -100,6 +104,21 @@ class Scheduler:
             self.jobs.cancel_event(job_id).set()
         for job_id in await asyncio.to_thread(self.jobs.requeue_lapsed):
             log.warning("requeued job %s: the orchestrator running it stopped renewing its lease", job_id)
+
+    async def _stop_abandoned_runs(self) -> None:
+        """Stops what a runner left going for a job that ended without it
+        running here: on a Ray cluster, the Ray Job of a job cancelled while
+        it waited in the queue after an orchestrator restart trained on."""
+        going = getattr(self.runner, "unfinished_job_ids", None)
+        if going is None:  # a runner whose work ends with its orchestrator
+            return
+        for job_id in await going():
+            if job_id in self._running:
+                continue
+            job = await asyncio.to_thread(self.jobs.store.get, job_id)
+            if job is None or job.is_final:
+                log.warning("job %s ended, but its run on Ray went on; stopping it", job_id)
+                await self.runner.abandon(job_id)
 
     async def stop(self) -> None:
         for task in list(self._running.values()):
