@@ -50,6 +50,10 @@ def submission_id(job_id: str, attempt: int) -> str:
     return f"tunewire-{job_id}-{attempt}"
 
 
+def attempt_number(submission: str) -> int:
+    return int(submission.rsplit("-", 1)[1])
+
+
 class _EventLogActor:
     """An attempt's events in order, each kept until the orchestrator says it
     recorded it: one that dies between reading and recording reads it again."""
@@ -143,7 +147,7 @@ class RayJobs:
     def _attempts(self, job_id: str) -> list:
         """The job's Ray Jobs, oldest first."""
         mine = [j for j in self.client.list_jobs() if (j.metadata or {}).get(JOB_METADATA_KEY) == job_id and j.submission_id]
-        return sorted(mine, key=lambda j: int(j.submission_id.rsplit("-", 1)[1]))
+        return sorted(mine, key=lambda j: attempt_number(j.submission_id))
 
     def _unfinished_attempt(self, job_id: str):
         """The job's latest Ray Job where it still runs or its end was not
@@ -153,7 +157,7 @@ class RayJobs:
             return None, 1
         latest = attempts[-1]
         unfinished = not latest.status.is_terminal() or EventLog.exists(latest.submission_id)
-        return (latest if unfinished else None), int(latest.submission_id.rsplit("-", 1)[1]) + 1
+        return (latest if unfinished else None), attempt_number(latest.submission_id) + 1
 
     def _submit(self, request: JobRequest, attempt: int) -> str:
         from tunewire.services.training.ray_runner import STOP_WAIT_SECONDS, job_runtime_env
