@@ -174,7 +174,7 @@ def test_an_unexpected_error_while_following_stops_the_ray_job():
 def test_the_jobs_checks_run_before_a_new_attempt_not_on_reattaching():
     checked = []
 
-    def check():
+    async def check():
         checked.append(True)
         raise JobFailed("the job can never start", user_error=True)
 

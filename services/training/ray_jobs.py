@@ -22,7 +22,7 @@ import contextlib
 import logging
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from tunewire.services.training.scheduler import EmitEvent, JobCancelled, JobFailed
@@ -178,7 +178,7 @@ class RayJobs:
         return submission
 
     async def run(
-        self, request: JobRequest, emit: EmitEvent, cancel: asyncio.Event, before_submit: Callable[[], None] = lambda: None
+        self, request: JobRequest, emit: EmitEvent, cancel: asyncio.Event, before_submit: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         """Runs the job's phases as a Ray Job and relays its events until it
         ends, reattaching to the job's unfinished Ray Job where there is one
@@ -194,7 +194,8 @@ class RayJobs:
                 submission = latest.submission_id
                 what = f"reattached to its Ray job {submission} ({latest.status.value.lower()})"
             else:
-                before_submit()
+                if before_submit is not None:
+                    await before_submit()
                 submission = await asyncio.to_thread(self._submit, request, attempt)
                 what = f"submitted to the Ray cluster as Ray job {submission}"
             await emit("log", {"message": f"{what} (`ray job logs {submission}` on the cluster shows its driver's log)"})

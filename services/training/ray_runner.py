@@ -17,9 +17,9 @@ head (`ray_jobs`, `job_driver`), which trains on while the orchestrator
 restarts and is reattached. Workers read the train and validation splits
 from the artifact store through Ray Data shards; rank 0 of each run sends
 progress through a Ray queue, which the phases' driver drains into job events
-while the phase runs in a thread, and watches a second queue for cancellation. Checkpoints go to
-<artifact root>/ray/<job>/<run>.<attempt>/; a run that starts again resumes
-from its latest one.
+while the phase runs in a thread, and watches a second queue for cancellation.
+Checkpoints go to <artifact root>/ray/<job>/<run>.<attempt>/; a run that
+starts again resumes from its latest one.
 """
 
 from __future__ import annotations
@@ -228,11 +228,10 @@ class RayTrainRunner:
         import ray
 
         recipe = self.recipe(job)
-        memory_floor = await asyncio.to_thread(worker_memory_floor, recipe)
 
-        def check() -> None:
+        async def check() -> None:
             check_fits(recipe, ray.cluster_resources())
-            check_memory(recipe, memory_floor, largest_node_memory())
+            check_memory(recipe, await asyncio.to_thread(worker_memory_floor, recipe), largest_node_memory())
 
         final = layout.job_parts(job.id, layout.FINAL_DIR)
         request = JobRequest(recipe, job.spec.get("search") or {}, job.spec["hyperparameters"], self._room_for_trials(recipe))
@@ -242,7 +241,7 @@ class RayTrainRunner:
             if not self.artifacts.exists(*final) or await self.ray_jobs.has_unfinished(job.id):
                 await self.ray_jobs.run(request, emit, cancel, before_submit=check)
         elif not self.artifacts.exists(*final):
-            check()
+            await check()
             await run_phases(self.artifacts, request, emit, cancel)
         with contextlib.ExitStack() as stack:
             downloads = stack.enter_context(self.artifacts.staged_dir()) if not self.artifacts.is_local else None
