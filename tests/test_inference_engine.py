@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest, _Progress
+from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest
 from tunewire.services.inference.lora import RowSlots, SlottedLoRALinear
+from tunewire.services.inference.output import TextStream
 
 from conftest import build_tiny_bert, build_tiny_causal_lm, write_lora_adapter
 
@@ -315,7 +316,7 @@ class CountingTokenizer:
 @given(st.lists(st.integers(0, 399), max_size=80), st.lists(st.text(alphabet="abcdeht ", min_size=1, max_size=3), max_size=3))
 def test_streamed_text_is_the_full_decode_cut_at_the_first_stop(tiny_tokenizer, ids, stops):
     deltas = []
-    progress = _Progress(tiny_tokenizer, tuple(stops), deltas.append)
+    progress = TextStream(tiny_tokenizer, tuple(stops), deltas.append)
     for token in ids:
         progress.add(token)
     text = progress.finish()
@@ -326,7 +327,7 @@ def test_streamed_text_is_the_full_decode_cut_at_the_first_stop(tiny_tokenizer, 
 
 def test_each_token_decodes_a_few_tokens_however_long_the_answer(tiny_tokenizer):
     counting = CountingTokenizer(tiny_tokenizer)
-    progress = _Progress(counting, ("never said",), lambda _: None)
+    progress = TextStream(counting, ("never said",), lambda _: None)
     for token in list(range(10, 110)) * 20:  # 2000 tokens
         progress.add(token)
     progress.finish()

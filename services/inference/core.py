@@ -22,28 +22,12 @@ from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.sources import Source, check_source, parse_source, roots_for
-from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult, not_loaded
+from tunewire.services.inference.adapters import AdapterView, not_loaded
+from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-@dataclass(frozen=True)
-class LoadedAdapter:
-    id: str
-    source_uri: str
-    task_type: str
-    rank: int
-    labels: list[str]
-    loaded_at: dt.datetime
-    load_seconds: float
-    # From publication by the orchestrator to servable here; None when loaded by hand.
-    publish_to_servable_seconds: float | None
-    # Only this project's callers may use it.
-    project: str = DEFAULT_PROJECT
-    resident: bool = True
-    requests_in_flight: int = 0
 
 
 def _adapter_project(source: Source) -> str | None:
@@ -79,7 +63,6 @@ class InferenceManager:
         self.adapter_cache = adapter_cache
         # Adapters load from a project's own published adapters or its import roots, nowhere else.
         self.import_roots = import_roots
-        self._loaded: dict[str, LoadedAdapter] = {}
         self._loading: dict[str, asyncio.Future] = {}
 
     async def start(self) -> None:
@@ -94,24 +77,13 @@ class InferenceManager:
 
     # Adapters
 
-    def loaded(self, project: str | None = None) -> list[LoadedAdapter]:
+    def loaded(self, project: str | None = None) -> list[AdapterView]:
         """The adapters served: a project's, or all (None)."""
-        states = {info.id: info for info in self.engine.adapters()}
-        return [
-            LoadedAdapter(**{**a.__dict__, "resident": states[a.id].resident, "requests_in_flight": states[a.id].requests_in_flight})
-            for a in self._loaded.values()
-            if a.id in states and project in (None, a.project)
-        ]
-
-    def _check_access(self, project: str, adapter_id: str) -> None:
-        """Another project's adapter is as unknown as one never loaded."""
-        loaded = self._loaded.get(adapter_id)
-        if adapter_id and loaded is not None and loaded.project != project:
-            raise not_loaded(adapter_id)
+        return self.engine.adapters(project)
 
     async def load_adapter(
         self, adapter_id: str, uri: str, published_at: dt.datetime | None = None, project: str = DEFAULT_PROJECT
-    ) -> LoadedAdapter:
+    ) -> AdapterView:
         """Validates the adapter at `uri` and makes it servable as `adapter_id`
         to `project`. Concurrent loads of one id share the work."""
         if not ADAPTER_ID.match(adapter_id):
@@ -120,11 +92,12 @@ class InferenceManager:
             )
         if not uri:
             raise InvalidArgument.field("source_uri", "required: the adapter's directory, as a path or URL")
+        existing = self.engine.registry.get(adapter_id)
         # Another project's id is never replaced (its callers would be served these weights).
-        if adapter_id in self._loaded and self._loaded[adapter_id].project != project:
+        if existing is not None and existing.project != project:
             raise FailedPrecondition(f"adapter id {adapter_id!r} is taken: load the adapter under another id")
-        if adapter_id in self._loaded and self._loaded[adapter_id].source_uri == uri:
-            return self._loaded[adapter_id]
+        if existing is not None and existing.source_uri == uri:
+            return self._view(adapter_id)
         if adapter_id in self._loading:
             return await asyncio.shield(self._loading[adapter_id])
         future = asyncio.get_running_loop().create_future()
@@ -140,7 +113,7 @@ class InferenceManager:
         finally:
             del self._loading[adapter_id]
 
-    async def _load(self, adapter_id: str, uri: str, published_at: dt.datetime | None, project: str) -> LoadedAdapter:
+    async def _load(self, adapter_id: str, uri: str, published_at: dt.datetime | None, project: str) -> AdapterView:
         started = time.perf_counter()
         source = await asyncio.to_thread(self._check_adapter_source, project, uri)
         try:
@@ -152,24 +125,25 @@ class InferenceManager:
         if not local.is_dir():
             raise InvalidArgument.field("source_uri", f"{uri!r} is not a directory: give the adapter's directory")
         weights = await _in_own_thread(self.engine.read_adapter, local)
-        await asyncio.to_thread(self.engine.add_adapter, adapter_id, uri, local, weights)
-        now = dt.datetime.now(dt.UTC)
-        latency = (now - published_at).total_seconds() if published_at else None
-        loaded = LoadedAdapter(
-            adapter_id, uri, weights.task_type, weights.rank, weights.labels, now, time.perf_counter() - started, latency, project
-        )
-        self._loaded[adapter_id] = loaded
-        telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self._loaded))
-        telemetry.INFERENCE_ADAPTER_LOAD_SECONDS.observe(loaded.load_seconds)
+        adapter = await asyncio.to_thread(self.engine.add_adapter, adapter_id, uri, local, weights, project, published_at, started)
+        telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self.engine.registry))
+        telemetry.INFERENCE_ADAPTER_LOAD_SECONDS.observe(adapter.load_seconds)
+        latency = adapter.publish_to_servable_seconds
         log.info(
             "adapter %s (%s, rank %d) servable in %.2fs%s",
             adapter_id,
             weights.task_type,
             weights.rank,
-            loaded.load_seconds,
+            adapter.load_seconds,
             f", {latency:.2f}s after publication" if latency is not None else "",
         )
-        return loaded
+        return self._view(adapter_id)
+
+    def _view(self, adapter_id: str) -> AdapterView:
+        view = next((a for a in self.engine.adapters() if a.id == adapter_id), None)
+        if view is None:  # unloaded meanwhile
+            raise not_loaded(adapter_id)
+        return view
 
     def _check_adapter_source(self, project: str, uri: str) -> Source:
         """The adapter directory if the project may load it: one of its own
@@ -193,11 +167,11 @@ class InferenceManager:
     async def unload_adapter(self, adapter_id: str, project: str | None = None) -> None:
         """Stops serving the adapter: a project's own (another project's is
         as unknown as one never loaded), or any (project None: operators)."""
-        if project is not None:
-            self._check_access(project, adapter_id)
+        adapter = self.engine.registry.get(adapter_id)
+        if project is not None and adapter is not None and adapter.project != project:
+            raise not_loaded(adapter_id)
         await asyncio.to_thread(self.engine.remove_adapter, adapter_id)
-        self._loaded.pop(adapter_id, None)
-        telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self._loaded))
+        telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self.engine.registry))
 
     # Requests
 
@@ -215,9 +189,8 @@ class InferenceManager:
             yield item
 
     @contextlib.contextmanager
-    def _project_request(self, project: str, adapter_id: str):
+    def _project_request(self, project: str):
         """Counts a request against the project's quota while it is queued or running."""
-        self._check_access(project, adapter_id)
         if self.max_requests_per_project and self._requests[project] >= self.max_requests_per_project:
             raise ResourceExhausted(
                 f"project {project} has {self._requests[project]} generation requests queued or running, its quota: "
@@ -236,10 +209,10 @@ class InferenceManager:
         items: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
         put = _threadsafe_put(loop, items)
-        with self._project_request(project, request.adapter):
+        with self._project_request(project):
             # Tokenising a long prompt takes a while: not on the event loop.
             await asyncio.to_thread(
-                self.engine.submit, request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline
+                self.engine.submit, request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline, project
             )
             try:
                 while True:
@@ -254,8 +227,8 @@ class InferenceManager:
                 cancelled.set()  # a caller that went away frees its batch row
 
     async def classify(self, project: str, adapter_id: str, text: str) -> ClassificationResult:
-        with self._project_request(project, adapter_id):
-            future = await asyncio.to_thread(self.engine.classify, adapter_id, text)
+        with self._project_request(project):
+            future = await asyncio.to_thread(self.engine.classify, adapter_id, text, project)
             try:
                 return await asyncio.wrap_future(future)
             finally:

@@ -1,24 +1,30 @@
 """The batching engine: one base model, many LoRA adapters, one model thread.
 
-Requests wait in a bounded queue. The model thread runs a loop: admit
-waiting requests into the running batch (each needs its adapter in a LoRA
-slot), prefill the newcomers in one forward pass and merge them into the
-batch's cache, then decode one token for every running row in one forward
-pass, whatever adapter each row uses (lora.py). A request leaves the batch
-when it finishes, is cancelled or passes its deadline, and its slot goes to
-the next waiting request (continuous batching). Classification requests are
-run between decoding steps, batched the same way.
+Its parts, each in its own module:
+- `scheduler.py`, the policy: the bounded queues, and which requests join
+  the running batch at each step (fair across projects, within the prefill
+  budget, only where the adapter can have a slot);
+- `adapters.py`, the one registry of served adapters: who may use each, the
+  requests holding it, its LoRA slot, the least recently used idle one;
+- `output.py`, tokens to text: incremental detokenisation and stop strings;
+- this module: the model thread that runs the scheduler's decisions. Each
+  step it prefills the newcomers in one forward pass and merges them into
+  the batch's cache, then decodes one token for every running row in one
+  forward pass, whatever adapter each row uses (lora.py). A request leaves
+  the batch when it finishes, is cancelled or passes its deadline, and its
+  row goes to the next waiting request (continuous batching).
+  Classifications run between decoding steps, batched the same way.
 
 Adapter loads and unloads are applied on the model thread between steps, so
-no forward pass ever sees a half-written slot. An adapter in use by an
-admitted or queued request is never evicted or removed until they finish;
-an LRU keeps at most `max_resident_adapters` in slots and reloads an evicted
-one from its local copy when a request needs it.
+no forward pass ever sees a half-written slot. An adapter held by a queued or
+admitted request is never evicted or removed until they finish; at most
+`max_resident_adapters` are in slots, and an evicted one is read again from
+its local copy when a request needs it.
 """
 
 from __future__ import annotations
 
-import collections
+import datetime as dt
 import logging
 import os
 import threading
@@ -31,17 +37,20 @@ from pathlib import Path
 import torch
 
 from tunewire.services.common import telemetry
-from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.common.auth import DEFAULT_PROJECT
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument
 from tunewire.services.common.hardware import native_bfloat16, serving_device
 from tunewire.services.common.models import base_model_aliases, resolve_model
 from tunewire.services.common.text import prompt_text
+from tunewire.services.inference.adapters import AdapterRegistry, AdapterView, ServedAdapter
 from tunewire.services.inference.kv_cache import BatchCache, new_cache
 from tunewire.services.inference.lora import CAUSAL_LM, SEQ_CLS, AdapterWeights, SlotTable, read_adapter
+from tunewire.services.inference.output import CANCELLED, LENGTH, STOP, TextStream
 from tunewire.services.inference.packed import pack_linears
+from tunewire.services.inference.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS_LIMIT = 4096
 # Stop strings are looked for after every token: their count and length bound that work.
@@ -110,93 +119,14 @@ class ClassificationResult:
 
 
 @dataclass
-class AdapterInfo:
-    id: str
-    source_uri: str
-    task_type: str
-    rank: int
-    resident: bool
-    requests_in_flight: int
-
-
-@dataclass
-class _Progress:
-    """Incremental detokenisation with stop strings. Each token decodes only
-    the last few tokens (as text-generation-inference does: the text of
-    ids[prefix:] less that of ids[prefix:read], so a tokenizer's leading-space
-    rules cancel out) and looks for stop strings only where the new text
-    could complete one: a token costs the same at the end of a long answer
-    as at its start."""
-
-    tokenizer: object
-    stop: tuple[str, ...]
-    on_text: Callable[[str], None]
-    ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far, whole characters only
-    prefix: int = 0  # token offsets of the decoding window
-    read: int = 0
-    sent: int = 0
-    stopped_at: int | None = None  # character index of a stop string
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        if self.stopped_at is not None:
-            return
-        before = self._decode(self.ids[self.prefix : self.read])
-        window = self._decode(self.ids[self.prefix :])
-        if len(window) <= len(before) or window.endswith("\ufffd"):
-            return  # no new whole character yet
-        searched_from = max(0, len(self.text) - max((len(s) - 1 for s in self.stop), default=0))
-        self.text += window[len(before) :]
-        self.prefix, self.read = self.read, len(self.ids)
-        for s in self.stop:
-            index = self.text.find(s, searched_from)
-            if index != -1 and (self.stopped_at is None or index < self.stopped_at):
-                self.stopped_at = index
-        if self.stopped_at is not None:
-            self.text = self.text[: self.stopped_at]
-            safe = len(self.text)
-        else:
-            # Hold back what could still become a stop string.
-            safe = len(self.text) - max((len(s) - 1 for s in self.stop), default=0)
-        if safe > self.sent:
-            self.on_text(self.text[self.sent : safe])
-            self.sent = safe
-
-    def finish(self) -> str:
-        if self.stopped_at is None:  # tokens that never made a whole character
-            self.text += self._decode(self.ids[self.prefix :])[len(self._decode(self.ids[self.prefix : self.read])) :]
-        if len(self.text) > self.sent:
-            self.on_text(self.text[self.sent :])
-            self.sent = len(self.text)
-        return self.text
-
-
-@dataclass
-class _Adapter:
-    id: str
-    source_uri: str
-    local_dir: Path
-    task_type: str
-    rank: int
-    labels: list[str]
-    slot: int | None = None
-    in_use: int = 0  # queued or running requests
-    last_used: float = 0.0
-    removed: bool = False  # unloaded; its slot is freed once in_use reaches 0
-
-
-@dataclass
 class _Sequence:
     """A generation request inside the engine."""
 
-    adapter: _Adapter | None
+    adapter: ServedAdapter | None
+    project: str | None  # None: no project (tools and tests): any adapter
     prompt_ids: list[int]
     request: GenerationRequest
-    progress: _Progress
+    progress: TextStream
     on_done: Callable[[GenerationResult | BaseException], None]
     cancelled: threading.Event
     deadline: float | None
@@ -208,7 +138,7 @@ class _Sequence:
 
 @dataclass
 class _Classification:
-    adapter: _Adapter
+    adapter: ServedAdapter
     text: str
     future: Future
 
@@ -222,11 +152,6 @@ def serving_dtype(name: str, device: torch.device) -> torch.dtype:
     if native_bfloat16(device.type):
         return torch.bfloat16
     return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def not_loaded(adapter_id: str) -> NotFound:
-    """The error for an adapter this service does not serve to the caller."""
-    return NotFound(f"adapter {adapter_id!r} is not loaded here: ListLoadedAdapters shows those served, LoadAdapter adds one")
 
 
 class BatchEngine:
@@ -250,11 +175,11 @@ class BatchEngine:
         self._base_names: set[str] = set()
         self._eos_ids: set[int] = set()
         self._max_positions = 0
+        self.registry = AdapterRegistry()
+        self.scheduler = Scheduler(self.limits.max_batch_size, self.limits.max_queued_requests, self.limits.max_prefill_tokens)
+        # Wakes the model thread; guards the commands and the stopping flag.
         self._lock = threading.Condition()
-        self._adapters: dict[str, _Adapter] = {}
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._classifications: collections.deque[_Classification] = collections.deque()
-        self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._commands: list[tuple[Callable, Future]] = []
         self._running: list[_Sequence] = []
         self._batch: BatchCache | None = None
         self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -330,47 +255,45 @@ class BatchEngine:
             CLASSIFIER_HEADS,
         )
 
-    def add_adapter(self, adapter_id: str, source_uri: str, local_dir: Path, weights: AdapterWeights) -> None:
-        """Makes a validated adapter servable; returns once requests can use it."""
+    def add_adapter(
+        self,
+        adapter_id: str,
+        source_uri: str,
+        local_dir: Path,
+        weights: AdapterWeights,
+        project: str = DEFAULT_PROJECT,
+        published_at: dt.datetime | None = None,
+        load_started: float = 0.0,
+    ) -> ServedAdapter:
+        """Makes a validated adapter servable to `project`; returns once
+        requests can use it (the one already served, when that came from the
+        same source). `load_started` (perf_counter) times the whole load."""
         if weights.task_type == CAUSAL_LM and not self.generative:
             raise InvalidArgument.field("source", f"a CAUSAL_LM adapter cannot run on {self.base_model_name}, which is not a causal LM")
-        adapter = _Adapter(adapter_id, source_uri, local_dir, weights.task_type, weights.rank, weights.labels)
+        adapter = ServedAdapter(
+            adapter_id, source_uri, local_dir, weights.task_type, weights.rank, weights.labels, project, published_at, load_started
+        )
 
-        def place() -> None:
-            with self._lock:
-                existing = self._adapters.get(adapter_id)
-                if existing is not None:
-                    if existing.source_uri != source_uri:
-                        raise FailedPrecondition(f"adapter {adapter_id} is already loaded from {existing.source_uri}: unload it first")
-                    return
-            if self._claim_slot():
+        def place() -> ServedAdapter:
+            if self.registry.get(adapter.id) is None and self._claim_slot():
                 adapter.slot = self.slots.place(weights)
-            adapter.last_used = time.monotonic()
-            with self._lock:
-                self._adapters[adapter_id] = adapter
+            return self.registry.add(adapter)  # an id already served: itself if from the same source, else refused
 
-        self._on_model_thread(place).result()
+        return self._on_model_thread(place).result()
 
     def remove_adapter(self, adapter_id: str) -> None:
         """Stops new requests for the adapter; its slot is freed when the ones
         already accepted finish."""
 
         def remove() -> None:
-            with self._lock:
-                adapter = self._adapters.pop(adapter_id, None)
-                if adapter is None:
-                    raise NotFound(f"adapter {adapter_id!r} is not loaded")
-                adapter.removed = True
-            self._release_if_unused(adapter)
+            adapter = self.registry.remove(adapter_id)
+            if self.registry.releasable(adapter):
+                self._free_slot(adapter)
 
         self._on_model_thread(remove).result()
 
-    def adapters(self) -> list[AdapterInfo]:
-        with self._lock:
-            return [
-                AdapterInfo(a.id, a.source_uri, a.task_type, a.rank, a.slot is not None, a.in_use)
-                for a in sorted(self._adapters.values(), key=lambda a: a.id)
-            ]
+    def adapters(self, project: str | None = None) -> list[AdapterView]:
+        return self.registry.views(project)
 
     # Requests (any thread)
 
@@ -381,9 +304,11 @@ class BatchEngine:
         on_done: Callable[[GenerationResult | BaseException], None],
         cancelled: threading.Event,
         deadline: float | None = None,
+        project: str | None = None,
     ) -> None:
         """Queues a generation; on_text gets text deltas and on_done the result
-        or the error, both on the model thread."""
+        or the error, both on the model thread. A `project`'s caller is served
+        its own adapters only."""
         request.check()
         if not self.generative:
             raise FailedPrecondition(f"{self.base_model_name} is not a causal LM: this service classifies (Classify) but does not generate")
@@ -400,19 +325,19 @@ class BatchEngine:
             generator = torch.Generator().manual_seed(
                 request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             )
-        progress = _Progress(self.tokenizer, tuple(request.stop), on_text)
-        with self._lock:
-            if len(self._waiting) >= self.limits.max_queued_requests:
-                raise ResourceExhausted(
-                    f"{len(self._waiting)} requests are already waiting (TUNEWIRE_MAX_QUEUED_REQUESTS): retry with backoff"
-                )
-            adapter = self._use(request.adapter, CAUSAL_LM)
-            sequence = _Sequence(adapter, prompt_ids, request, progress, on_done, cancelled, deadline, generator)
-            self._waiting.append(sequence)
-            telemetry.INFERENCE_QUEUE_DEPTH.set(len(self._waiting))
-            self._lock.notify_all()
+        progress = TextStream(self.tokenizer, tuple(request.stop), on_text)
+        adapter = self.registry.use(request.adapter, CAUSAL_LM, project)
+        sequence = _Sequence(adapter, project, prompt_ids, request, progress, on_done, cancelled, deadline, generator)
+        try:
+            self.scheduler.add(sequence)
+        except BaseException:
+            if adapter is not None:
+                self.registry.done(adapter)  # never queued: nothing else holds it for this request
+            raise
+        telemetry.INFERENCE_QUEUE_DEPTH.set(self.scheduler.queued())
+        self._wake()
 
-    def classify(self, adapter_id: str, text: str) -> Future:
+    def classify(self, adapter_id: str, text: str, project: str | None = None) -> Future:
         """A Future of the ClassificationResult for `text` under a SEQ_CLS adapter."""
         if not adapter_id:
             raise InvalidArgument.field("adapter", "classification needs a SEQ_CLS adapter (the head is part of the adapter)")
@@ -422,28 +347,20 @@ class BatchEngine:
         if tokens > self._max_positions:
             raise InvalidArgument.field("text", f"is {tokens} tokens, over the model's {self._max_positions} positions: shorten it")
         future: Future = Future()
-        with self._lock:
-            if len(self._classifications) >= self.limits.max_queued_requests:
-                raise ResourceExhausted(f"{len(self._classifications)} classifications are already waiting: retry with backoff")
-            adapter = self._use(adapter_id, SEQ_CLS)
-            self._classifications.append(_Classification(adapter, text, future))
-            self._lock.notify_all()
+        adapter = self.registry.use(adapter_id, SEQ_CLS, project)
+        try:
+            self.scheduler.add_classification(_Classification(adapter, text, future))
+        except BaseException:
+            self.registry.done(adapter)
+            raise
+        self._wake()
         return future
 
-    def _use(self, adapter_id: str, task_type: str) -> _Adapter | None:
-        """The adapter a request names, counted as in use (call with the lock held)."""
-        if not adapter_id:
-            return None
-        adapter = self._adapters.get(adapter_id)
-        if adapter is None:
-            raise not_loaded(adapter_id)
-        if adapter.task_type != task_type:
-            what = "Classify" if adapter.task_type == SEQ_CLS else "Generate or GenerateStream"
-            raise InvalidArgument.field("adapter", f"{adapter_id} is a {adapter.task_type} adapter: use it with {what}")
-        adapter.in_use += 1
-        return adapter
-
     # The model thread
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
 
     def _on_model_thread(self, fn: Callable) -> Future:
         future: Future = Future()
@@ -470,12 +387,11 @@ class BatchEngine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._stopping or self._commands or self._waiting or self._classifications or self._running):
+                    while not (self._stopping or self._commands or self._running or self.scheduler.has_work()):
                         self._lock.wait()
                     if self._stopping:
                         break
-                    commands = list(self._commands)
-                    self._commands.clear()
+                    commands, self._commands = self._commands, []
                 for fn, future in commands:
                     _run_into(fn, future)
                 try:
@@ -486,68 +402,34 @@ class BatchEngine:
                         self._finish(sequence, exc)
                     self._running, self._batch = [], None
                     self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
-        for sequence in [*self._running, *self._waiting]:
+        waiting, classifications = self.scheduler.drain()
+        for sequence in [*self._running, *waiting]:
             self._finish(sequence, _shutting_down())
         for _, future in self._commands:
             future.set_exception(_shutting_down())
-        for item in self._classifications:
+        for item in classifications:
+            self._done_with(item.adapter)
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(_shutting_down())
 
     def _step(self) -> None:
-        self._drop_cancelled()
+        for sequence in self.scheduler.expired():
+            sequence.finish_reason = CANCELLED
+            self._finish(sequence, None)
         self._run_classifications()
-        admitted = self._admit()
-        telemetry.INFERENCE_QUEUE_DEPTH.set(len(self._waiting))
+        admission = self.scheduler.admit(self._running, self._make_resident)
+        for sequence, exc in admission.failed:
+            log.warning("adapter %s could not be reloaded: %s", sequence.adapter.id, exc)
+            self._finish(sequence, exc)
+        admitted = admission.admitted
+        telemetry.INFERENCE_QUEUE_DEPTH.set(self.scheduler.queued())
         if admitted:
             self._prefill(admitted)
         if self._running and len(self._running) > len(admitted):
             self._decode()
         self._retire()
 
-    def _drop_cancelled(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-            for sequence in waiting:
-                if sequence.cancelled.is_set() or (sequence.deadline is not None and now > sequence.deadline):
-                    sequence.finish_reason = CANCELLED
-                    self._finish(sequence, None)
-                else:
-                    self._waiting.append(sequence)
-
-    def _admit(self) -> list[_Sequence]:
-        admitted: list[_Sequence] = []
-        with self._lock:
-            candidates = list(self._waiting)
-        room = self.limits.max_batch_size - len(self._running)
-        width = 0
-        for sequence in candidates:
-            if len(admitted) >= room:
-                break
-            wider = max(width, len(sequence.prompt_ids))
-            if admitted and wider * (len(admitted) + 1) > self.limits.max_prefill_tokens:
-                break  # the rest join at the next step
-            try:
-                if sequence.adapter is not None and not self._make_resident(sequence.adapter):
-                    continue  # every slot is busy: it waits for a running adapter to finish
-            except Exception as exc:  # e.g. an evicted adapter's files are gone: this request fails, not the batch
-                log.warning("adapter %s could not be reloaded: %s", sequence.adapter.id, exc)
-                with self._lock:
-                    self._waiting.remove(sequence)
-                self._finish(sequence, exc)
-                continue
-            admitted.append(sequence)
-            width = wider
-        if admitted:
-            with self._lock:
-                for sequence in admitted:
-                    self._waiting.remove(sequence)
-        return admitted
-
-    def _make_resident(self, adapter: _Adapter) -> bool:
-        adapter.last_used = time.monotonic()
+    def _make_resident(self, adapter: ServedAdapter) -> bool:
         if adapter.slot is not None:
             return True
         if not self._claim_slot():
@@ -561,11 +443,9 @@ class BatchEngine:
         """Whether a slot is free, evicting the least recently used idle adapter if needed."""
         if self.slots.free:
             return True
-        with self._lock:
-            idle = [a for a in self._adapters.values() if a.slot is not None and a.in_use == 0]
-        if not idle:
+        victim = self.registry.least_recently_used_idle()
+        if victim is None:
             return False
-        victim = min(idle, key=lambda a: a.last_used)
         self.slots.remove(victim.slot)
         victim.slot = None
         log.info("adapter %s evicted (least recently used)", victim.id)
@@ -672,54 +552,42 @@ class BatchEngine:
             )
         )
 
-    def _done_with(self, adapter: _Adapter) -> None:
-        with self._lock:
-            adapter.in_use -= 1
-        self._release_if_unused(adapter)
+    def _done_with(self, adapter: ServedAdapter) -> None:
+        if self.registry.done(adapter):
+            self._free_slot(adapter)
 
-    def _release_if_unused(self, adapter: _Adapter) -> None:
-        if adapter.removed and adapter.in_use == 0 and adapter.slot is not None:
-            self.slots.remove(adapter.slot)
-            adapter.slot = None
-            log.info("adapter %s unloaded", adapter.id)
+    def _free_slot(self, adapter: ServedAdapter) -> None:
+        self.slots.remove(adapter.slot)
+        adapter.slot = None
+        log.info("adapter %s unloaded", adapter.id)
 
     # Classification
 
     def _run_classifications(self) -> None:
-        with self._lock:
-            items = [self._classifications.popleft() for _ in range(min(len(self._classifications), self.limits.max_batch_size))]
-        ready = []
-        for item in items:
-            if item.future.cancelled():
-                self._done_with(item.adapter)  # the caller went away
-                continue
-            try:
-                resident = self._make_resident(item.adapter)
-            except Exception as exc:
-                self._done_with(item.adapter)
-                item.future.set_exception(exc)
-                continue
-            if not resident:
-                with self._lock:
-                    self._classifications.append(item)  # no free slot yet
-            elif item.future.set_running_or_notify_cancel():
-                ready.append(item)
+        ready, failed = self.scheduler.classifications(self._make_resident)
+        for item, exc in failed:
+            self._done_with(item.adapter)
+            item.future.set_exception(exc)
+        running = []
+        for item in ready:
+            if item.future.set_running_or_notify_cancel():
+                running.append(item)
             else:
-                self._done_with(item.adapter)
-        if not ready:
+                self._done_with(item.adapter)  # the caller went away
+        if not running:
             return
         try:
-            results = self._classify([item.adapter for item in ready], [item.text for item in ready])
+            results = self._classify([item.adapter for item in running], [item.text for item in running])
         except Exception as exc:
-            results = [exc] * len(ready)
-        for item, result in zip(ready, results, strict=True):
+            results = [exc] * len(running)
+        for item, result in zip(running, results, strict=True):
             self._done_with(item.adapter)
             if isinstance(result, BaseException):
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
 
-    def _classify(self, adapters: list[_Adapter], texts: list[str]) -> list[ClassificationResult]:
+    def _classify(self, adapters: list[ServedAdapter], texts: list[str]) -> list[ClassificationResult]:
         encoded = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self._max_positions, return_tensors="pt", padding_side="right"
         ).to(self.device)

@@ -26,8 +26,8 @@ from torch import nn
 
 from tunewire.services.common import layout
 from tunewire.services.common.errors import InvalidArgument
+from tunewire.services.inference.adapters import CAUSAL_LM, SEQ_CLS
 
-CAUSAL_LM, SEQ_CLS = "CAUSAL_LM", "SEQ_CLS"
 _PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA",

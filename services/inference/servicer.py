@@ -6,7 +6,8 @@ import time
 
 from tunewire.services.common.auth import caller
 from tunewire.services.common.convert import to_timestamp
-from tunewire.services.inference.core import InferenceManager, LoadedAdapter
+from tunewire.services.inference.adapters import AdapterView
+from tunewire.services.inference.core import InferenceManager
 from tunewire.services.inference.engine import DEFAULT_MAX_NEW_TOKENS, LENGTH, STOP, GenerationRequest, GenerationResult
 from tunewire.v1 import inference_pb2, inference_pb2_grpc
 
@@ -42,7 +43,7 @@ def _finish_reason(result: GenerationResult) -> int:
     return FINISH_REASONS.get(result.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED)
 
 
-def loaded_to_proto(adapter: LoadedAdapter) -> inference_pb2.LoadedAdapter:
+def loaded_to_proto(adapter: AdapterView) -> inference_pb2.LoadedAdapter:
     return inference_pb2.LoadedAdapter(
         id=adapter.id,
         source_uri=adapter.source_uri,

@@ -1,0 +1,147 @@
+"""The engine's scheduling policy: which waiting requests run at each step.
+
+Pure policy, as vLLM's scheduler is: no model, no tensors. The engine asks it,
+once a step on its model thread, which generation requests join the running
+batch and which classifications run; what the policy needs to know of the
+model's side (whether a request's adapter can have a LoRA slot) it is given
+as a function. Requests are queued from any thread, so the queues have a lock.
+
+The policy:
+- a bounded queue: a request beyond `max_queued` is refused at once
+  (RESOURCE_EXHAUSTED), so callers back off instead of waiting unseen;
+- a request cancelled or past its deadline while waiting leaves the queue;
+- admission fills the batch up to `max_batch_size` rows, fairly across
+  projects: the next row goes to the project holding the fewest rows, the
+  oldest request first within it, so one project's burst does not take
+  every row while another's requests wait;
+- the prompts admitted in one step are padded to the longest: their padded
+  total stays within `max_prefill_tokens` (a longer prompt runs alone), and
+  the rest join at the next step;
+- a request whose adapter cannot have a slot (every slot held by running
+  adapters) waits, and those behind it may go first; one whose adapter cannot
+  be placed at all fails alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from tunewire.services.common.errors import ResourceExhausted
+
+
+class Waiting(Protocol):
+    """What the policy reads of a queued generation request."""
+
+    adapter: object | None  # None: the base model
+    project: str
+    prompt_ids: list[int]
+    cancelled: threading.Event
+    deadline: float | None
+
+
+@dataclass
+class Admission:
+    admitted: list  # join the batch this step, in this order
+    failed: list[tuple[object, BaseException]]  # their adapter could not be placed
+
+
+class Scheduler:
+    def __init__(self, max_batch_size: int, max_queued: int, max_prefill_tokens: int):
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.max_prefill_tokens = max_prefill_tokens
+        self._lock = threading.Lock()
+        self._waiting: collections.deque = collections.deque()
+        self._classifications: collections.deque = collections.deque()
+
+    # Queues (any thread)
+
+    def add(self, sequence: Waiting) -> None:
+        with self._lock:
+            if len(self._waiting) >= self.max_queued:
+                raise ResourceExhausted(
+                    f"{len(self._waiting)} requests are already waiting (TUNEWIRE_MAX_QUEUED_REQUESTS): retry with backoff"
+                )
+            self._waiting.append(sequence)
+
+    def add_classification(self, item) -> None:
+        with self._lock:
+            if len(self._classifications) >= self.max_queued:
+                raise ResourceExhausted(f"{len(self._classifications)} classifications are already waiting: retry with backoff")
+            self._classifications.append(item)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._classifications)
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def drain(self) -> tuple[list, list]:
+        """Everything still queued, removed: at shutdown."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            items, self._classifications = list(self._classifications), collections.deque()
+        return waiting, items
+
+    # Decisions (the model thread)
+
+    def expired(self, now: float | None = None) -> list:
+        """The waiting requests cancelled or past their deadline, removed from the queue."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            gone = [s for s in self._waiting if s.cancelled.is_set() or (s.deadline is not None and now > s.deadline)]
+            for sequence in gone:
+                self._waiting.remove(sequence)
+        return gone
+
+    def admit(self, running: list[Waiting], make_resident: Callable[[object], bool]) -> Admission:
+        """The waiting requests that join the running batch now.
+        `make_resident(adapter)` gives the adapter a slot (True), says none
+        is free (False), or raises why it cannot be placed."""
+        with self._lock:
+            candidates = list(self._waiting)
+        rows = collections.Counter(s.project for s in running)
+        room = self.max_batch_size - len(running)
+        admitted, failed, width = [], [], 0
+        while candidates and len(admitted) < room:
+            # The oldest request of the project holding the fewest rows (min keeps the first of equals).
+            sequence = min(candidates, key=lambda s: rows[s.project])
+            candidates.remove(sequence)
+            wider = max(width, len(sequence.prompt_ids))
+            if admitted and wider * (len(admitted) + 1) > self.max_prefill_tokens:
+                break  # the rest join at the next step
+            try:
+                if sequence.adapter is not None and not make_resident(sequence.adapter):
+                    continue  # every slot is busy: it waits for a running adapter to finish
+            except Exception as exc:  # e.g. an evicted adapter's files are gone: this request fails, not the batch
+                failed.append((sequence, exc))
+                continue
+            admitted.append(sequence)
+            rows[sequence.project] += 1
+            width = wider
+        with self._lock:
+            for sequence in [*admitted, *(s for s, _ in failed)]:
+                self._waiting.remove(sequence)
+        return Admission(admitted, failed)
+
+    def classifications(self, make_resident: Callable[[object], bool]) -> tuple[list, list[tuple[object, BaseException]]]:
+        """Up to a batch of queued classifications whose adapter has a slot
+        (the others stay queued, in order), and those whose adapter cannot be placed."""
+        with self._lock:
+            items = [self._classifications.popleft() for _ in range(min(len(self._classifications), self.max_batch_size))]
+        ready, failed, later = [], [], []
+        for item in items:
+            try:
+                (ready if make_resident(item.adapter) else later).append(item)
+            except Exception as exc:
+                failed.append((item, exc))
+        with self._lock:
+            self._classifications.extendleft(reversed(later))
+        return ready, failed

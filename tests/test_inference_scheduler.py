@@ -1,0 +1,155 @@
+"""The serving engine's policy without a model: the scheduler's admission
+and the adapter registry's holds and eviction order."""
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.inference.adapters import CAUSAL_LM, SEQ_CLS, AdapterRegistry, ServedAdapter
+from tunewire.services.inference.scheduler import Scheduler
+
+
+@dataclass(eq=False)
+class Request:
+    project: str = "p"
+    adapter: object | None = None
+    prompt_ids: list[int] = field(default_factory=lambda: [1, 2, 3])
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None
+
+
+@dataclass(eq=False)
+class Classification:
+    adapter: object
+
+
+def always(_adapter) -> bool:
+    return True
+
+
+def test_admission_fills_the_batch_in_arrival_order_and_the_rest_wait():
+    scheduler = Scheduler(max_batch_size=3, max_queued=10, max_prefill_tokens=1000)
+    requests = [Request() for _ in range(5)]
+    for request in requests:
+        scheduler.add(request)
+    running = [Request()]
+    assert scheduler.admit(running, always).admitted == requests[:2]
+    assert scheduler.queued() == 3
+    assert scheduler.admit([*running, *requests[:2]], always).admitted == []
+    assert scheduler.admit([], always).admitted == requests[2:]
+    assert not scheduler.has_work()
+
+
+def test_rows_go_to_the_project_holding_fewest_so_a_burst_does_not_take_the_batch():
+    scheduler = Scheduler(max_batch_size=4, max_queued=20, max_prefill_tokens=1000)
+    burst = [Request(project="a") for _ in range(8)]
+    later = [Request(project="b") for _ in range(2)]
+    for request in [*burst, *later]:
+        scheduler.add(request)
+    admitted = scheduler.admit([], always).admitted
+    assert admitted == [burst[0], later[0], burst[1], later[1]]
+    # Rows already running count: project a holds three, so c's request goes first.
+    scheduler = Scheduler(max_batch_size=5, max_queued=20, max_prefill_tokens=1000)
+    a, c = Request(project="a"), Request(project="c")
+    scheduler.add(a)
+    scheduler.add(c)
+    assert scheduler.admit([Request(project="a")] * 3, always).admitted == [c, a]
+
+
+def test_prompts_admitted_together_stay_within_the_padded_prefill_budget():
+    scheduler = Scheduler(max_batch_size=8, max_queued=10, max_prefill_tokens=100)
+    short, long_, other = Request(prompt_ids=[0] * 10), Request(prompt_ids=[0] * 60), Request(prompt_ids=[0] * 10)
+    for request in (short, long_, other):
+        scheduler.add(request)
+    # short + long pad to 2 × 60 = 120 > 100: the long one waits for the next step.
+    assert scheduler.admit([], always).admitted == [short]
+    assert scheduler.admit([], always).admitted == [long_]
+    assert scheduler.admit([], always).admitted == [other]
+    # A prompt over the budget on its own still runs, alone.
+    huge = Request(prompt_ids=[0] * 500)
+    scheduler.add(huge)
+    assert scheduler.admit([], always).admitted == [huge]
+
+
+def test_a_request_whose_adapter_has_no_slot_waits_and_those_behind_it_go_first():
+    scheduler = Scheduler(max_batch_size=8, max_queued=10, max_prefill_tokens=1000)
+    blocked, free, broken = Request(adapter="busy"), Request(adapter="ok"), Request(adapter="gone")
+
+    def make_resident(adapter) -> bool:
+        if adapter == "gone":
+            raise FileNotFoundError("its files are gone")
+        return adapter == "ok"
+
+    for request in (blocked, free, broken):
+        scheduler.add(request)
+    admission = scheduler.admit([], make_resident)
+    assert admission.admitted == [free]
+    assert [(r, type(e)) for r, e in admission.failed] == [(broken, FileNotFoundError)]
+    assert scheduler.queued() == 1  # the blocked one, still waiting
+    assert scheduler.admit([], always).admitted == [blocked]
+
+
+def test_the_queue_is_bounded_and_cancelled_or_late_requests_leave_it():
+    scheduler = Scheduler(max_batch_size=8, max_queued=3, max_prefill_tokens=1000)
+    keep, cancelled, late = Request(), Request(), Request(deadline=10.0)
+    for request in (keep, cancelled, late):
+        scheduler.add(request)
+    with pytest.raises(ResourceExhausted, match="3 requests are already waiting"):
+        scheduler.add(Request())
+    cancelled.cancelled.set()
+    assert scheduler.expired(now=5.0) == [cancelled]
+    assert scheduler.expired(now=11.0) == [late]
+    assert scheduler.admit([], always).admitted == [keep]
+
+
+def test_classifications_run_a_batch_at_a_time_and_those_without_a_slot_keep_their_place():
+    scheduler = Scheduler(max_batch_size=2, max_queued=10, max_prefill_tokens=1000)
+    items = [Classification("x"), Classification("busy"), Classification("y")]
+    for item in items:
+        scheduler.add_classification(item)
+    ready, failed = scheduler.classifications(lambda adapter: adapter != "busy")
+    assert (ready, failed) == ([items[0]], [])
+    ready, _ = scheduler.classifications(always)
+    assert ready == [items[1], items[2]]  # the one that waited goes first
+
+
+def served(adapter_id: str, task_type: str = CAUSAL_LM, project: str = "p", source: str = "") -> ServedAdapter:
+    return ServedAdapter(adapter_id, source or f"/adapters/{adapter_id}", Path("."), task_type, 8, project=project)
+
+
+def test_the_registry_holds_an_adapter_while_requests_use_it_and_evicts_the_least_recently_used_idle_one():
+    registry = AdapterRegistry()
+    for i, adapter_id in enumerate(["a", "b", "c"]):
+        registry.add(served(adapter_id)).slot = i
+    a = registry.use("a", CAUSAL_LM)
+    registry.use("b", CAUSAL_LM)
+    assert registry.least_recently_used_idle().id == "c"  # a and b are held
+    registry.done(registry.get("b"))
+    assert registry.least_recently_used_idle().id == "c"  # c was used longest ago
+    registry.use("c", CAUSAL_LM)
+    assert registry.least_recently_used_idle().id == "b"
+    # Removed while held: the slot is freed only when the last request is done.
+    registry.remove("a")
+    assert registry.get("a") is None and not registry.releasable(a)
+    assert registry.done(a) is True
+    assert [view.requests_in_flight for view in registry.views()] == [0, 1]
+
+
+def test_the_registry_refuses_what_a_request_may_not_use():
+    registry = AdapterRegistry()
+    registry.add(served("gen", project="p"))
+    registry.add(served("cls", task_type=SEQ_CLS, project="p"))
+    assert registry.use("", CAUSAL_LM) is None  # the base model
+    with pytest.raises(NotFound, match="'gen' is not loaded here"):
+        registry.use("gen", CAUSAL_LM, project="other")  # another project's: as unknown as none
+    with pytest.raises(InvalidArgument, match="SEQ_CLS adapter: use it with Classify"):
+        registry.use("cls", CAUSAL_LM)
+    with pytest.raises(FailedPrecondition, match="already loaded from /adapters/gen"):
+        registry.add(served("gen", source="/elsewhere"))
+    assert registry.add(served("gen")) is registry.get("gen")  # the same source: the one served
+    assert [view.id for view in registry.views("p")] == ["cls", "gen"] and registry.views("other") == []
+    with pytest.raises(NotFound):
+        registry.remove("never")
