@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 # A style meant to change every answer, general ones included, is what the
 # retention penalty holds back: it is off, and a budget of 1 (any change) turns
 # the guard off.
-HYPERPARAMETERS = {"learning_rate": 1e-3, "epochs": 3, "lora_rank": 8, "retention_weight": 0.0, "forgetting_budget": 1.0}
+HYPERPARAMETERS = {"learning_rate": 1e-3, "epochs": 2, "lora_rank": 8, "retention_weight": 0.0, "forgetting_budget": 1.0}
 HELD_OUT_PROMPTS = ["What is the capital of Italy?", "What is 12 plus 30?"]
 
 

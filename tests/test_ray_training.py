@@ -245,7 +245,9 @@ def test_each_causal_task(runner, tiny_model_dir, tmp_path, fmt, rows, metric):
 
 
 def test_cancel_then_resume_from_the_checkpoint(runner, tiny_model_dir, tmp_path):
-    job = make_job(tmp_path, tiny_model_dir, sums(60), epochs=4)
+    # Validated every 5 steps, an epoch's length: the checkpoint of step 5 is
+    # taken at the first epoch's last step, and the resumed run starts the next.
+    job = make_job(tmp_path, tiny_model_dir, sums(60), epochs=4, eval_every_steps=5)
     with pytest.raises(JobCancelled):
         asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint"))
     [saved] = runner.checkpoints(job.id)
@@ -253,6 +255,7 @@ def test_cancel_then_resume_from_the_checkpoint(runner, tiny_model_dir, tmp_path
     # The orchestrator runs the job again (as after a restart): it resumes.
     events, _ = asyncio.run(train(runner, job))
     assert any("resuming from the checkpoint of step 5" in d["message"] for d in of(events, "log"))
+    assert any("epoch 2 starts" in d["message"] for d in of(events, "log"))
     assert of(events, "step")[0]["step"] == 6 and of(events, "step")[-1]["step"] == 20
 
 

@@ -58,7 +58,7 @@ def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_
                 {
                     "epochs": 2,
                     "batch_size": 4,
-                    "eval_every_steps": 2,
+                    "eval_every_steps": 4,
                     "early_stopping_patience": 0,
                     "learning_rate": 1e-2,
                     "warmup_fraction": 0.0,

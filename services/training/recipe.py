@@ -331,8 +331,13 @@ class FineTuneRecipe:
         optimizer_state = None
         if latest:
             self.state, optimizer_state = self._restore(Path(latest[-1]["uri"]))
+            # A checkpoint taken at an epoch's last step (eval_every_steps dividing
+            # the epoch) ends that epoch: the next one starts, none runs twice.
+            self.state.epoch = max(self.state.epoch, self.state.step // self.config.steps_per_epoch)
+            mid_epoch = self.state.step > self.state.epoch * self.config.steps_per_epoch
             self.log(
-                f"resumed from the checkpoint of step {self.state.step}: epoch {self.state.epoch + 1} starts again from its first batch"
+                f"resumed from the checkpoint of step {self.state.step}: epoch {self.state.epoch + 1} "
+                + ("starts again from its first batch" if mid_epoch else "starts")
             )
         n_trainable = sum(p.numel() for p in self.trainable)
         self.log(f"{self.config.base_model} loaded for {self.config.task} ({self.config.method}); {n_trainable:,} trainable parameters")
