@@ -374,10 +374,27 @@ def test_classification_adapters_equal_plain_peft(base, tiny_model_dir, tmp_path
         engine.stop()
 
 
-def test_an_evicted_adapter_that_cannot_be_reloaded_fails_only_its_own_requests(tiny_model_dir, adapters, expected, tmp_path):
+def test_an_evicted_adapter_comes_back_from_host_memory_without_its_files(tiny_model_dir, adapters, expected, tmp_path):
     import shutil
 
     engine = make_engine(tiny_model_dir, tmp_path, max_resident_adapters=1)
+    try:
+        kept = shutil.copytree(adapters["a2"], tmp_path / "kept")
+        add(engine, "kept", kept)
+        add(engine, "a1", adapters["a1"])  # evicts the idle "kept": its weights stay in host memory
+        assert engine.registry.host_bytes() > 0
+        shutil.rmtree(kept)
+        assert generate(engine, adapter="kept", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12).text == expected[("a2", PROMPTS[0])]
+        assert generate(engine, adapter="a1", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12).text == expected[("a1", PROMPTS[0])]
+    finally:
+        engine.stop()
+
+
+def test_an_evicted_adapter_that_cannot_be_reloaded_fails_only_its_own_requests(tiny_model_dir, adapters, expected, tmp_path):
+    import shutil
+
+    # Nothing kept in host memory: a reload reads the adapter's files.
+    engine = make_engine(tiny_model_dir, tmp_path, max_resident_adapters=1, max_evicted_adapter_bytes=0)
     try:
         doomed = shutil.copytree(adapters["a2"], tmp_path / "doomed")
         add(engine, "doomed", doomed)

@@ -138,6 +138,24 @@ def test_the_registry_holds_an_adapter_while_requests_use_it_and_evicts_the_leas
     assert [view.requests_in_flight for view in registry.views()] == [0, 1]
 
 
+@dataclass
+class Weights:
+    num_bytes: int
+
+
+def test_evicted_adapters_weights_stay_in_host_memory_within_the_bound_least_recently_used_dropped_first():
+    registry = AdapterRegistry(max_host_bytes=250)
+    old, mid, new = (registry.add(served(name)) for name in ("old", "mid", "new"))
+    old.last_used, mid.last_used, new.last_used = 1.0, 2.0, 3.0
+    registry.keep_in_host_memory(old, Weights(100))
+    registry.keep_in_host_memory(mid, Weights(100))
+    assert registry.host_bytes() == 200
+    registry.keep_in_host_memory(new, Weights(100))  # 300 > 250: the oldest goes
+    assert (old.host_weights, registry.host_bytes()) == (None, 200)
+    registry.remove("mid")  # unloaded: nothing of it is kept
+    assert registry.host_bytes() == 100
+
+
 def test_the_registry_refuses_what_a_request_may_not_use():
     registry = AdapterRegistry()
     registry.add(served("gen", project="p"))

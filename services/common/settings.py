@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=1)
     max_resident_adapters: int = Field(8, ge=1)
+    # Evicted adapters' weights kept in host memory (a reload is then a copy,
+    # not a disk read); 0 reads them from disk again.
+    max_evicted_adapter_bytes: int = Field(2 << 30, ge=0)
     max_adapter_rank: int = Field(64, ge=1)
     # Where the served model runs: auto is the first CUDA GPU when one is
     # visible, else the CPU; or cpu, cuda, cuda:N by name.

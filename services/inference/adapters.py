@@ -42,6 +42,9 @@ class ServedAdapter:
     in_use: int = 0  # queued or running requests
     last_used: float = 0.0
     removed: bool = False  # unloaded; its slot is freed once in_use reaches 0
+    # Evicted from its slot: its weights kept in host memory (within the
+    # registry's bound), so coming back is a copy, not a disk read.
+    host_weights: object | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ def not_loaded(adapter_id: str) -> NotFound:
 
 
 class AdapterRegistry:
-    def __init__(self):
+    def __init__(self, max_host_bytes: int = 0):
+        self.max_host_bytes = max_host_bytes  # evicted adapters' weights kept in host memory
         self._lock = threading.Lock()
         self._adapters: dict[str, ServedAdapter] = {}
 
@@ -126,6 +130,7 @@ class AdapterRegistry:
             if adapter is None:
                 raise NotFound(f"adapter {adapter_id!r} is not loaded")
             adapter.removed = True
+            adapter.host_weights = None
             return adapter
 
     def use(self, adapter_id: str, task_type: str, project: str | None = None) -> ServedAdapter | None:
@@ -158,6 +163,24 @@ class AdapterRegistry:
     @staticmethod
     def _releasable(adapter: ServedAdapter) -> bool:
         return adapter.removed and adapter.in_use == 0 and adapter.slot is not None
+
+    def keep_in_host_memory(self, adapter: ServedAdapter, weights) -> None:
+        """Keeps an evicted adapter's weights (anything with `num_bytes`),
+        then drops those of the least recently used evicted adapters until
+        the kept total is within the bound: they are read from disk again."""
+        with self._lock:
+            adapter.host_weights = weights
+            kept = sorted((a for a in self._adapters.values() if a.host_weights is not None), key=lambda a: a.last_used)
+            total = sum(a.host_weights.num_bytes for a in kept)
+            for oldest in kept:
+                if total <= self.max_host_bytes:
+                    break
+                total -= oldest.host_weights.num_bytes
+                oldest.host_weights = None
+
+    def host_bytes(self) -> int:
+        with self._lock:
+            return sum(a.host_weights.num_bytes for a in self._adapters.values() if a.host_weights is not None)
 
     def least_recently_used_idle(self) -> ServedAdapter | None:
         """The resident adapter to evict for another: the least recently

@@ -18,8 +18,9 @@ Its parts, each in its own module:
 Adapter loads and unloads are applied on the model thread between steps, so
 no forward pass ever sees a half-written slot. An adapter held by a queued or
 admitted request is never evicted or removed until they finish; at most
-`max_resident_adapters` are in slots, and an evicted one is read again from
-its local copy when a request needs it.
+`max_resident_adapters` are in slots. An evicted adapter's weights stay in
+host memory (up to `max_evicted_adapter_bytes`, least recently used dropped
+first), so its next request copies them back rather than reading its files.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class EngineLimits:
     max_batch_size: int = 16  # rows decoded together
     max_queued_requests: int = 64  # waiting to join the batch; more get RESOURCE_EXHAUSTED
     max_resident_adapters: int = 8  # LoRA slots
+    # Evicted adapters' weights kept in host memory, so a reload is a copy.
+    max_evicted_adapter_bytes: int = 2 << 30
     max_adapter_rank: int = 64
     # Prompt tokens (padded) prefilled in one pass; a longer prompt runs alone.
     max_prefill_tokens: int = 8192
@@ -175,7 +178,7 @@ class BatchEngine:
         self._base_names: set[str] = set()
         self._eos_ids: set[int] = set()
         self._max_positions = 0
-        self.registry = AdapterRegistry()
+        self.registry = AdapterRegistry(self.limits.max_evicted_adapter_bytes)
         self.scheduler = Scheduler(self.limits.max_batch_size, self.limits.max_queued_requests, self.limits.max_prefill_tokens)
         # Wakes the model thread; guards the commands and the stopping flag.
         self._lock = threading.Condition()
@@ -434,9 +437,16 @@ class BatchEngine:
             return True
         if not self._claim_slot():
             return False
-        # Evicted earlier: read again from its local copy (already validated once).
-        adapter.slot = self.slots.place(self.read_adapter(adapter.local_dir))
-        log.info("adapter %s reloaded into slot %d", adapter.id, adapter.slot)
+        # Evicted earlier: from host memory where it was kept, else read again
+        # from its local copy (validated when it was loaded).
+        started, weights, source = time.perf_counter(), adapter.host_weights, "host memory"
+        if weights is None:
+            weights, source = self.read_adapter(adapter.local_dir), "disk"
+        adapter.slot = self.slots.place(weights)
+        adapter.host_weights = None
+        log.info(
+            "adapter %s reloaded into slot %d from %s in %.1f ms", adapter.id, adapter.slot, source, (time.perf_counter() - started) * 1e3
+        )
         return True
 
     def _claim_slot(self) -> bool:
@@ -446,6 +456,8 @@ class BatchEngine:
         victim = self.registry.least_recently_used_idle()
         if victim is None:
             return False
+        if self.registry.max_host_bytes:
+            self.registry.keep_in_host_memory(victim, self.slots.take(victim.slot, victim.task_type, victim.rank, victim.labels))
         self.slots.remove(victim.slot)
         victim.slot = None
         log.info("adapter %s evicted (least recently used)", victim.id)

@@ -280,6 +280,17 @@ class SlotTable:
         self.heads[slot] = {name: tensor.to(device) for name, tensor in weights.head.items()}
         return slot
 
+    def take(self, slot: int, task_type: str, rank: int, labels: list[str]) -> AdapterWeights:
+        """A copy of the slot's weights in host memory, as read_adapter gives
+        them: placing it again restores the slot exactly."""
+        modules = {
+            name: (layer.a[slot, :, :rank].to("cpu", copy=True), layer.b[slot, :rank, :].to("cpu", copy=True))
+            for name, layer in self.layers.items()
+            if layer.active[slot]
+        }
+        head = {name: tensor.to("cpu", copy=True) for name, tensor in self.heads.get(slot, {}).items()}
+        return AdapterWeights(task_type, rank, modules, head, list(labels))
+
     def remove(self, slot: int) -> None:
         for layer in self.layers.values():
             if layer.active[slot]:

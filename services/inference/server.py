@@ -30,6 +30,7 @@ class InferenceDeps:
             max_batch_size=settings.max_batch_size,
             max_queued_requests=settings.max_queued_requests,
             max_resident_adapters=settings.max_resident_adapters,
+            max_evicted_adapter_bytes=settings.max_evicted_adapter_bytes,
             max_adapter_rank=settings.max_adapter_rank,
         )
         try:
