@@ -424,7 +424,7 @@ def test_bfloat16_serving_runs_adapters(tiny_model_dir, adapters, tmp_path):
     engine.load()
     engine.start()
     try:
-        assert engine.model.dtype == torch.bfloat16
+        assert engine.runner.model.dtype == torch.bfloat16
         add(engine, "a1", adapters["a1"])
         calls = {name: Call(engine, adapter=name, prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12) for name in ("", "a1")}
         texts = {name: call.wait().text for name, call in calls.items()}
@@ -462,7 +462,7 @@ def test_the_serving_device_and_dtype_follow_what_the_machine_has(monkeypatch):
     # auto: bfloat16 where computed natively; else float16 on a GPU (every one has it), float32 on a CPU.
     native = {"cuda": False, "cpu": False}
     monkeypatch.setattr(hardware, "native_bfloat16", lambda device_type: native[device_type])
-    monkeypatch.setattr("tunewire.services.inference.engine.native_bfloat16", lambda device_type: native[device_type])
+    monkeypatch.setattr("tunewire.services.inference.runner.native_bfloat16", lambda device_type: native[device_type])
     assert serving_dtype("auto", cuda) == torch.float16 and serving_dtype("auto", cpu) == torch.float32
     native["cuda"] = native["cpu"] = True
     assert serving_dtype("auto", cuda) == torch.bfloat16 and serving_dtype("auto", cpu) == torch.bfloat16

@@ -87,7 +87,7 @@ def test_the_model_thread_loads_the_model_and_adapters_wrap_packed_layers(tiny_m
         assert loaded_on == ["model"]
         adapter = write_lora_adapter(tiny_model_dir, tmp_path / "adapter")
         engine.add_adapter("a1", str(adapter), adapter, engine.read_adapter(adapter))
-        wrapped = [m for m in engine.model.modules() if isinstance(m, SlottedLoRALinear)]
+        wrapped = [m for m in engine.runner.model.modules() if isinstance(m, SlottedLoRALinear)]
         assert wrapped and all(isinstance(m.base, PackedLinear) for m in wrapped)
     finally:
         engine.stop()

@@ -7,10 +7,12 @@ Its parts, each in its own module:
 - `adapters.py`, the one registry of served adapters: who may use each, the
   requests holding it, its LoRA slot, the least recently used idle one;
 - `output.py`, tokens to text: incremental detokenisation and stop strings;
-- this module: the model thread that runs the scheduler's decisions. Each
-  step it prefills the newcomers in one forward pass and merges them into
-  the batch's cache, then decodes one token for every running row in one
-  forward pass, whatever adapter each row uses (lora.py). A request leaves
+- `runner.py`, the model on its device: prefill, decode, sampling and
+  classification passes over the rows it is given;
+- this module: the model thread that carries the scheduler's decisions to
+  the runner. Each step the newcomers are prefilled in one forward pass and
+  merged into the batch's cache, then every running row decodes one token
+  in one forward pass, whatever adapter each row uses (lora.py). A request leaves
   the batch when it finishes, is cancelled or passes its deadline, and its
   row goes to the next waiting request (continuous batching).
   Classifications run between decoding steps, batched the same way.
@@ -40,14 +42,12 @@ import torch
 from tunewire.services.common import telemetry
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument
-from tunewire.services.common.hardware import native_bfloat16, serving_device
-from tunewire.services.common.models import base_model_aliases, resolve_model
+from tunewire.services.common.hardware import serving_device
 from tunewire.services.common.text import prompt_text
 from tunewire.services.inference.adapters import AdapterRegistry, AdapterView, ServedAdapter
-from tunewire.services.inference.kv_cache import BatchCache, new_cache
-from tunewire.services.inference.lora import CAUSAL_LM, SEQ_CLS, AdapterWeights, SlotTable, read_adapter
+from tunewire.services.inference.lora import CAUSAL_LM, SEQ_CLS, AdapterWeights
 from tunewire.services.inference.output import CANCELLED, LENGTH, STOP, TextStream
-from tunewire.services.inference.packed import pack_linears
+from tunewire.services.inference.runner import ModelRunner, serving_dtype
 from tunewire.services.inference.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ MAX_NEW_TOKENS_LIMIT = 4096
 # Stop strings are looked for after every token: their count and length bound that work.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 128
-# Heads of sequence classifiers, as PEFT saves them (modules_to_save).
-CLASSIFIER_HEADS = ("score", "classifier")
 
 
 @dataclass(frozen=True)
@@ -146,17 +144,6 @@ class _Classification:
     future: Future
 
 
-def serving_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32, bfloat16, float16, or auto: bfloat16 where the device computes
-    it natively (`hardware.native_bfloat16`); else float16 on a GPU (every
-    CUDA GPU computes it) and float32 on a CPU (which emulates both)."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if native_bfloat16(device.type):
-        return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 class BatchEngine:
     def __init__(
         self,
@@ -167,25 +154,15 @@ class BatchEngine:
         device: str = "cpu",
     ):
         self.base_model_name = base_model_name
-        self.model_cache = model_cache
         self.limits = limits or EngineLimits()
-        self.device = serving_device(device)
-        self.dtype = serving_dtype(dtype, self.device)
-        self.model = None
-        self.tokenizer = None
-        self.generative = True
-        self.slots: SlotTable | None = None
-        self._base_names: set[str] = set()
-        self._eos_ids: set[int] = set()
-        self._max_positions = 0
+        serving_on = serving_device(device)
+        self.runner = ModelRunner(base_model_name, model_cache, self.limits, serving_on, serving_dtype(dtype, serving_on))
         self.registry = AdapterRegistry(self.limits.max_evicted_adapter_bytes)
         self.scheduler = Scheduler(self.limits.max_batch_size, self.limits.max_queued_requests, self.limits.max_prefill_tokens)
         # Wakes the model thread; guards the commands and the stopping flag.
         self._lock = threading.Condition()
         self._commands: list[tuple[Callable, Future]] = []
-        self._running: list[_Sequence] = []
-        self._batch: BatchCache | None = None
-        self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._running: list[_Sequence] = []  # the batch's rows, in the runner's order
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run, for tests and metrics
@@ -194,35 +171,7 @@ class BatchEngine:
 
     def load(self) -> None:
         """Loads the base model (may convert a bundled one first: tens of seconds)."""
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-        path = resolve_model(self.base_model_name, self.model_cache)
-        config = AutoConfig.from_pretrained(path)
-        self.generative = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        loader = AutoModelForCausalLM if self.generative else AutoModel
-        self.model = loader.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
-        self._base_names = base_model_aliases(self.base_model_name) | {path}
-        self._max_positions = getattr(config.get_text_config(), "max_position_embeddings", 0) or 1 << 30
-        if self.generative:
-            eos = self.model.generation_config.eos_token_id
-            self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-            if getattr(config.get_text_config(), "sliding_window", None):
-                raise FailedPrecondition(f"{self.base_model_name}: sliding-window attention models are not served yet")
-        # oneDNN's packed weights are a CPU kernel; a GPU runs the plain ones.
-        packed = pack_linears(self.model, self.limits.max_batch_size) if self.device.type == "cpu" else 0
-        self.slots = SlotTable(self.model, self.limits.max_resident_adapters)
-        log.info(
-            "base model %s loaded from %s (%s, %s on %s, %d linear layers packed for oneDNN)",
-            self.base_model_name,
-            path,
-            "generation" if self.generative else "classification",
-            str(self.dtype).removeprefix("torch."),
-            self.device,
-            packed,
-        )
+        self.runner.load()
 
     def start(self) -> None:
         """Starts the model thread, which loads the base model first unless
@@ -249,14 +198,7 @@ class BatchEngine:
 
     def read_adapter(self, local_dir: Path) -> AdapterWeights:
         """Reads and validates an adapter without touching what is served."""
-        return read_adapter(
-            local_dir,
-            self.slots.linears,
-            getattr(self.model, "base_model_prefix", ""),
-            self._base_names,
-            self.limits.max_adapter_rank,
-            CLASSIFIER_HEADS,
-        )
+        return self.runner.read_adapter(local_dir)
 
     def add_adapter(
         self,
@@ -271,7 +213,7 @@ class BatchEngine:
         """Makes a validated adapter servable to `project`; returns once
         requests can use it (the one already served, when that came from the
         same source). `load_started` (perf_counter) times the whole load."""
-        if weights.task_type == CAUSAL_LM and not self.generative:
+        if weights.task_type == CAUSAL_LM and not self.runner.generative:
             raise InvalidArgument.field("source", f"a CAUSAL_LM adapter cannot run on {self.base_model_name}, which is not a causal LM")
         adapter = ServedAdapter(
             adapter_id, source_uri, local_dir, weights.task_type, weights.rank, weights.labels, project, published_at, load_started
@@ -279,7 +221,7 @@ class BatchEngine:
 
         def place() -> ServedAdapter:
             if self.registry.get(adapter.id) is None and self._claim_slot():
-                adapter.slot = self.slots.place(weights)
+                adapter.slot = self.runner.slots.place(weights)
             return self.registry.add(adapter)  # an id already served: itself if from the same source, else refused
 
         return self._on_model_thread(place).result()
@@ -313,22 +255,23 @@ class BatchEngine:
         or the error, both on the model thread. A `project`'s caller is served
         its own adapters only."""
         request.check()
-        if not self.generative:
+        runner = self.runner
+        if not runner.generative:
             raise FailedPrecondition(f"{self.base_model_name} is not a causal LM: this service classifies (Classify) but does not generate")
-        text = prompt_text(self.tokenizer, request.messages, request.prompt, request.raw_prompt)
-        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
-        if len(prompt_ids) + request.max_new_tokens > self._max_positions:
+        text = prompt_text(runner.tokenizer, request.messages, request.prompt, request.raw_prompt)
+        prompt_ids = runner.tokenizer(text, add_special_tokens=False)["input_ids"] or [runner.tokenizer.eos_token_id]
+        if len(prompt_ids) + request.max_new_tokens > runner.max_positions:
             raise InvalidArgument.field(
                 "sampling.max_new_tokens",
                 f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) is over the model's "
-                f"{self._max_positions} positions: shorten the prompt or lower max_new_tokens",
+                f"{runner.max_positions} positions: shorten the prompt or lower max_new_tokens",
             )
         generator = None
         if request.temperature > 0:
             generator = torch.Generator().manual_seed(
                 request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             )
-        progress = TextStream(self.tokenizer, tuple(request.stop), on_text)
+        progress = TextStream(runner.tokenizer, tuple(request.stop), on_text)
         adapter = self.registry.use(request.adapter, CAUSAL_LM, project)
         sequence = _Sequence(adapter, project, prompt_ids, request, progress, on_done, cancelled, deadline, generator)
         try:
@@ -346,9 +289,9 @@ class BatchEngine:
             raise InvalidArgument.field("adapter", "classification needs a SEQ_CLS adapter (the head is part of the adapter)")
         if not text:
             raise InvalidArgument.field("text", "must not be empty")
-        tokens = len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if tokens > self._max_positions:
-            raise InvalidArgument.field("text", f"is {tokens} tokens, over the model's {self._max_positions} positions: shorten it")
+        tokens = len(self.runner.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if tokens > self.runner.max_positions:
+            raise InvalidArgument.field("text", f"is {tokens} tokens, over the model's {self.runner.max_positions} positions: shorten it")
         future: Future = Future()
         adapter = self.registry.use(adapter_id, SEQ_CLS, project)
         try:
@@ -381,7 +324,7 @@ class BatchEngine:
 
     def _loop(self, loaded: Future) -> None:
         try:
-            if self.model is None:
+            if self.runner.model is None:
                 self.load()
         except BaseException as exc:
             loaded.set_exception(exc)
@@ -403,8 +346,8 @@ class BatchEngine:
                     log.exception("generation step failed")
                     for sequence in self._running:
                         self._finish(sequence, exc)
-                    self._running, self._batch = [], None
-                    self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
+                    self._running = []
+                    self.runner.reset()
         waiting, classifications = self.scheduler.drain()
         for sequence in [*self._running, *waiting]:
             self._finish(sequence, _shutting_down())
@@ -427,9 +370,15 @@ class BatchEngine:
         admitted = admission.admitted
         telemetry.INFERENCE_QUEUE_DEPTH.set(self.scheduler.queued())
         if admitted:
-            self._prefill(admitted)
+            self._running.extend(admitted)  # from here on, a failure fails them with the batch
+            self._accept(admitted, self.runner.prefill(admitted))
         if self._running and len(self._running) > len(admitted):
-            self._decode()
+            # Rows prefilled this step already have their first token; decode
+            # them too: every row is one token ahead of its cache.
+            tokens = self.runner.decode(self._running)
+            self.steps += 1
+            telemetry.INFERENCE_BATCH_SIZE.observe(len(self._running))
+            self._accept(self._running, tokens)
         self._retire()
 
     def _make_resident(self, adapter: ServedAdapter) -> bool:
@@ -442,7 +391,7 @@ class BatchEngine:
         started, weights, source = time.perf_counter(), adapter.host_weights, "host memory"
         if weights is None:
             weights, source = self.read_adapter(adapter.local_dir), "disk"
-        adapter.slot = self.slots.place(weights)
+        adapter.slot = self.runner.slots.place(weights)
         adapter.host_weights = None
         log.info(
             "adapter %s reloaded into slot %d from %s in %.1f ms", adapter.id, adapter.slot, source, (time.perf_counter() - started) * 1e3
@@ -451,69 +400,18 @@ class BatchEngine:
 
     def _claim_slot(self) -> bool:
         """Whether a slot is free, evicting the least recently used idle adapter if needed."""
-        if self.slots.free:
+        slots = self.runner.slots
+        if slots.free:
             return True
         victim = self.registry.least_recently_used_idle()
         if victim is None:
             return False
         if self.registry.max_host_bytes:
-            self.registry.keep_in_host_memory(victim, self.slots.take(victim.slot, victim.task_type, victim.rank, victim.labels))
-        self.slots.remove(victim.slot)
+            self.registry.keep_in_host_memory(victim, slots.take(victim.slot, victim.task_type, victim.rank, victim.labels))
+        slots.remove(victim.slot)
         victim.slot = None
         log.info("adapter %s evicted (least recently used)", victim.id)
         return True
-
-    def _prefill(self, sequences: list[_Sequence]) -> None:
-        self._running.extend(sequences)  # from here on, a failure fails them with the batch
-        pad = self.tokenizer.pad_token_id
-        width = max(len(s.prompt_ids) for s in sequences)
-        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
-            mask[row, width - len(sequence.prompt_ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = new_cache(self.model.config.get_text_config().num_hidden_layers)
-        self.slots.row_slots.set([_slot(s) for s in sequences])
-        logits = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
-        if self._batch is None:
-            self._batch = BatchCache(len(cache.layers), self.device)
-        self._batch.merge(cache, mask)
-        tokens = self._sample(logits, sequences)
-        self._next_tokens = torch.cat([self._next_tokens, tokens])
-        self._accept(sequences, tokens.tolist())
-
-    def _decode(self) -> None:
-        decoding = self._running[: len(self._running)]
-        mask = self._batch.extend_mask()
-        positions = mask.sum(dim=1, keepdim=True) - 1
-        self.slots.row_slots.set([_slot(s) for s in decoding])
-        # Rows prefilled this step already have their first token; decode them too:
-        # every row is one token ahead of its cache.
-        logits = self.model(
-            input_ids=self._next_tokens[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            cache=self._batch.cache,
-            use_cache=True,
-        ).logits[:, -1]
-        tokens = self._sample(logits, decoding)
-        self._next_tokens = tokens
-        self.steps += 1
-        telemetry.INFERENCE_BATCH_SIZE.observe(len(decoding))
-        self._accept(decoding, tokens.tolist())
-
-    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
-        logits = logits.float()
-        tokens = logits.argmax(dim=-1)
-        for row, sequence in enumerate(sequences):
-            if sequence.generator is not None:
-                # Sampled on the CPU, whose generator the request's seed drives on any device.
-                tokens[row] = _sample_row(logits[row].cpu(), sequence.request, sequence.generator)
-        return tokens
 
     def _accept(self, sequences: list[_Sequence], tokens: list[int]) -> None:
         now = time.monotonic()
@@ -525,7 +423,7 @@ class BatchEngine:
             accepted += 1
             if sequence.generated == 1:
                 telemetry.INFERENCE_TIME_TO_FIRST_TOKEN.observe(now - sequence.submitted)
-            if token in self._eos_ids:
+            if token in self.runner.eos_ids:
                 sequence.finish_reason = STOP
                 continue
             sequence.progress.add(token)
@@ -545,8 +443,7 @@ class BatchEngine:
             if sequence.finish_reason is not None:
                 self._finish(sequence, None)
         self._running = [self._running[row] for row in keep]
-        self._next_tokens = self._next_tokens[keep]
-        self._batch.keep(keep)
+        self.runner.keep(keep)
 
     def _finish(self, sequence: _Sequence, error: BaseException | None) -> None:
         if sequence.adapter is not None:
@@ -569,7 +466,7 @@ class BatchEngine:
             self._free_slot(adapter)
 
     def _free_slot(self, adapter: ServedAdapter) -> None:
-        self.slots.remove(adapter.slot)
+        self.runner.slots.remove(adapter.slot)
         adapter.slot = None
         log.info("adapter %s unloaded", adapter.id)
 
@@ -589,7 +486,8 @@ class BatchEngine:
         if not running:
             return
         try:
-            results = self._classify([item.adapter for item in running], [item.text for item in running])
+            probabilities = self.runner.classify([item.adapter.slot for item in running], [item.text for item in running])
+            results = [_classification(item.adapter.labels, p) for item, p in zip(running, probabilities, strict=True)]
         except Exception as exc:
             results = [exc] * len(running)
         for item, result in zip(running, results, strict=True):
@@ -599,49 +497,10 @@ class BatchEngine:
             else:
                 item.future.set_result(result)
 
-    def _classify(self, adapters: list[ServedAdapter], texts: list[str]) -> list[ClassificationResult]:
-        encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self._max_positions, return_tensors="pt", padding_side="right"
-        ).to(self.device)
-        self.slots.row_slots.set([a.slot for a in adapters])
-        if self.generative:
-            # A decoder classifies from its last real token's hidden state.
-            hidden = self.model.get_decoder()(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
-            last = encoded["attention_mask"].sum(dim=1) - 1
-            features = hidden[torch.arange(len(texts), device=self.device), last]
-        else:
-            output = self.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-            features = output.pooler_output if getattr(output, "pooler_output", None) is not None else output.last_hidden_state[:, 0]
-        features = features.float()
-        results = []
-        for row, adapter in enumerate(adapters):
-            head = self.slots.heads[adapter.slot]
-            logits = features[row] @ head["weight"].t()
-            if "bias" in head:
-                logits = logits + head["bias"]
-            probabilities = logits.softmax(dim=-1).tolist()
-            best = max(range(len(probabilities)), key=probabilities.__getitem__)
-            results.append(ClassificationResult(adapter.labels[best], dict(zip(adapter.labels, probabilities, strict=True))))
-        return results
 
-
-def _slot(sequence: _Sequence) -> int:
-    return sequence.adapter.slot if sequence.adapter is not None else 0
-
-
-def _sample_row(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator) -> int:
-    logits = logits / request.temperature
-    if request.top_k:
-        kth = torch.topk(logits, min(request.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probabilities = logits.softmax(dim=-1)
-    if request.top_p and request.top_p < 1:
-        ordered, order = probabilities.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always the first token).
-        outside = ordered.cumsum(dim=-1) - ordered > request.top_p
-        ordered = ordered.masked_fill(outside, 0)
-        probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
-    return int(torch.multinomial(probabilities, 1, generator=generator))
+def _classification(labels: list[str], probabilities: list[float]) -> ClassificationResult:
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return ClassificationResult(labels[best], dict(zip(labels, probabilities, strict=True)))
 
 
 def _shutting_down() -> FailedPrecondition:
