@@ -274,13 +274,15 @@ def test_seeded_sampling_is_reproducible(engine):
     assert len(others) > 1
 
 
-def test_queue_bound_and_request_checks(tiny_model_dir, tmp_path, engine):
+def test_queue_bound_and_request_checks(tiny_model_dir, tmp_path, engine, adapters):
     stalled = BatchEngine(str(tiny_model_dir), tmp_path / "cache", EngineLimits(max_queued_requests=2))
     stalled.load()  # not started: nothing leaves the queue
+    add(stalled, "a1", adapters["a1"])
     for _ in range(2):
-        stalled.submit(GenerationRequest(prompt="hi"), print, print, threading.Event())
+        stalled.submit(GenerationRequest(prompt="hi", adapter="a1"), print, print, threading.Event())
     with pytest.raises(ResourceExhausted, match="already waiting"):
-        stalled.submit(GenerationRequest(prompt="hi"), print, print, threading.Event())
+        stalled.submit(GenerationRequest(prompt="hi", adapter="a1"), print, print, threading.Event())
+    assert [a.requests_in_flight for a in stalled.adapters()] == [2]  # the refused one holds nothing
     with pytest.raises(InvalidArgument) as caught:
         Call(engine, prompt="hi", max_new_tokens=0)
     assert caught.value.violations[0].field == "sampling.max_new_tokens"
@@ -415,6 +417,34 @@ def test_prompts_over_the_prefill_budget_are_prefilled_in_turns(tiny_model_dir, 
     try:
         calls = [Call(engine, prompt=prompt, raw_prompt=True, max_new_tokens=12) for prompt in PROMPTS]
         assert [c.wait().text for c in calls] == [expected[("", prompt)] for prompt in PROMPTS]
+    finally:
+        engine.stop()
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_running_streams_decode(tiny_model_dir, adapters, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path, prefill_chunk_tokens=8)
+    add(engine, "a1", adapters["a1"])
+    long_prompt = " ".join(PROMPTS * 3)
+    length = len(engine.runner.tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+    steps_at_chunk = []
+    prefill_chunk = engine.runner.prefill_chunk
+
+    def counting(sequence, size):
+        steps_at_chunk.append(engine.steps)
+        return prefill_chunk(sequence, size)
+
+    engine.runner.prefill_chunk = counting
+    try:
+        running = Call(engine, prompt=PROMPTS[1], raw_prompt=True, max_new_tokens=200)
+        while not running.deltas:
+            time.sleep(0.001)
+        chunked = Call(engine, adapter="a1", prompt=long_prompt, raw_prompt=True, max_new_tokens=12)
+        assert chunked.wait().text == plain_peft_greedy(tiny_model_dir, adapters["a1"], long_prompt, 12)
+        assert running.wait().completion_tokens == 200
+        # One chunk of at most 8 tokens a step, and a decoding step of the
+        # running stream between each two: it never waited for the whole prompt.
+        assert len(steps_at_chunk) == -(-length // 8) > 3
+        assert steps_at_chunk == sorted(set(steps_at_chunk))
     finally:
         engine.stop()
 

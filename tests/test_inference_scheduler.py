@@ -9,7 +9,7 @@ import pytest
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.inference.adapters import CAUSAL_LM, SEQ_CLS, AdapterRegistry, ServedAdapter
-from tunewire.services.inference.scheduler import Scheduler
+from tunewire.services.inference.scheduler import Admission, Scheduler
 
 
 @dataclass(eq=False)
@@ -68,10 +68,28 @@ def test_prompts_admitted_together_stay_within_the_padded_prefill_budget():
     assert scheduler.admit([], always).admitted == [short]
     assert scheduler.admit([], always).admitted == [long_]
     assert scheduler.admit([], always).admitted == [other]
-    # A prompt over the budget on its own still runs, alone.
+    # A prompt over the budget is prefilled in chunks instead.
     huge = Request(prompt_ids=[0] * 500)
     scheduler.add(huge)
-    assert scheduler.admit([], always).admitted == [huge]
+    assert scheduler.admit([], always) == Admission([], [], chunked=huge)
+
+
+def test_long_prompts_are_prefilled_in_chunks_one_at_a_time_while_short_ones_still_join():
+    scheduler = Scheduler(max_batch_size=3, max_queued=10, max_prefill_tokens=1000, prefill_chunk_tokens=64)
+    first, second = Request(prompt_ids=[0] * 300), Request(prompt_ids=[0] * 65)
+    short = Request(prompt_ids=[0] * 64)
+    for request in (first, second, short):
+        scheduler.add(request)
+    admission = scheduler.admit([], always)
+    assert (admission.admitted, admission.chunked) == ([short], first)
+    # While the first is chunked, the second waits (and counts against nothing).
+    running = [short, first]
+    assert scheduler.admit(running, always, chunking=True) == Admission([], [], None)
+    assert scheduler.admit([short], always, chunking=False).chunked is second
+    # A chunked prompt takes a row: no room, no start.
+    scheduler.add(late := Request(prompt_ids=[0] * 100))
+    assert scheduler.admit([Request()] * 3, always).chunked is None and scheduler.queued() == 1
+    assert scheduler.admit([], always).chunked is late
 
 
 def test_a_request_whose_adapter_has_no_slot_waits_and_those_behind_it_go_first():
@@ -105,15 +123,40 @@ def test_the_queue_is_bounded_and_cancelled_or_late_requests_leave_it():
     assert scheduler.admit([], always).admitted == [keep]
 
 
-def test_classifications_run_a_batch_at_a_time_and_those_without_a_slot_keep_their_place():
+def test_classifications_run_a_batch_at_a_time_and_those_without_a_slot_let_the_others_go_first():
     scheduler = Scheduler(max_batch_size=2, max_queued=10, max_prefill_tokens=1000)
-    items = [Classification("x"), Classification("busy"), Classification("y")]
+    # Two wait for a slot that only the third's adapter, once run, frees: the
+    # third must get its turn though it is past the first batch.
+    items = [Classification("busy"), Classification("busy"), Classification("holder")]
     for item in items:
         scheduler.add_classification(item)
-    ready, failed = scheduler.classifications(lambda adapter: adapter != "busy")
-    assert (ready, failed) == ([items[0]], [])
-    ready, _ = scheduler.classifications(always)
-    assert ready == [items[1], items[2]]  # the one that waited goes first
+
+    def make_resident(adapter) -> bool:
+        return adapter == "holder"
+
+    assert scheduler.take_classifications(make_resident, lambda item: False) == ([], [], [])
+    ready, _, _ = scheduler.take_classifications(make_resident, lambda item: False)
+    assert ready == [items[2]]
+    ready, _, _ = scheduler.take_classifications(always, lambda item: False)
+    assert ready == [items[1], items[0]]
+
+
+def test_a_classification_whose_caller_went_away_is_dropped_before_its_adapter_is_placed():
+    scheduler = Scheduler(max_batch_size=4, max_queued=10, max_prefill_tokens=1000)
+    gone, broken, fine = Classification("a"), Classification("gone-files"), Classification("b")
+    for item in (gone, broken, fine):
+        scheduler.add_classification(item)
+    placed = []
+
+    def make_resident(adapter) -> bool:
+        placed.append(adapter)
+        if adapter == "gone-files":
+            raise FileNotFoundError(adapter)
+        return True
+
+    ready, dropped, failed = scheduler.take_classifications(make_resident, lambda item: item is gone)
+    assert (ready, dropped, [item for item, _ in failed]) == ([fine], [gone], [broken])
+    assert placed == ["gone-files", "b"] and not scheduler.has_work()
 
 
 def served(adapter_id: str, task_type: str = CAUSAL_LM, project: str = "p", source: str = "") -> ServedAdapter:
@@ -144,7 +187,7 @@ class Weights:
 
 
 def test_evicted_adapters_weights_stay_in_host_memory_within_the_bound_least_recently_used_dropped_first():
-    registry = AdapterRegistry(max_host_bytes=250)
+    registry = AdapterRegistry(max_evicted_bytes=250)
     old, mid, new = (registry.add(served(name)) for name in ("old", "mid", "new"))
     old.last_used, mid.last_used, new.last_used = 1.0, 2.0, 3.0
     registry.keep_in_host_memory(old, Weights(100))

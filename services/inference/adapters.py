@@ -3,8 +3,9 @@
 An entry is both what callers see (source, task, rank, labels, project, how
 fast it became servable) and what the engine runs it with (its LoRA slot,
 the requests that hold it, when it was last used). The registry's lock
-guards every field other threads read; a slot is only ever assigned on the
-model thread, which alone writes the weights. Nothing here imports torch:
+guards the table and each entry's holds; an entry's slot and kept weights
+change on the model thread alone, which alone writes the weights (other
+threads read the slot only to report residency). Nothing here imports torch:
 the eviction policy is tested without a model.
 """
 
@@ -70,8 +71,8 @@ def not_loaded(adapter_id: str) -> NotFound:
 
 
 class AdapterRegistry:
-    def __init__(self, max_host_bytes: int = 0):
-        self.max_host_bytes = max_host_bytes  # evicted adapters' weights kept in host memory
+    def __init__(self, max_evicted_bytes: int = 0):
+        self.max_evicted_bytes = max_evicted_bytes  # evicted adapters' weights kept in host memory
         self._lock = threading.Lock()
         self._adapters: dict[str, ServedAdapter] = {}
 
@@ -130,7 +131,8 @@ class AdapterRegistry:
             if adapter is None:
                 raise NotFound(f"adapter {adapter_id!r} is not loaded")
             adapter.removed = True
-            adapter.host_weights = None
+            if adapter.in_use == 0:  # else queued requests still need them
+                adapter.host_weights = None
             return adapter
 
     def use(self, adapter_id: str, task_type: str, project: str | None = None) -> ServedAdapter | None:
@@ -154,6 +156,8 @@ class AdapterRegistry:
         nothing holds it any more, so its slot is to be freed."""
         with self._lock:
             adapter.in_use -= 1
+            if adapter.removed and adapter.in_use == 0:
+                adapter.host_weights = None
             return self._releasable(adapter)
 
     def releasable(self, adapter: ServedAdapter) -> bool:
@@ -173,7 +177,7 @@ class AdapterRegistry:
             kept = sorted((a for a in self._adapters.values() if a.host_weights is not None), key=lambda a: a.last_used)
             total = sum(a.host_weights.num_bytes for a in kept)
             for oldest in kept:
-                if total <= self.max_host_bytes:
+                if total <= self.max_evicted_bytes:
                     break
                 total -= oldest.host_weights.num_bytes
                 oldest.host_weights = None

@@ -67,8 +67,11 @@ class EngineLimits:
     # Evicted adapters' weights kept in host memory, so a reload is a copy.
     max_evicted_adapter_bytes: int = 2 << 30
     max_adapter_rank: int = 64
-    # Prompt tokens (padded) prefilled in one pass; a longer prompt runs alone.
+    # Prompt tokens (padded) prefilled together in one pass.
     max_prefill_tokens: int = 8192
+    # A longer prompt is prefilled this many tokens a step, between decoding
+    # steps, so it does not stall the running streams for its whole length.
+    prefill_chunk_tokens: int = 512
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ class _Sequence:
     project: str | None  # None: no project (tools and tests): any adapter
     prompt_ids: list[int]
     request: GenerationRequest
-    progress: TextStream
+    text: TextStream
     on_done: Callable[[GenerationResult | BaseException], None]
     cancelled: threading.Event
     deadline: float | None
@@ -158,11 +161,14 @@ class BatchEngine:
         serving_on = serving_device(device)
         self.runner = ModelRunner(base_model_name, model_cache, self.limits, serving_on, serving_dtype(dtype, serving_on))
         self.registry = AdapterRegistry(self.limits.max_evicted_adapter_bytes)
-        self.scheduler = Scheduler(self.limits.max_batch_size, self.limits.max_queued_requests, self.limits.max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.limits.max_batch_size, self.limits.max_queued_requests, self.limits.max_prefill_tokens, self.limits.prefill_chunk_tokens
+        )
         # Wakes the model thread; guards the commands and the stopping flag.
         self._lock = threading.Condition()
         self._commands: list[tuple[Callable, Future]] = []
         self._running: list[_Sequence] = []  # the batch's rows, in the runner's order
+        self._prefilling: _Sequence | None = None  # a long prompt being prefilled in chunks
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run, for tests and metrics
@@ -220,9 +226,14 @@ class BatchEngine:
         )
 
         def place() -> ServedAdapter:
-            if self.registry.get(adapter.id) is None and self._claim_slot():
+            if self.registry.get(adapter.id) is not None:
+                return self.registry.add(adapter)  # itself if from the same source, else refused
+            if self._claim_slot():
                 adapter.slot = self.runner.slots.place(weights)
-            return self.registry.add(adapter)  # an id already served: itself if from the same source, else refused
+            added = self.registry.add(adapter)
+            if added.slot is None and self.registry.max_evicted_bytes:
+                self.registry.keep_in_host_memory(added, weights)  # no slot yet: its first request copies them in
+            return added
 
         return self._on_model_thread(place).result()
 
@@ -271,14 +282,14 @@ class BatchEngine:
             generator = torch.Generator().manual_seed(
                 request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             )
-        progress = TextStream(runner.tokenizer, tuple(request.stop), on_text)
+        text_stream = TextStream(runner.tokenizer, tuple(request.stop), on_text)
         adapter = self.registry.use(request.adapter, CAUSAL_LM, project)
-        sequence = _Sequence(adapter, project, prompt_ids, request, progress, on_done, cancelled, deadline, generator)
+        sequence = _Sequence(adapter, project, prompt_ids, request, text_stream, on_done, cancelled, deadline, generator)
         try:
             self.scheduler.add(sequence)
         except BaseException:
             if adapter is not None:
-                self.registry.done(adapter)  # never queued: nothing else holds it for this request
+                self._release_later(adapter)
             raise
         telemetry.INFERENCE_QUEUE_DEPTH.set(self.scheduler.queued())
         self._wake()
@@ -297,7 +308,7 @@ class BatchEngine:
         try:
             self.scheduler.add_classification(_Classification(adapter, text, future))
         except BaseException:
-            self.registry.done(adapter)
+            self._release_later(adapter)
             raise
         self._wake()
         return future
@@ -333,7 +344,7 @@ class BatchEngine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._stopping or self._commands or self._running or self.scheduler.has_work()):
+                    while not (self._stopping or self._commands or self._running or self._prefilling or self.scheduler.has_work()):
                         self._lock.wait()
                     if self._stopping:
                         break
@@ -344,12 +355,12 @@ class BatchEngine:
                     self._step()
                 except Exception as exc:  # a bug must not take the service down: fail the batch
                     log.exception("generation step failed")
-                    for sequence in self._running:
+                    for sequence in [*self._running, *([self._prefilling] if self._prefilling else [])]:
                         self._finish(sequence, exc)
-                    self._running = []
+                    self._running, self._prefilling = [], None
                     self.runner.reset()
         waiting, classifications = self.scheduler.drain()
-        for sequence in [*self._running, *waiting]:
+        for sequence in [*self._running, *([self._prefilling] if self._prefilling else []), *waiting]:
             self._finish(sequence, _shutting_down())
         for _, future in self._commands:
             future.set_exception(_shutting_down())
@@ -363,16 +374,26 @@ class BatchEngine:
             sequence.finish_reason = CANCELLED
             self._finish(sequence, None)
         self._run_classifications()
-        admission = self.scheduler.admit(self._running, self._make_resident)
+        self._drop_prefilling_if_gone()
+        prefilling = [self._prefilling] if self._prefilling else []
+        admission = self.scheduler.admit([*self._running, *prefilling], self._make_resident, chunking=bool(prefilling))
         for sequence, exc in admission.failed:
             log.warning("adapter %s could not be reloaded: %s", sequence.adapter.id, exc)
             self._finish(sequence, exc)
         admitted = admission.admitted
+        self._prefilling = self._prefilling or admission.chunked
         telemetry.INFERENCE_QUEUE_DEPTH.set(self.scheduler.queued())
         if admitted:
             self._running.extend(admitted)  # from here on, a failure fails them with the batch
             self._accept(admitted, self.runner.prefill(admitted))
-        if self._running and len(self._running) > len(admitted):
+        joined = len(admitted)
+        if self._prefilling:
+            token = self.runner.prefill_chunk(self._prefilling, self.scheduler.prefill_chunk_tokens)
+            if token is not None:  # its last chunk: it joins the batch
+                self._running.append(self._prefilling)
+                self._accept([self._prefilling], [token])
+                self._prefilling, joined = None, joined + 1
+        if self._running and len(self._running) > joined:
             # Rows prefilled this step already have their first token; decode
             # them too: every row is one token ahead of its cache.
             tokens = self.runner.decode(self._running)
@@ -380,6 +401,18 @@ class BatchEngine:
             telemetry.INFERENCE_BATCH_SIZE.observe(len(self._running))
             self._accept(self._running, tokens)
         self._retire()
+
+    def _drop_prefilling_if_gone(self) -> None:
+        """A request cancelled or past its deadline during its chunked prefill ends there."""
+        sequence = self._prefilling
+        if sequence is None or not (
+            sequence.cancelled.is_set() or (sequence.deadline is not None and time.monotonic() > sequence.deadline)
+        ):
+            return
+        self.runner.drop_partial()
+        self._prefilling = None
+        sequence.finish_reason = CANCELLED
+        self._finish(sequence, None)
 
     def _make_resident(self, adapter: ServedAdapter) -> bool:
         if adapter.slot is not None:
@@ -406,8 +439,8 @@ class BatchEngine:
         victim = self.registry.least_recently_used_idle()
         if victim is None:
             return False
-        if self.registry.max_host_bytes:
-            self.registry.keep_in_host_memory(victim, slots.take(victim.slot, victim.task_type, victim.rank, victim.labels))
+        if self.registry.max_evicted_bytes:
+            self.registry.keep_in_host_memory(victim, slots.copy_out(victim.slot, victim.task_type, victim.rank, victim.labels))
         slots.remove(victim.slot)
         victim.slot = None
         log.info("adapter %s evicted (least recently used)", victim.id)
@@ -426,8 +459,8 @@ class BatchEngine:
             if token in self.runner.eos_ids:
                 sequence.finish_reason = STOP
                 continue
-            sequence.progress.add(token)
-            if sequence.progress.stopped_at is not None:
+            sequence.text.add(token)
+            if sequence.text.stopped_at is not None:
                 sequence.finish_reason = STOP
             elif sequence.generated >= sequence.request.max_new_tokens:
                 sequence.finish_reason = LENGTH
@@ -451,7 +484,7 @@ class BatchEngine:
         if error is not None:
             sequence.on_done(error)
             return
-        text = sequence.progress.finish()
+        text = sequence.text.finish()
         sequence.on_done(
             GenerationResult(
                 text=text,
@@ -460,6 +493,11 @@ class BatchEngine:
                 completion_tokens=sequence.generated,
             )
         )
+
+    def _release_later(self, adapter: ServedAdapter) -> None:
+        """Releases a request's hold from another thread: on the model thread,
+        which alone frees slots (the adapter may have been unloaded meanwhile)."""
+        self._on_model_thread(lambda: self._done_with(adapter))
 
     def _done_with(self, adapter: ServedAdapter) -> None:
         if self.registry.done(adapter):
@@ -473,10 +511,13 @@ class BatchEngine:
     # Classification
 
     def _run_classifications(self) -> None:
-        ready, failed = self.scheduler.classifications(self._make_resident)
+        ready, dropped, failed = self.scheduler.take_classifications(self._make_resident, lambda item: item.future.cancelled())
+        for item in dropped:
+            self._done_with(item.adapter)  # the caller went away
         for item, exc in failed:
             self._done_with(item.adapter)
-            item.future.set_exception(exc)
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(exc)
         running = []
         for item in ready:
             if item.future.set_running_or_notify_cancel():

@@ -280,7 +280,7 @@ class SlotTable:
         self.heads[slot] = {name: tensor.to(device) for name, tensor in weights.head.items()}
         return slot
 
-    def take(self, slot: int, task_type: str, rank: int, labels: list[str]) -> AdapterWeights:
+    def copy_out(self, slot: int, task_type: str, rank: int, labels: list[str]) -> AdapterWeights:
         """A copy of the slot's weights in host memory, as read_adapter gives
         them: placing it again restores the slot exactly."""
         modules = {

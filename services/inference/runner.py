@@ -54,6 +54,8 @@ class ModelRunner:
         self.max_positions = 0
         self._batch: BatchCache | None = None
         self._next_tokens = torch.zeros(0, dtype=torch.long, device=device)
+        # A long prompt being prefilled a chunk at a time: (its cache, tokens done).
+        self._partial: tuple[object, int] | None = None
 
     def load(self) -> None:
         """Loads the base model (may convert a bundled one first: tens of seconds)."""
@@ -141,6 +143,37 @@ class ModelRunner:
         self._next_tokens = tokens
         return tokens.tolist()
 
+    def prefill_chunk(self, sequence, size: int) -> int | None:
+        """Prefills the next `size` tokens of a long prompt into a cache of
+        its own; at its last chunk, merges that cache into the batch's and
+        gives the first token (None before)."""
+        cache, done = self._partial or (new_cache(self.model.config.get_text_config().num_hidden_layers), 0)
+        ids = sequence.prompt_ids[done : done + size]
+        end = done + len(ids)
+        self.slots.row_slots.set([_slot(sequence)])
+        logits = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(done, end, device=self.device)[None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        if end < len(sequence.prompt_ids):
+            self._partial = (cache, end)
+            return None
+        self._partial = None
+        if self._batch is None:
+            self._batch = BatchCache(len(cache.layers), self.device)
+        self._batch.merge(cache, torch.ones((1, end), dtype=torch.long, device=self.device))
+        tokens = self.sample(logits, [sequence])
+        self._next_tokens = torch.cat([self._next_tokens, tokens])
+        return tokens.item()
+
+    def drop_partial(self) -> None:
+        """Forgets a chunked prefill in progress (its request ended)."""
+        self._partial = None
+
     def keep(self, rows: list[int]) -> None:
         """Keeps these rows of the batch, in this order; the others leave it."""
         self._next_tokens = self._next_tokens[rows]
@@ -150,6 +183,7 @@ class ModelRunner:
         """Drops the whole batch (after a failed step)."""
         self._batch = None
         self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._partial = None
 
     def sample(self, logits: torch.Tensor, sequences: list) -> torch.Tensor:
         logits = logits.float()

@@ -15,8 +15,10 @@ The policy:
   oldest request first within it, so one project's burst does not take
   every row while another's requests wait;
 - the prompts admitted in one step are padded to the longest: their padded
-  total stays within `max_prefill_tokens` (a longer prompt runs alone), and
-  the rest join at the next step;
+  total stays within `max_prefill_tokens`, and the rest join at the next step;
+- a prompt longer than `prefill_chunk_tokens` is prefilled a chunk a step
+  (chunked prefill), one such prompt at a time, so the running streams go on
+  decoding between its chunks instead of stalling for the whole prompt;
 - a request whose adapter cannot have a slot (every slot held by running
   adapters) waits, and those behind it may go first; one whose adapter cannot
   be placed at all fails alone.
@@ -38,7 +40,7 @@ class Waiting(Protocol):
     """What the policy reads of a queued generation request."""
 
     adapter: object | None  # None: the base model
-    project: str
+    project: str | None
     prompt_ids: list[int]
     cancelled: threading.Event
     deadline: float | None
@@ -46,15 +48,18 @@ class Waiting(Protocol):
 
 @dataclass
 class Admission:
-    admitted: list  # join the batch this step, in this order
+    admitted: list  # prefilled whole this step, joining the batch in this order
     failed: list[tuple[object, BaseException]]  # their adapter could not be placed
+    chunked: object | None = None  # a long prompt whose chunked prefill starts now
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_queued: int, max_prefill_tokens: int):
+    def __init__(self, max_batch_size: int, max_queued: int, max_prefill_tokens: int, prefill_chunk_tokens: int | None = None):
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.max_prefill_tokens = max_prefill_tokens
+        # A chunk is one prefill pass: never over the pass's budget.
+        self.prefill_chunk_tokens = min(prefill_chunk_tokens or max_prefill_tokens, max_prefill_tokens)
         self._lock = threading.Lock()
         self._waiting: collections.deque = collections.deque()
         self._classifications: collections.deque = collections.deque()
@@ -101,21 +106,26 @@ class Scheduler:
                 self._waiting.remove(sequence)
         return gone
 
-    def admit(self, running: list[Waiting], make_resident: Callable[[object], bool]) -> Admission:
-        """The waiting requests that join the running batch now.
+    def admit(self, running: list[Waiting], make_resident: Callable[[object], bool], chunking: bool = False) -> Admission:
+        """The waiting requests that join the running batch now. `running`
+        holds the batch's rows (a prompt being prefilled in chunks among
+        them), `chunking` whether such a prompt is in progress.
         `make_resident(adapter)` gives the adapter a slot (True), says none
         is free (False), or raises why it cannot be placed."""
         with self._lock:
             candidates = list(self._waiting)
         rows = collections.Counter(s.project for s in running)
         room = self.max_batch_size - len(running)
-        admitted, failed, width = [], [], 0
-        while candidates and len(admitted) < room:
+        admitted, failed, chunked, width = [], [], None, 0
+        while candidates and len(admitted) + (chunked is not None) < room:
             # The oldest request of the project holding the fewest rows (min keeps the first of equals).
             sequence = min(candidates, key=lambda s: rows[s.project])
             candidates.remove(sequence)
+            long_prompt = len(sequence.prompt_ids) > self.prefill_chunk_tokens
+            if long_prompt and (chunking or chunked is not None):
+                continue  # one chunked prefill at a time: it waits, those behind it may go
             wider = max(width, len(sequence.prompt_ids))
-            if admitted and wider * (len(admitted) + 1) > self.max_prefill_tokens:
+            if not long_prompt and admitted and wider * (len(admitted) + 1) > self.max_prefill_tokens:
                 break  # the rest join at the next step
             try:
                 if sequence.adapter is not None and not make_resident(sequence.adapter):
@@ -123,25 +133,36 @@ class Scheduler:
             except Exception as exc:  # e.g. an evicted adapter's files are gone: this request fails, not the batch
                 failed.append((sequence, exc))
                 continue
-            admitted.append(sequence)
             rows[sequence.project] += 1
-            width = wider
+            if long_prompt:
+                chunked = sequence
+            else:
+                admitted.append(sequence)
+                width = wider
         with self._lock:
-            for sequence in [*admitted, *(s for s, _ in failed)]:
+            for sequence in [*admitted, *(s for s, _ in failed), *([chunked] if chunked is not None else [])]:
                 self._waiting.remove(sequence)
-        return Admission(admitted, failed)
+        return Admission(admitted, failed, chunked)
 
-    def classifications(self, make_resident: Callable[[object], bool]) -> tuple[list, list[tuple[object, BaseException]]]:
-        """Up to a batch of queued classifications whose adapter has a slot
-        (the others stay queued, in order), and those whose adapter cannot be placed."""
+    def take_classifications(
+        self, make_resident: Callable[[object], bool], gone: Callable[[object], bool]
+    ) -> tuple[list, list, list[tuple[object, BaseException]]]:
+        """Takes up to a batch of queued classifications: those to run now
+        (their adapter has a slot), those whose caller is `gone` (never
+        placed), and those whose adapter cannot be placed. The ones without a
+        slot go to the back of the queue, so the ones behind them, which may
+        hold the adapters they wait for, get their turn."""
         with self._lock:
             items = [self._classifications.popleft() for _ in range(min(len(self._classifications), self.max_batch_size))]
-        ready, failed, later = [], [], []
+        ready, dropped, failed, later = [], [], [], []
         for item in items:
+            if gone(item):
+                dropped.append(item)
+                continue
             try:
                 (ready if make_resident(item.adapter) else later).append(item)
             except Exception as exc:
                 failed.append((item, exc))
         with self._lock:
-            self._classifications.extendleft(reversed(later))
-        return ready, failed
+            self._classifications.extend(later)
+        return ready, dropped, failed

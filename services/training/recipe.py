@@ -331,9 +331,6 @@ class FineTuneRecipe:
         optimizer_state = None
         if latest:
             self.state, optimizer_state = self._restore(Path(latest[-1]["uri"]))
-            # A checkpoint taken at an epoch's last step (eval_every_steps dividing
-            # the epoch) ends that epoch: the next one starts, none runs twice.
-            self.state.epoch = max(self.state.epoch, self.state.step // self.config.steps_per_epoch)
             mid_epoch = self.state.step > self.state.epoch * self.config.steps_per_epoch
             self.log(
                 f"resumed from the checkpoint of step {self.state.step}: epoch {self.state.epoch + 1} "
@@ -450,9 +447,12 @@ class FineTuneRecipe:
                 if wants_cancel:
                     cancelled = True
                     break
-                if training.eval_every_steps and state.step % training.eval_every_steps == 0 and self.validate_and_checkpoint():
-                    stop = True
-                    break
+                if training.eval_every_steps and state.step % training.eval_every_steps == 0:
+                    if last:  # the epoch is done: its checkpoint resumes with the next, not this one again
+                        state.epoch = epoch + 1
+                    if self.validate_and_checkpoint():
+                        stop = True
+                        break
                 step_start = time.monotonic()  # validation is not part of the next step
             if cancelled or stop:
                 break
