@@ -9,7 +9,11 @@ in the same run:
 - the same 8 requests one at a time, through the service and with plain
   PEFT `generate`; and on the base model (a single stream) through the
   service and with plain transformers `model.generate`;
-- LoadAdapter: the wall time until a new adapter is servable.
+- LoadAdapter: the wall time until a new adapter is servable;
+- many adapters (S-LoRA's case): 64 adapters over the service's 8 slots,
+  8 concurrent clients sending 64 requests each naming one adapter, spread
+  uniformly and Zipf-like (s = 1): throughput, p50/p99 latency, and how long
+  an evicted adapter took to come back (from the service's log).
 
 Throughput counts real completion tokens (up to each row's end of turn or
 max_new_tokens), so padding and finished rows count for nothing.
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import random
+import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -55,18 +62,51 @@ def make_adapters(model_path: str, out: Path, count: int, rank: int) -> list[Pat
     from transformers import AutoModelForCausalLM
 
     paths = []
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False))
+    peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL
     for i in range(count):
         torch.manual_seed(i)
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False))
         with torch.no_grad():
+            for module in peft_model.modules():
+                if hasattr(module, "reset_lora_parameters") and "default" in getattr(module, "lora_A", {}):
+                    module.reset_lora_parameters("default", False)
             for name, parameter in peft_model.named_parameters():
                 if "lora_B" in name:
                     parameter.mul_(0.01)
-        peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL
         peft_model.save_pretrained(out / f"adapter-{i}")
         paths.append(out / f"adapter-{i}")
     return paths
+
+
+def many_adapters_run(client: InferenceClient, names: list[str], requests: int, max_new_tokens: int, zipf: bool) -> dict:
+    """`requests` requests from 8 concurrent clients, each naming one of
+    `names`, drawn uniformly or Zipf-like (the k-th name with weight 1/k):
+    tokens, seconds, latency percentiles and how many adapters were used."""
+
+    def one(adapter: str) -> tuple[int, float]:
+        start = time.perf_counter()
+        tokens = client.generate(PROMPTS[hash(adapter) % len(PROMPTS)], adapter=adapter, max_new_tokens=max_new_tokens).completion_tokens
+        return tokens, time.perf_counter() - start
+
+    weights = [1 / (k + 1) for k in range(len(names))] if zipf else [1.0] * len(names)
+    draws = random.Random(0).choices(names, weights=weights, k=requests)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, draws))
+    latencies = sorted(seconds for _, seconds in results)
+    return {
+        "tokens": sum(tokens for tokens, _ in results),
+        "seconds": time.perf_counter() - start,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "adapters": len(set(draws)),
+    }
+
+
+def reload_times(log_path: Path) -> list[float]:
+    """Milliseconds each evicted adapter took to come back, from the service's log."""
+    return [float(ms) for ms in re.findall(r"reloaded into slot \d+ from host memory in ([\d.]+) ms", log_path.read_text())]
 
 
 def service_run(client: InferenceClient, adapters: list[str], max_new_tokens: int, concurrent_requests: bool) -> tuple[int, float]:
@@ -137,6 +177,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="for the service and the baselines alike")
+    parser.add_argument("--many-adapters", type=int, default=64, help="adapters over the service's 8 slots (0: skip those rows)")
     args = parser.parse_args()
     dtype = serving_dtype(args.dtype, torch.device("cpu"))  # the service and the baselines run on the CPU
     dtype_name = str(dtype).removeprefix("torch.")
@@ -145,7 +186,7 @@ def main() -> None:
     n = len(PROMPTS)
     with tempfile.TemporaryDirectory(dir=home) as tmp:
         adapter_root = Path(tmp)
-        adapter_dirs = make_adapters(model_path, adapter_root, 5, args.rank)
+        adapter_dirs = make_adapters(model_path, adapter_root, max(5, args.many_adapters), args.rank)
         mixed = [f"adapter-{i % 4}" for i in range(n)]
         single = ["adapter-0"] * n
         rows = []
@@ -183,6 +224,24 @@ def main() -> None:
             first = client.generate(PROMPTS[0], adapter="adapter-new", max_new_tokens=1)
             servable_wall = time.perf_counter() - start
             assert first.completion_tokens == 1
+            many = []
+            if args.many_adapters:
+                names = [f"many-{i}" for i in range(args.many_adapters)]
+                for name, path in zip(names, adapter_dirs, strict=False):
+                    client.load_adapter(name, str(path))
+                for label, zipf in (("uniformly", False), ("Zipf-like", True)):
+                    run = many_adapters_run(client, names, 64, args.max_new_tokens, zipf)
+                    many.append(
+                        {
+                            "what": f"tunewire: 64 requests over {args.many_adapters} adapters ({run['adapters']} used), {label}, 8 slots",
+                            **run,
+                        }
+                    )
+                    print(
+                        f"{many[-1]['what']}: {run['tokens'] / run['seconds']:.1f} tokens/s, p50 {run['p50']:.2f}s, p99 {run['p99']:.2f}s",
+                        flush=True,
+                    )
+                reloads = reload_times(adapter_root / "logs" / "inference.log")
         baseline = PeftBaseline(model_path, adapter_dirs[:4], dtype)
         record("PEFT generate: batch of 8, 4 adapters (adapter_names)", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens))
         record("PEFT generate: batch of 8, 1 adapter", lambda: baseline.timed(PROMPTS, single, args.max_new_tokens))
@@ -196,6 +255,21 @@ def main() -> None:
     reference = rows[0]["tokens/s"]
     for row in rows:
         row["mixed batch ÷ this"] = reference / row["tokens/s"]
+    for run in many:
+        tokens_per_second = run["tokens"] / run["seconds"]
+        rows.append(
+            {
+                "what": f"{run['what']} (p50 {run['p50']:.2f} s, p99 {run['p99']:.2f} s)",
+                "tokens": run["tokens"],
+                "seconds": run["seconds"],
+                "tokens/s": tokens_per_second,
+                "mixed batch ÷ this": reference / tokens_per_second,
+            }
+        )
+    reloaded = ""
+    if many and reloads:
+        reloaded = f" Evicted adapters back from host memory: {len(reloads)} reloads, median {statistics.median(reloads):.1f} ms, max {max(reloads):.1f} ms."
+        print(reloaded.strip())
     rows.append(
         {
             "what": f"LoadAdapter (rank {args.rank}, all linear layers) until servable; first token after it",
@@ -211,7 +285,7 @@ def main() -> None:
         notes=(
             f"SmolLM2-135M-Instruct, {dtype_name} weights for the service and the baselines, greedy, max_new_tokens={args.max_new_tokens}, LoRA rank {args.rank} on every linear "
             f"layer; best of {args.repeats}. Last row: seconds = LoadAdapter wall time (read, validate, place: "
-            f"{loaded.load_seconds:.3f}s inside the service); last column = until the first generated token with it."
+            f"{loaded.load_seconds:.3f}s inside the service); last column = until the first generated token with it.{reloaded}"
         ),
     )
 

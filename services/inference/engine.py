@@ -10,8 +10,9 @@ Its parts, each in its own module:
 - `runner.py`, the model on its device: prefill, decode, sampling and
   classification passes over the rows it is given;
 - this module: the model thread that carries the scheduler's decisions to
-  the runner. Each step the newcomers are prefilled in one forward pass and
-  merged into the batch's cache, then every running row decodes one token
+  the runner. Each step the newcomers are prefilled in one forward pass (a
+  long prompt one chunk a step) and merged into the batch's cache, then
+  every running row decodes one token
   in one forward pass, whatever adapter each row uses (lora.py). A request leaves
   the batch when it finishes, is cancelled or passes its deadline, and its
   row goes to the next waiting request (continuous batching).
