@@ -449,6 +449,33 @@ def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_running_streams_decode(
         engine.stop()
 
 
+def test_a_request_cancelled_during_its_chunked_prefill_ends_there_and_frees_its_adapter(tiny_model_dir, adapters, expected, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path, prefill_chunk_tokens=2)
+    add(engine, "a1", adapters["a1"])
+    chunks = []
+    prefill_chunk = engine.runner.prefill_chunk
+
+    def cancel_after_two_chunks(sequence, size):
+        chunks.append(size)
+        if len(chunks) == 2:
+            sequence.cancelled.set()
+        return prefill_chunk(sequence, size)
+
+    engine.runner.prefill_chunk = cancel_after_two_chunks
+    try:
+        result = generate(engine, adapter="a1", prompt=" ".join(PROMPTS * 2), raw_prompt=True, max_new_tokens=12)
+        assert (result.finish_reason, result.completion_tokens, len(chunks)) == (CANCELLED, 0, 2)
+        assert [a.requests_in_flight for a in engine.adapters()] == [0]
+        # The next long prompt starts from its own first chunk, not the cancelled one's.
+        engine.runner.prefill_chunk = prefill_chunk
+        long_prompt = " ".join(PROMPTS)
+        assert generate(engine, adapter="a1", prompt=long_prompt, raw_prompt=True, max_new_tokens=12).text == plain_peft_greedy(
+            tiny_model_dir, adapters["a1"], long_prompt, 12
+        )
+    finally:
+        engine.stop()
+
+
 def test_bfloat16_serving_runs_adapters(tiny_model_dir, adapters, tmp_path):
     engine = BatchEngine(str(tiny_model_dir), tmp_path / "cache", dtype="bfloat16")
     engine.load()

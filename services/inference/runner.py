@@ -54,8 +54,8 @@ class ModelRunner:
         self.max_positions = 0
         self._batch: BatchCache | None = None
         self._next_tokens = torch.zeros(0, dtype=torch.long, device=device)
-        # A long prompt being prefilled a chunk at a time: (its cache, tokens done).
-        self._partial: tuple[object, int] | None = None
+        # A long prompt being prefilled a chunk at a time: (its request, its cache, tokens done).
+        self._partial: tuple[object, object, int] | None = None
 
     def load(self) -> None:
         """Loads the base model (may convert a bundled one first: tens of seconds)."""
@@ -147,7 +147,10 @@ class ModelRunner:
         """Prefills the next `size` tokens of a long prompt into a cache of
         its own; at its last chunk, merges that cache into the batch's and
         gives the first token (None before)."""
-        cache, done = self._partial or (new_cache(self.model.config.get_text_config().num_hidden_layers), 0)
+        if self._partial is not None and self._partial[0] is sequence:
+            _, cache, done = self._partial
+        else:
+            cache, done = new_cache(self.model.config.get_text_config().num_hidden_layers), 0
         ids = sequence.prompt_ids[done : done + size]
         end = done + len(ids)
         self.slots.row_slots.set([_slot(sequence)])
@@ -160,7 +163,7 @@ class ModelRunner:
             logits_to_keep=1,
         ).logits[:, -1]
         if end < len(sequence.prompt_ids):
-            self._partial = (cache, end)
+            self._partial = (sequence, cache, end)
             return None
         self._partial = None
         if self._batch is None:
