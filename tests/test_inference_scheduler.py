@@ -212,5 +212,8 @@ def test_the_registry_refuses_what_a_request_may_not_use():
         registry.add(served("gen", source="/elsewhere"))
     assert registry.add(served("gen")) is registry.get("gen")  # the same source: the one served
     assert [view.id for view in registry.views("p")] == ["cls", "gen"] and registry.views("other") == []
+    with pytest.raises(NotFound, match="'gen' is not loaded here"):
+        registry.remove("gen", project="other")  # nor may another project unload it
+    assert registry.get("gen") is not None
     with pytest.raises(NotFound):
         registry.remove("never")

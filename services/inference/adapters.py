@@ -87,23 +87,12 @@ class AdapterRegistry:
     def views(self, project: str | None = None) -> list[AdapterView]:
         """The adapters served, in id order: a project's, or all (None)."""
         with self._lock:
-            return [
-                AdapterView(
-                    a.id,
-                    a.source_uri,
-                    a.task_type,
-                    a.rank,
-                    list(a.labels),
-                    a.project,
-                    a.loaded_at,
-                    a.load_seconds,
-                    a.publish_to_servable_seconds,
-                    a.slot is not None,
-                    a.in_use,
-                )
-                for a in sorted(self._adapters.values(), key=lambda a: a.id)
-                if project in (None, a.project)
-            ]
+            return [_view(a) for a in sorted(self._adapters.values(), key=lambda a: a.id) if project in (None, a.project)]
+
+    def view(self, adapter_id: str) -> AdapterView | None:
+        with self._lock:
+            adapter = self._adapters.get(adapter_id)
+            return None if adapter is None else _view(adapter)
 
     def add(self, adapter: ServedAdapter) -> ServedAdapter:
         """Makes `adapter` servable, timing its load; the one already served
@@ -123,13 +112,17 @@ class AdapterRegistry:
             self._adapters[adapter.id] = adapter
             return adapter
 
-    def remove(self, adapter_id: str) -> ServedAdapter:
+    def remove(self, adapter_id: str, project: str | None = None) -> ServedAdapter:
         """Takes the adapter out of service: new requests no longer find it,
-        and those holding it keep it until they finish."""
+        and those holding it keep it until they finish. A `project` removes
+        only its own (another's is as unknown as one never loaded)."""
         with self._lock:
-            adapter = self._adapters.pop(adapter_id, None)
+            adapter = self._adapters.get(adapter_id)
             if adapter is None:
                 raise NotFound(f"adapter {adapter_id!r} is not loaded")
+            if project not in (None, adapter.project):
+                raise not_loaded(adapter_id)
+            del self._adapters[adapter_id]
             adapter.removed = True
             if adapter.in_use == 0:  # else queued requests still need them
                 adapter.host_weights = None
@@ -192,3 +185,19 @@ class AdapterRegistry:
         with self._lock:
             idle = [a for a in self._adapters.values() if a.slot is not None and a.in_use == 0]
         return min(idle, key=lambda a: a.last_used, default=None)
+
+
+def _view(adapter: ServedAdapter) -> AdapterView:
+    return AdapterView(
+        adapter.id,
+        adapter.source_uri,
+        adapter.task_type,
+        adapter.rank,
+        list(adapter.labels),
+        adapter.project,
+        adapter.loaded_at,
+        adapter.load_seconds,
+        adapter.publish_to_servable_seconds,
+        adapter.slot is not None,
+        adapter.in_use,
+    )

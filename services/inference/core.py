@@ -140,7 +140,7 @@ class InferenceManager:
         return self._view(adapter_id)
 
     def _view(self, adapter_id: str) -> AdapterView:
-        view = next((a for a in self.engine.adapters() if a.id == adapter_id), None)
+        view = self.engine.registry.view(adapter_id)
         if view is None:  # unloaded meanwhile
             raise not_loaded(adapter_id)
         return view
@@ -167,10 +167,7 @@ class InferenceManager:
     async def unload_adapter(self, adapter_id: str, project: str | None = None) -> None:
         """Stops serving the adapter: a project's own (another project's is
         as unknown as one never loaded), or any (project None: operators)."""
-        adapter = self.engine.registry.get(adapter_id)
-        if project is not None and adapter is not None and adapter.project != project:
-            raise not_loaded(adapter_id)
-        await asyncio.to_thread(self.engine.remove_adapter, adapter_id)
+        await asyncio.to_thread(self.engine.remove_adapter, adapter_id, project)
         telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self.engine.registry))
 
     # Requests

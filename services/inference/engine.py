@@ -49,7 +49,7 @@ from tunewire.services.inference.adapters import AdapterRegistry, AdapterView, S
 from tunewire.services.inference.lora import CAUSAL_LM, SEQ_CLS, AdapterWeights
 from tunewire.services.inference.output import CANCELLED, LENGTH, STOP, TextStream
 from tunewire.services.inference.runner import ModelRunner, serving_dtype
-from tunewire.services.inference.scheduler import Scheduler
+from tunewire.services.inference.scheduler import Scheduler, is_gone
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +238,12 @@ class BatchEngine:
 
         return self._on_model_thread(place).result()
 
-    def remove_adapter(self, adapter_id: str) -> None:
-        """Stops new requests for the adapter; its slot is freed when the ones
-        already accepted finish."""
+    def remove_adapter(self, adapter_id: str, project: str | None = None) -> None:
+        """Stops new requests for the adapter (a `project`'s own only); its
+        slot is freed when the ones already accepted finish."""
 
         def remove() -> None:
-            adapter = self.registry.remove(adapter_id)
+            adapter = self.registry.remove(adapter_id, project)
             if self.registry.releasable(adapter):
                 self._free_slot(adapter)
 
@@ -406,9 +406,7 @@ class BatchEngine:
     def _drop_prefilling_if_gone(self) -> None:
         """A request cancelled or past its deadline during its chunked prefill ends there."""
         sequence = self._prefilling
-        if sequence is None or not (
-            sequence.cancelled.is_set() or (sequence.deadline is not None and time.monotonic() > sequence.deadline)
-        ):
+        if sequence is None or not is_gone(sequence, time.monotonic()):
             return
         self.runner.drop_partial()
         self._prefilling = None
@@ -465,7 +463,7 @@ class BatchEngine:
                 sequence.finish_reason = STOP
             elif sequence.generated >= sequence.request.max_new_tokens:
                 sequence.finish_reason = LENGTH
-            elif sequence.cancelled.is_set() or (sequence.deadline is not None and now > sequence.deadline):
+            elif is_gone(sequence, now):
                 sequence.finish_reason = CANCELLED
         telemetry.INFERENCE_TOKENS.inc(accepted)  # once a step, not once a token
 

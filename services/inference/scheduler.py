@@ -36,6 +36,11 @@ from typing import Protocol
 from tunewire.services.common.errors import ResourceExhausted
 
 
+def is_gone(sequence, now: float) -> bool:
+    """Whether a request's caller cancelled it or its deadline has passed."""
+    return sequence.cancelled.is_set() or (sequence.deadline is not None and now > sequence.deadline)
+
+
 class Waiting(Protocol):
     """What the policy reads of a queued generation request."""
 
@@ -101,7 +106,7 @@ class Scheduler:
         """The waiting requests cancelled or past their deadline, removed from the queue."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            gone = [s for s in self._waiting if s.cancelled.is_set() or (s.deadline is not None and now > s.deadline)]
+            gone = [s for s in self._waiting if is_gone(s, now)]
             for sequence in gone:
                 self._waiting.remove(sequence)
         return gone
