@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.inference.boundary import WaitingReply
 from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest
 from tunewire.services.inference.lora import RowSlots, SlottedLoRALinear
 from tunewire.services.inference.output import TextStream
@@ -44,22 +45,21 @@ def add(engine: BatchEngine, adapter_id: str, adapter_dir) -> None:
 class Call:
     """One submitted request: its deltas, and its result once done."""
 
-    def __init__(self, engine: BatchEngine, cancelled: threading.Event | None = None, **kwargs):
-        self.deltas: list[str] = []
-        self.done = threading.Event()
-        self.result = None
-        self.cancelled = cancelled or threading.Event()
-        engine.submit(GenerationRequest(**kwargs), self.deltas.append, self._finish, self.cancelled)
+    def __init__(self, engine: BatchEngine, **kwargs):
+        self.engine = engine
+        self.reply = WaitingReply()
+        self.deltas: list[str] = self.reply.items
+        self.handle = engine.submit(GenerationRequest(**kwargs), self.reply)
 
-    def _finish(self, result) -> None:
-        self.result = result
-        self.done.set()
+    @property
+    def result(self):
+        return self.reply.outcome
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.handle)
 
     def wait(self, timeout: float = 60):
-        assert self.done.wait(timeout), "no result"
-        if isinstance(self.result, BaseException):
-            raise self.result
-        return self.result
+        return self.reply.result(timeout)
 
 
 def generate(engine, **kwargs):
@@ -171,7 +171,7 @@ def test_a_request_joins_and_leaves_a_running_batch(engine, expected):
         time.sleep(0.001)
     joined = [Call(engine, adapter=name, prompt=PROMPTS[1], raw_prompt=True, max_new_tokens=12) for name in ("", "a2", "a3")]
     assert [c.wait().text for c in joined] == [expected[(name, PROMPTS[1])] for name in ("", "a2", "a3")]
-    assert not long.done.is_set()  # still running when the others left
+    assert not long.reply.done()  # still running when the others left
     alone = plain_peft_greedy_cached(engine, "a1", PROMPTS[0], 40)
     assert long.wait().text == alone
 
@@ -213,7 +213,7 @@ def test_an_adapter_in_use_is_neither_evicted_nor_unloaded_until_its_requests_fi
         waiting = Call(engine, adapter="a2", prompt=PROMPTS[0], raw_prompt=True, max_new_tokens=12)
         engine.remove_adapter("a1")
         with pytest.raises(NotFound):
-            Call(engine, adapter="a1", prompt="hello")
+            Call(engine, adapter="a1", prompt="hello").wait()
         assert running.wait().completion_tokens == 60  # ran to the end on its adapter
         assert waiting.wait().text == expected[("a2", PROMPTS[0])]
         assert [a.id for a in engine.adapters()] == ["a2"]
@@ -252,18 +252,15 @@ def test_finish_reasons_stop_strings_and_cancel(engine):
     cut = Call(engine, prompt="hello", max_new_tokens=20, stop=(stop,))
     assert cut.wait().text == full.text[: full.text.find(stop)] == "".join(cut.deltas)
     assert cut.result.finish_reason == STOP
-    cancel = threading.Event()
-    call = Call(engine, cancel, prompt="hello", max_new_tokens=240)
+    call = Call(engine, prompt="hello", max_new_tokens=240)
     while len(call.deltas) < 2:
         time.sleep(0.001)
-    cancel.set()
+    call.cancel()
     assert call.wait().finish_reason == CANCELLED and call.result.completion_tokens < 240
     late = Call(engine, prompt="hello", max_new_tokens=20)
-    expired = threading.Event()
-    engine.submit(
-        GenerationRequest(prompt="hello"), print, lambda r: (setattr(expired, "result", r), expired.set()), threading.Event(), deadline=0.0
-    )
-    assert expired.wait(10) and expired.result.finish_reason == CANCELLED and expired.result.completion_tokens == 0
+    expired = WaitingReply()
+    engine.submit(GenerationRequest(prompt="hello"), expired, deadline=0.0)
+    assert expired.result(10).finish_reason == CANCELLED and expired.outcome.completion_tokens == 0
     assert late.wait().completion_tokens > 0
 
 
@@ -279,9 +276,11 @@ def test_queue_bound_and_request_checks(tiny_model_dir, tmp_path, engine, adapte
     stalled.load()  # not started: nothing leaves the queue
     add(stalled, "a1", adapters["a1"])
     for _ in range(2):
-        stalled.submit(GenerationRequest(prompt="hi", adapter="a1"), print, print, threading.Event())
+        stalled.submit(GenerationRequest(prompt="hi", adapter="a1"), WaitingReply())
+    refused = WaitingReply()
+    stalled.submit(GenerationRequest(prompt="hi", adapter="a1"), refused)
     with pytest.raises(ResourceExhausted, match="already waiting"):
-        stalled.submit(GenerationRequest(prompt="hi", adapter="a1"), print, print, threading.Event())
+        refused.result(0)
     assert [a.requests_in_flight for a in stalled.adapters()] == [2]  # the refused one holds nothing
     with pytest.raises(InvalidArgument) as caught:
         Call(engine, prompt="hi", max_new_tokens=0)
@@ -299,7 +298,7 @@ def test_queue_bound_and_request_checks(tiny_model_dir, tmp_path, engine, adapte
         assert caught.value.violations[0].field == field
     # A text longer than the model's positions is refused, not run.
     with pytest.raises(InvalidArgument) as caught:
-        engine.classify("any", "the quick brown fox " * 200)
+        engine.classify("any", "the quick brown fox " * 200, WaitingReply())
     assert caught.value.violations[0].field == "text" and "256 positions" in caught.value.violations[0].description
 
 
@@ -358,20 +357,22 @@ def test_classification_adapters_equal_plain_peft(base, tiny_model_dir, tmp_path
         for seed in (1, 2):
             add(engine, f"c{seed}", write_lora_adapter(model_dir, tmp_path / f"c{seed}", seed=seed, targets=targets, classes=3))
         texts = ["the quick brown fox", "hello world", "What is the capital of Spain?"]
-        futures = [(seed, text, engine.classify(f"c{seed}", text)) for seed in (1, 2) for text in texts]
-        for seed, text, future in futures:
-            result = future.result(30)
+        replies = [(seed, text, WaitingReply()) for seed in (1, 2) for text in texts]
+        for seed, text, reply in replies:
+            engine.classify(f"c{seed}", text, reply)
+        for seed, text, reply in replies:
+            result = reply.result(30)
             want = reference_class_probabilities(model_dir, tmp_path / f"c{seed}", text)
             assert list(result.scores.values()) == pytest.approx(want, abs=1e-5)
             assert result.label == f"LABEL_{max(range(3), key=want.__getitem__)}"
         if base == "decoder":
             with pytest.raises(InvalidArgument, match="use it with Classify"):
-                Call(engine, adapter="c1", prompt="hi")
+                Call(engine, adapter="c1", prompt="hi").wait()
         else:
             with pytest.raises(FailedPrecondition, match="does not generate"):
-                Call(engine, prompt="hi")
+                Call(engine, prompt="hi").wait()
         with pytest.raises(InvalidArgument, match="needs a SEQ_CLS adapter"):
-            engine.classify("", "hi")
+            engine.classify("", "hi", WaitingReply())
     finally:
         engine.stop()
 
@@ -458,7 +459,7 @@ def test_a_request_cancelled_during_its_chunked_prefill_ends_there_and_frees_its
     def cancel_after_two_chunks(sequence, size):
         chunks.append(size)
         if len(chunks) == 2:
-            sequence.cancelled.set()
+            sequence.cancelled = True
         return prefill_chunk(sequence, size)
 
     engine.runner.prefill_chunk = cancel_after_two_chunks
@@ -536,3 +537,24 @@ def test_a_device_the_machine_lacks_is_a_settings_error_naming_the_variable(tmp_
         InferenceDeps.from_settings(settings)
     with pytest.raises(SettingsError, match="TUNEWIRE_INFERENCE_DEVICE='gpu'"):
         load_settings(home=tmp_path, inference_device="gpu")
+
+
+def test_adapter_holds_are_taken_and_released_on_the_model_thread_only(engine, expected):
+    threads = set()
+    registry = engine.registry
+    use, done = registry.use, registry.done
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            threads.add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    registry.use, registry.done = spy(use), spy(done)
+    try:
+        calls = [Call(engine, adapter=name, prompt=PROMPTS[2], raw_prompt=True, max_new_tokens=12) for name in ("a1", "a2", "a1")]
+        assert [c.wait().text for c in calls] == [expected[(name, PROMPTS[2])] for name in ("a1", "a2", "a1")]
+    finally:
+        registry.use, registry.done = use, done
+    assert threads == {"model"}

@@ -1,7 +1,6 @@
 """The serving engine's policy without a model: the scheduler's admission
 and the adapter registry's holds and eviction order."""
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ class Request:
     project: str = "p"
     adapter: object | None = None
     prompt_ids: list[int] = field(default_factory=lambda: [1, 2, 3])
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
     deadline: float | None = None
 
 
@@ -117,7 +116,7 @@ def test_the_queue_is_bounded_and_cancelled_or_late_requests_leave_it():
         scheduler.add(request)
     with pytest.raises(ResourceExhausted, match="3 requests are already waiting"):
         scheduler.add(Request())
-    cancelled.cancelled.set()
+    cancelled.cancelled = True
     assert scheduler.expired(now=5.0) == [cancelled]
     assert scheduler.expired(now=11.0) == [late]
     assert scheduler.admit([], always).admitted == [keep]

@@ -2,10 +2,11 @@
 
 An entry is both what callers see (source, task, rank, labels, project, how
 fast it became servable) and what the engine runs it with (its LoRA slot,
-the requests that hold it, when it was last used). The registry's lock
-guards the table and each entry's holds; an entry's slot and kept weights
-change on the model thread alone, which alone writes the weights (other
-threads read the slot only to report residency). Nothing here imports torch:
+the requests that hold it, when it was last used). Every change (entries
+added and removed, holds taken and released, slots and kept weights) is
+made on the model thread, where callers' commands run (boundary.py); the
+registry's lock lets other threads read it (what is served, to whom, and
+whether it is resident) while it changes. Nothing here imports torch:
 the eviction policy is tested without a model.
 """
 

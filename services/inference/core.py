@@ -1,5 +1,6 @@
 """The inference service's domain: adapter loads and generation requests,
-handed to the batching engine and awaited from asyncio."""
+handed to the batching engine and awaited from asyncio (each with a
+LoopReply: boundary.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import datetime as dt
 import json
 import logging
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tunewire.services.common import layout, telemetry
@@ -23,6 +22,7 @@ from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.sources import Source, check_source, parse_source, roots_for
 from tunewire.services.inference.adapters import AdapterView, not_loaded
+from tunewire.services.inference.boundary import LoopReply
 from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,6 @@ def _adapter_project(source: Source) -> str | None:
     except (OSError, ValueError):
         return None
     return str(metadata.get("project", DEFAULT_PROJECT)) if isinstance(metadata, dict) else None
-
-
-@dataclass(frozen=True)
-class _Done:
-    result: GenerationResult | BaseException
 
 
 class InferenceManager:
@@ -125,7 +120,9 @@ class InferenceManager:
         if not local.is_dir():
             raise InvalidArgument.field("source_uri", f"{uri!r} is not a directory: give the adapter's directory")
         weights = await _in_own_thread(self.engine.read_adapter, local)
-        adapter = await asyncio.to_thread(self.engine.add_adapter, adapter_id, uri, local, weights, project, published_at, started)
+        reply = LoopReply()
+        self.engine.add_adapter(adapter_id, uri, local, weights, project, published_at, started, reply=reply)
+        adapter = await reply.result()
         telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self.engine.registry))
         telemetry.INFERENCE_ADAPTER_LOAD_SECONDS.observe(adapter.load_seconds)
         latency = adapter.publish_to_servable_seconds
@@ -167,7 +164,9 @@ class InferenceManager:
     async def unload_adapter(self, adapter_id: str, project: str | None = None) -> None:
         """Stops serving the adapter: a project's own (another project's is
         as unknown as one never loaded), or any (project None: operators)."""
-        await asyncio.to_thread(self.engine.remove_adapter, adapter_id, project)
+        reply = LoopReply()
+        self.engine.remove_adapter(adapter_id, project, reply=reply)
+        await reply.result()
         telemetry.INFERENCE_ADAPTERS_LOADED.set(len(self.engine.registry))
 
     # Requests
@@ -202,48 +201,31 @@ class InferenceManager:
     async def _run(
         self, project: str, request: GenerationRequest, deadline: float | None, stream: bool
     ) -> AsyncIterator[str | GenerationResult]:
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-        put = _threadsafe_put(loop, items)
+        reply = LoopReply()
         with self._project_request(project):
             # Tokenising a long prompt takes a while: not on the event loop.
-            await asyncio.to_thread(
-                self.engine.submit, request, put if stream else _ignore, lambda result: put(_Done(result)), cancelled, deadline, project
-            )
+            handle = await asyncio.to_thread(self.engine.submit, request, reply, deadline, project, stream)
+            ended = False
             try:
-                while True:
-                    item = await items.get()
-                    if isinstance(item, _Done):
-                        if isinstance(item.result, BaseException):
-                            raise item.result
-                        yield item.result
-                        return
+                async for item in reply.items():
+                    ended = isinstance(item, GenerationResult)
                     yield item
+            except Exception:
+                ended = True  # the engine's error for this request: it has ended there
+                raise
             finally:
-                cancelled.set()  # a caller that went away frees its batch row
+                if not ended:
+                    self.engine.cancel(handle)  # a caller that went away frees its batch row
 
     async def classify(self, project: str, adapter_id: str, text: str) -> ClassificationResult:
+        reply = LoopReply()
         with self._project_request(project):
-            future = await asyncio.to_thread(self.engine.classify, adapter_id, text, project)
+            handle = await asyncio.to_thread(self.engine.classify, adapter_id, text, reply, project)
             try:
-                return await asyncio.wrap_future(future)
-            finally:
-                future.cancel()  # still queued: not run
-
-
-def _ignore(_text: str) -> None:
-    pass
-
-
-def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable:
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop has closed: nobody is listening
-            pass
-
-    return put
+                return await reply.result()
+            except asyncio.CancelledError:
+                self.engine.cancel(handle)  # still queued: not run
+                raise
 
 
 async def _in_own_thread(fn: Callable, *args):

@@ -18,8 +18,11 @@ Its parts, each in its own module:
   row goes to the next waiting request (continuous batching).
   Classifications run between decoding steps, batched the same way.
 
-Adapter loads and unloads are applied on the model thread between steps, so
-no forward pass ever sees a half-written slot. An adapter held by a queued or
+Callers reach the model thread through `boundary.py` alone: each operation is
+a command posted to its inbox, run between steps, and what comes back goes
+through the caller's Reply. So adapter loads and unloads are applied between
+steps (no forward pass ever sees a half-written slot), and the queues, the
+batch and the adapters' holds change on the model thread only. An adapter held by a queued or
 admitted request is never evicted or removed until they finish; at most
 `max_resident_adapters` are in slots. An evicted adapter's weights stay in
 host memory (up to `max_evicted_adapter_bytes`, least recently used dropped
@@ -33,8 +36,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from tunewire.services.common.errors import FailedPrecondition, InvalidArgument
 from tunewire.services.common.hardware import serving_device
 from tunewire.services.common.text import prompt_text
 from tunewire.services.inference.adapters import AdapterRegistry, AdapterView, ServedAdapter
+from tunewire.services.inference.boundary import Command, Inbox, Reply, WaitingReply, run_command, shutting_down
 from tunewire.services.inference.lora import CAUSAL_LM, SEQ_CLS, AdapterWeights
 from tunewire.services.inference.output import CANCELLED, LENGTH, STOP, TextStream
 from tunewire.services.inference.runner import ModelRunner, serving_dtype
@@ -125,17 +127,18 @@ class ClassificationResult:
 
 @dataclass
 class _Sequence:
-    """A generation request inside the engine."""
+    """A generation request inside the engine (its caller's handle, to cancel it)."""
 
-    adapter: ServedAdapter | None
+    adapter_id: str
     project: str | None  # None: no project (tools and tests): any adapter
     prompt_ids: list[int]
     request: GenerationRequest
     text: TextStream
-    on_done: Callable[[GenerationResult | BaseException], None]
-    cancelled: threading.Event
+    reply: Reply
     deadline: float | None
     generator: torch.Generator | None = None
+    adapter: ServedAdapter | None = None  # held from admission to the end (model thread)
+    cancelled: bool = False
     generated: int = 0
     finish_reason: str | None = None
     submitted: float = field(default_factory=time.monotonic)
@@ -143,9 +146,14 @@ class _Sequence:
 
 @dataclass
 class _Classification:
-    adapter: ServedAdapter
+    """A classification request inside the engine (its caller's handle)."""
+
+    adapter_id: str
+    project: str | None
     text: str
-    future: Future
+    reply: Reply
+    adapter: ServedAdapter | None = None
+    cancelled: bool = False
 
 
 class BatchEngine:
@@ -165,12 +173,9 @@ class BatchEngine:
         self.scheduler = Scheduler(
             self.limits.max_batch_size, self.limits.max_queued_requests, self.limits.max_prefill_tokens, self.limits.prefill_chunk_tokens
         )
-        # Wakes the model thread; guards the commands and the stopping flag.
-        self._lock = threading.Condition()
-        self._commands: list[tuple[Callable, Future]] = []
+        self._inbox = Inbox()
         self._running: list[_Sequence] = []  # the batch's rows, in the runner's order
         self._prefilling: _Sequence | None = None  # a long prompt being prefilled in chunks
-        self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run, for tests and metrics
 
@@ -189,15 +194,15 @@ class BatchEngine:
         more threads than there are cores, libgomp stops busy-waiting between
         parallel regions. A decoding step ran 1.4x slower with the pool of a
         thread that had only loaded the model left behind."""
-        loaded: Future = Future()
+        loaded = WaitingReply()
         self._thread = threading.Thread(target=self._loop, args=(loaded,), name="model", daemon=True)
         self._thread.start()
-        loaded.result()
+        loaded.result(timeout=None)
 
     def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
+        for _, reply in self._inbox.close():
+            if reply is not None:
+                reply.finish(shutting_down())
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -216,10 +221,12 @@ class BatchEngine:
         project: str = DEFAULT_PROJECT,
         published_at: dt.datetime | None = None,
         load_started: float = 0.0,
-    ) -> ServedAdapter:
-        """Makes a validated adapter servable to `project`; returns once
-        requests can use it (the one already served, when that came from the
-        same source). `load_started` (perf_counter) times the whole load."""
+        reply: Reply | None = None,
+    ) -> ServedAdapter | None:
+        """Makes a validated adapter servable to `project`. The reply gets the
+        ServedAdapter once requests can use it (the one already served, when
+        that came from the same source); without a reply, this waits for it
+        and returns it. `load_started` (perf_counter) times the whole load."""
         if weights.task_type == CAUSAL_LM and not self.runner.generative:
             raise InvalidArgument.field("source", f"a CAUSAL_LM adapter cannot run on {self.base_model_name}, which is not a causal LM")
         adapter = ServedAdapter(
@@ -236,18 +243,19 @@ class BatchEngine:
                 self.registry.keep_in_host_memory(added, weights)  # no slot yet: its first request copies them in
             return added
 
-        return self._on_model_thread(place).result()
+        return self._call(place, reply)
 
-    def remove_adapter(self, adapter_id: str, project: str | None = None) -> None:
+    def remove_adapter(self, adapter_id: str, project: str | None = None, reply: Reply | None = None) -> None:
         """Stops new requests for the adapter (a `project`'s own only); its
-        slot is freed when the ones already accepted finish."""
+        slot is freed when the ones already accepted finish. The reply (or,
+        without one, this call) gets None once done."""
 
         def remove() -> None:
             adapter = self.registry.remove(adapter_id, project)
             if self.registry.releasable(adapter):
                 self._free_slot(adapter)
 
-        self._on_model_thread(remove).result()
+        self._call(remove, reply)
 
     def adapters(self, project: str | None = None) -> list[AdapterView]:
         return self.registry.views(project)
@@ -255,17 +263,13 @@ class BatchEngine:
     # Requests (any thread)
 
     def submit(
-        self,
-        request: GenerationRequest,
-        on_text: Callable[[str], None],
-        on_done: Callable[[GenerationResult | BaseException], None],
-        cancelled: threading.Event,
-        deadline: float | None = None,
-        project: str | None = None,
-    ) -> None:
-        """Queues a generation; on_text gets text deltas and on_done the result
-        or the error, both on the model thread. A `project`'s caller is served
-        its own adapters only."""
+        self, request: GenerationRequest, reply: Reply, deadline: float | None = None, project: str | None = None, stream: bool = True
+    ) -> _Sequence:
+        """Queues a generation: the reply gets its text deltas (with `stream`)
+        and then the GenerationResult, or the error. A `project`'s caller is
+        served its own adapters only. Checks and tokenises here, in the
+        caller's thread (a long prompt takes a while); returns the handle
+        `cancel` takes."""
         request.check()
         runner = self.runner
         if not runner.generative:
@@ -283,20 +287,21 @@ class BatchEngine:
             generator = torch.Generator().manual_seed(
                 request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             )
-        text_stream = TextStream(runner.tokenizer, tuple(request.stop), on_text)
-        adapter = self.registry.use(request.adapter, CAUSAL_LM, project)
-        sequence = _Sequence(adapter, project, prompt_ids, request, text_stream, on_done, cancelled, deadline, generator)
-        try:
-            self.scheduler.add(sequence)
-        except BaseException:
-            if adapter is not None:
-                self._release_later(adapter)
-            raise
-        telemetry.INFERENCE_QUEUE_DEPTH.set(self.scheduler.queued())
-        self._wake()
+        text_stream = TextStream(runner.tokenizer, tuple(request.stop), reply.send if stream else _ignore)
+        sequence = _Sequence(request.adapter, project, prompt_ids, request, text_stream, reply, deadline, generator)
 
-    def classify(self, adapter_id: str, text: str, project: str | None = None) -> Future:
-        """A Future of the ClassificationResult for `text` under a SEQ_CLS adapter."""
+        def queue(_reply: Reply) -> None:
+            sequence.adapter = self.registry.use(request.adapter, CAUSAL_LM, project)
+            self._enqueue(sequence.adapter, lambda: self.scheduler.add(sequence))
+            telemetry.INFERENCE_QUEUE_DEPTH.set(self.scheduler.queued())
+
+        self._post(queue, reply)
+        return sequence
+
+    def classify(self, adapter_id: str, text: str, reply: Reply, project: str | None = None) -> _Classification:
+        """Queues a classification of `text` under a SEQ_CLS adapter: the
+        reply gets the ClassificationResult, or the error. Returns the
+        handle `cancel` takes."""
         if not adapter_id:
             raise InvalidArgument.field("adapter", "classification needs a SEQ_CLS adapter (the head is part of the adapter)")
         if not text:
@@ -304,54 +309,64 @@ class BatchEngine:
         tokens = len(self.runner.tokenizer(text, add_special_tokens=True)["input_ids"])
         if tokens > self.runner.max_positions:
             raise InvalidArgument.field("text", f"is {tokens} tokens, over the model's {self.runner.max_positions} positions: shorten it")
-        future: Future = Future()
-        adapter = self.registry.use(adapter_id, SEQ_CLS, project)
-        try:
-            self.scheduler.add_classification(_Classification(adapter, text, future))
-        except BaseException:
-            self._release_later(adapter)
-            raise
-        self._wake()
-        return future
+        item = _Classification(adapter_id, project, text, reply)
+
+        def queue(_reply: Reply) -> None:
+            item.adapter = self.registry.use(adapter_id, SEQ_CLS, project)
+            self._enqueue(item.adapter, lambda: self.scheduler.add_classification(item))
+
+        self._post(queue, reply)
+        return item
+
+    def cancel(self, handle: _Sequence | _Classification) -> None:
+        """The caller went away: the request ends at the next step (a
+        generation with finish reason CANCELLED) and frees its batch row."""
+
+        def cancel(_reply: None) -> None:
+            handle.cancelled = True
+
+        self._post(cancel, None)
 
     # The model thread
 
-    def _wake(self) -> None:
-        with self._lock:
-            self._lock.notify_all()
-
-    def _on_model_thread(self, fn: Callable) -> Future:
-        future: Future = Future()
+    def _post(self, command: Command, reply: Reply | None) -> None:
+        """The one way in: the command runs on the model thread, between
+        steps (here, at once, when this is the model thread or none runs)."""
         if threading.current_thread() is self._thread or self._thread is None:
             with torch.inference_mode():
-                _run_into(fn, future)
-            return future
-        with self._lock:
-            if self._stopping:
-                future.set_exception(_shutting_down())
-            else:
-                self._commands.append((fn, future))
-                self._lock.notify_all()
-        return future
+                run_command(command, reply)
+        else:
+            self._inbox.post(command, reply)
 
-    def _loop(self, loaded: Future) -> None:
+    def _call(self, fn, reply: Reply | None):
+        """Runs fn on the model thread; its result (or error) finishes the
+        reply, or, without one, is returned here once done."""
+        waiting = reply is None
+        reply = reply or WaitingReply()
+        self._post(lambda r: r.finish(fn()), reply)
+        return reply.result(timeout=None) if waiting else None
+
+    def _enqueue(self, adapter: ServedAdapter | None, add) -> None:
+        """Queues a request holding `adapter`; one the queue refuses holds nothing."""
+        try:
+            add()
+        except BaseException:
+            if adapter is not None:
+                self._done_with(adapter)
+            raise
+
+    def _loop(self, loaded: WaitingReply) -> None:
         try:
             if self.runner.model is None:
                 self.load()
         except BaseException as exc:
-            loaded.set_exception(exc)
+            loaded.finish(exc)
             return
-        loaded.set_result(None)
+        loaded.finish(None)
         with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not (self._stopping or self._commands or self._running or self._prefilling or self.scheduler.has_work()):
-                        self._lock.wait()
-                    if self._stopping:
-                        break
-                    commands, self._commands = self._commands, []
-                for fn, future in commands:
-                    _run_into(fn, future)
+            while (commands := self._inbox.take(self._busy)) is not None:
+                for command, reply in commands:
+                    run_command(command, reply)
                 try:
                     self._step()
                 except Exception as exc:  # a bug must not take the service down: fail the batch
@@ -362,13 +377,13 @@ class BatchEngine:
                     self.runner.reset()
         waiting, classifications = self.scheduler.drain()
         for sequence in [*self._running, *([self._prefilling] if self._prefilling else []), *waiting]:
-            self._finish(sequence, _shutting_down())
-        for _, future in self._commands:
-            future.set_exception(_shutting_down())
+            self._finish(sequence, shutting_down())
         for item in classifications:
             self._done_with(item.adapter)
-            if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(_shutting_down())
+            item.reply.finish(shutting_down())
+
+    def _busy(self) -> bool:
+        return bool(self._running or self._prefilling or self.scheduler.has_work())
 
     def _step(self) -> None:
         for sequence in self.scheduler.expired():
@@ -481,10 +496,10 @@ class BatchEngine:
         if sequence.adapter is not None:
             self._done_with(sequence.adapter)
         if error is not None:
-            sequence.on_done(error)
+            sequence.reply.finish(error)
             return
         text = sequence.text.finish()
-        sequence.on_done(
+        sequence.reply.finish(
             GenerationResult(
                 text=text,
                 finish_reason=sequence.finish_reason or STOP,
@@ -492,11 +507,6 @@ class BatchEngine:
                 completion_tokens=sequence.generated,
             )
         )
-
-    def _release_later(self, adapter: ServedAdapter) -> None:
-        """Releases a request's hold from another thread: on the model thread,
-        which alone frees slots (the adapter may have been unloaded meanwhile)."""
-        self._on_model_thread(lambda: self._done_with(adapter))
 
     def _done_with(self, adapter: ServedAdapter) -> None:
         if self.registry.done(adapter):
@@ -510,32 +520,22 @@ class BatchEngine:
     # Classification
 
     def _run_classifications(self) -> None:
-        ready, dropped, failed = self.scheduler.take_classifications(self._make_resident, lambda item: item.future.cancelled())
+        ready, dropped, failed = self.scheduler.take_classifications(self._make_resident, lambda item: item.cancelled)
         for item in dropped:
             self._done_with(item.adapter)  # the caller went away
         for item, exc in failed:
             self._done_with(item.adapter)
-            if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(exc)
-        running = []
-        for item in ready:
-            if item.future.set_running_or_notify_cancel():
-                running.append(item)
-            else:
-                self._done_with(item.adapter)  # the caller went away
-        if not running:
+            item.reply.finish(exc)
+        if not ready:
             return
         try:
-            probabilities = self.runner.classify([item.adapter.slot for item in running], [item.text for item in running])
-            results = [_classification(item.adapter.labels, p) for item, p in zip(running, probabilities, strict=True)]
+            probabilities = self.runner.classify([item.adapter.slot for item in ready], [item.text for item in ready])
+            results = [_classification(item.adapter.labels, p) for item, p in zip(ready, probabilities, strict=True)]
         except Exception as exc:
-            results = [exc] * len(running)
-        for item, result in zip(running, results, strict=True):
+            results = [exc] * len(ready)
+        for item, result in zip(ready, results, strict=True):
             self._done_with(item.adapter)
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
+            item.reply.finish(result)
 
 
 def _classification(labels: list[str], probabilities: list[float]) -> ClassificationResult:
@@ -543,12 +543,5 @@ def _classification(labels: list[str], probabilities: list[float]) -> Classifica
     return ClassificationResult(labels[best], dict(zip(labels, probabilities, strict=True)))
 
 
-def _shutting_down() -> FailedPrecondition:
-    return FailedPrecondition("the inference service is shutting down: retry on another replica")
-
-
-def _run_into(fn: Callable, future: Future) -> None:
-    try:
-        future.set_result(fn())
-    except BaseException as exc:  # handed to the caller
-        future.set_exception(exc)
+def _ignore(_text: str) -> None:
+    pass

@@ -4,7 +4,8 @@ Pure policy, as vLLM's scheduler is: no model, no tensors. The engine asks it,
 once a step on its model thread, which generation requests join the running
 batch and which classifications run; what the policy needs to know of the
 model's side (whether a request's adapter can have a LoRA slot) it is given
-as a function. Requests are queued from any thread, so the queues have a lock.
+as a function. It runs on the model thread alone (requests reach it as the
+engine's commands), so it takes no lock.
 
 The policy:
 - a bounded queue: a request beyond `max_queued` is refused at once
@@ -27,7 +28,6 @@ The policy:
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from tunewire.services.common.errors import ResourceExhausted
 
 def is_gone(sequence, now: float) -> bool:
     """Whether a request's caller cancelled it or its deadline has passed."""
-    return sequence.cancelled.is_set() or (sequence.deadline is not None and now > sequence.deadline)
+    return sequence.cancelled or (sequence.deadline is not None and now > sequence.deadline)
 
 
 class Waiting(Protocol):
@@ -47,7 +47,7 @@ class Waiting(Protocol):
     adapter: object | None  # None: the base model
     project: str | None
     prompt_ids: list[int]
-    cancelled: threading.Event
+    cancelled: bool
     deadline: float | None
 
 
@@ -65,50 +65,41 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         # A chunk is one prefill pass: never over the pass's budget.
         self.prefill_chunk_tokens = min(prefill_chunk_tokens or max_prefill_tokens, max_prefill_tokens)
-        self._lock = threading.Lock()
         self._waiting: collections.deque = collections.deque()
         self._classifications: collections.deque = collections.deque()
 
-    # Queues (any thread)
+    # Queues
 
     def add(self, sequence: Waiting) -> None:
-        with self._lock:
-            if len(self._waiting) >= self.max_queued:
-                raise ResourceExhausted(
-                    f"{len(self._waiting)} requests are already waiting (TUNEWIRE_MAX_QUEUED_REQUESTS): retry with backoff"
-                )
-            self._waiting.append(sequence)
+        if len(self._waiting) >= self.max_queued:
+            raise ResourceExhausted(f"{len(self._waiting)} requests are already waiting (TUNEWIRE_MAX_QUEUED_REQUESTS): retry with backoff")
+        self._waiting.append(sequence)
 
     def add_classification(self, item) -> None:
-        with self._lock:
-            if len(self._classifications) >= self.max_queued:
-                raise ResourceExhausted(f"{len(self._classifications)} classifications are already waiting: retry with backoff")
-            self._classifications.append(item)
+        if len(self._classifications) >= self.max_queued:
+            raise ResourceExhausted(f"{len(self._classifications)} classifications are already waiting: retry with backoff")
+        self._classifications.append(item)
 
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._waiting or self._classifications)
+        return bool(self._waiting or self._classifications)
 
     def queued(self) -> int:
-        with self._lock:
-            return len(self._waiting)
+        return len(self._waiting)
 
     def drain(self) -> tuple[list, list]:
         """Everything still queued, removed: at shutdown."""
-        with self._lock:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            items, self._classifications = list(self._classifications), collections.deque()
+        waiting, self._waiting = list(self._waiting), collections.deque()
+        items, self._classifications = list(self._classifications), collections.deque()
         return waiting, items
 
-    # Decisions (the model thread)
+    # Decisions
 
     def expired(self, now: float | None = None) -> list:
         """The waiting requests cancelled or past their deadline, removed from the queue."""
         now = time.monotonic() if now is None else now
-        with self._lock:
-            gone = [s for s in self._waiting if is_gone(s, now)]
-            for sequence in gone:
-                self._waiting.remove(sequence)
+        gone = [s for s in self._waiting if is_gone(s, now)]
+        for sequence in gone:
+            self._waiting.remove(sequence)
         return gone
 
     def admit(self, running: list[Waiting], make_resident: Callable[[object], bool], chunking: bool = False) -> Admission:
@@ -117,8 +108,7 @@ class Scheduler:
         them), `chunking` whether such a prompt is in progress.
         `make_resident(adapter)` gives the adapter a slot (True), says none
         is free (False), or raises why it cannot be placed."""
-        with self._lock:
-            candidates = list(self._waiting)
+        candidates = list(self._waiting)
         rows = collections.Counter(s.project for s in running)
         room = self.max_batch_size - len(running)
         admitted, failed, chunked, width = [], [], None, 0
@@ -144,9 +134,8 @@ class Scheduler:
             else:
                 admitted.append(sequence)
                 width = wider
-        with self._lock:
-            for sequence in [*admitted, *(s for s, _ in failed), *([chunked] if chunked is not None else [])]:
-                self._waiting.remove(sequence)
+        for sequence in [*admitted, *(s for s, _ in failed), *([chunked] if chunked is not None else [])]:
+            self._waiting.remove(sequence)
         return Admission(admitted, failed, chunked)
 
     def take_classifications(
@@ -157,8 +146,7 @@ class Scheduler:
         placed), and those whose adapter cannot be placed. The ones without a
         slot go to the back of the queue, so the ones behind them, which may
         hold the adapters they wait for, get their turn."""
-        with self._lock:
-            items = [self._classifications.popleft() for _ in range(min(len(self._classifications), self.max_batch_size))]
+        items = [self._classifications.popleft() for _ in range(min(len(self._classifications), self.max_batch_size))]
         ready, dropped, failed, later = [], [], [], []
         for item in items:
             if gone(item):
@@ -168,6 +156,5 @@ class Scheduler:
                 (ready if make_resident(item.adapter) else later).append(item)
             except Exception as exc:
                 failed.append((item, exc))
-        with self._lock:
-            self._classifications.extend(later)
+        self._classifications.extend(later)
         return ready, dropped, failed
