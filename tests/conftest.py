@@ -19,6 +19,11 @@ import pytest
 
 from tunewire.services.common import layout
 
+# Servers started by the tests (in-process and as processes) open no
+# OpenAI-compatible HTTP listener unless a test sets a port: two of them on
+# the default port would collide.
+os.environ["TUNEWIRE_INFERENCE_HTTP_PORT"] = "0"
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from prometheus_client import REGISTRY
 
@@ -18,7 +21,7 @@ from tunewire.services.dataset.server import DatasetDeps
 from tunewire.services.dataset.server import create_server as create_dataset_server
 from tunewire.v1 import dataset_pb2, training_pb2
 
-from conftest import ServerThread, prompt_completion_jsonl, three_services, write_lora_adapter
+from conftest import ServerThread, free_port, prompt_completion_jsonl, three_services, write_lora_adapter
 
 
 def test_keys_authenticate_until_revoked(tmp_path):
@@ -79,9 +82,11 @@ def stack(tmp_path_factory, tiny_model_dir):
     }
     keys_file = tmp / "keys.json"
     keys_file.write_text(json.dumps({"keys": [entry for _, entry in keys.values()]}))
+    http_port = free_port()
     with three_services(
         tmp,
         tiny_model_dir,
+        inference_http_port=http_port,
         api_keys_file=keys_file,
         service_api_key=keys["services"][0],
         project_max_active_jobs=2,
@@ -93,6 +98,7 @@ def stack(tmp_path_factory, tiny_model_dir):
             "model": str(tiny_model_dir),
             "tmp": tmp,
             "runner": servers["runner"],
+            "openai_url": f"http://127.0.0.1:{http_port}/v1",
         }
 
 
@@ -189,6 +195,30 @@ def test_projects_see_only_their_own_datasets_jobs_and_adapters(stack):
     assert admin_for_alpha.load_adapter("copy", uri).project == "alpha"
     assert code_of(b_data.delete, ours.id) == grpc.StatusCode.NOT_FOUND
     assert a_data.get(ours.id).id == ours.id  # still there
+
+
+def test_the_openai_api_authenticates_and_keeps_projects_apart_as_grpc_does(stack):
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=stack["openai_url"], api_key=key, max_retries=0, timeout=60)
+
+    _, _, for_alpha = clients(stack, "operator", project="alpha")
+    for_alpha.load_adapter("alpha-bot", str(write_lora_adapter(stack["model"], stack["tmp"] / "own" / "alpha-bot", seed=11)))
+    alpha, beta = client(stack["keys"]["alpha"]), client(stack["keys"]["beta"])
+    assert "alpha-bot" in [m.id for m in alpha.models.list()]
+    assert "alpha-bot" not in [m.id for m in beta.models.list()]
+    assert alpha.completions.create(model="alpha-bot", prompt="hello", max_tokens=3).usage.completion_tokens > 0
+    # For beta, alpha's adapter is a model that does not exist.
+    with pytest.raises(openai.NotFoundError) as caught:
+        beta.chat.completions.create(model="alpha-bot", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        client("tw_00000000_" + "x" * 40).models.list()
+    with pytest.raises(urllib.error.HTTPError) as caught:  # no key at all
+        urllib.request.urlopen(stack["openai_url"] + "/models", timeout=30)
+    assert caught.value.code == 401 and "no credentials" in json.loads(caught.value.read())["error"]["message"]
+    # The services' key may call only the RPCs they need of each other.
+    with pytest.raises(openai.PermissionDeniedError):
+        client(stack["keys"]["services"]).completions.create(model=stack["model"], prompt="hello", max_tokens=3)
 
 
 def test_a_jobs_pin_is_the_orchestrators_and_ends_with_the_job(stack):

@@ -99,9 +99,13 @@ def test_network_policies_keep_ray_to_the_orchestrator_and_deny_the_rest(objects
     assert [peer["podSelector"]["matchLabels"] for rule in node["ingress"] for peer in rule["from"]] == [{"ray.io/cluster": "tunewire-ray"}]
     # The API policy opens ports by the names the containers give them.
     api_ports = {port["port"] for rule in policies["tunewire-api"]["ingress"] for port in rule["ports"]}
-    for o in objects:
-        if o["kind"] == "Deployment":
-            assert {p["name"] for p in o["spec"]["template"]["spec"]["containers"][0]["ports"]} == api_ports
+    named = {
+        o["metadata"]["name"]: {p["name"] for p in o["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        for o in objects
+        if o["kind"] == "Deployment"
+    }
+    assert all(ports <= api_ports for ports in named.values()) and set().union(*named.values()) == api_ports
+    assert named["tunewire-inference"] - named["tunewire-dataset"] == {"http"}  # the OpenAI-compatible API
     # Every Ray API, the dashboard's included, asks for the cluster's token; the orchestrator has the same one.
     [ray_cluster] = [o for o in objects if o["kind"] == "RayCluster"]
     assert ray_cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "tunewire-ray-token"}

@@ -4,6 +4,7 @@ the bundled SmolLM2 model, two Ray Train workers. Minutes, not seconds."""
 import json
 import urllib.request
 
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +31,7 @@ def test_upload_finetune_hotload_generate(tmp_path):
     ports = {f"TUNEWIRE_{service.upper()}_PORT": str(free_port()) for service in ("dataset", "training", "inference")}
     metrics_ports = {service: free_port() for service in ("dataset", "training", "inference")}
     ports |= {f"TUNEWIRE_{service.upper()}_METRICS_PORT": str(port) for service, port in metrics_ports.items()}
+    ports["TUNEWIRE_INFERENCE_HTTP_PORT"] = str(http_port := free_port())
     with LocalStack(env={"TUNEWIRE_HOME": str(home), **ports}, log_dir=home / "logs") as stack:
         with (
             DatasetClient(stack.address("dataset")) as datasets,
@@ -60,6 +62,15 @@ def test_upload_finetune_hotload_generate(tmp_path):
             tuned = inference.generate(prompt, adapter=job.adapter_id, max_new_tokens=40).text
             assert tuned != base
             assert tuned.startswith("Arr") and "Arr" not in base
+
+            # The same adapter through the OpenAI-compatible API, with the openai package.
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="local", max_retries=0, timeout=120)
+            assert job.adapter_id in [m.id for m in client.models.list()]
+            question = [{"role": "user", "content": prompt}]
+            chat = client.chat.completions.create(model=job.adapter_id, messages=question, max_tokens=40, temperature=0)
+            assert chat.choices[0].message.content == tuned
+            stream = client.chat.completions.create(model=job.adapter_id, messages=question, max_tokens=40, temperature=0, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == tuned
 
             # Every service's Prometheus metrics, scraped over HTTP.
             upload = {"method": "/tunewire.v1.DatasetService/UploadDataset", "code": "OK"}

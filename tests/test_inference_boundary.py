@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tunewire.services.common.errors import FailedPrecondition, NotFound
+from tunewire.services.common.errors import NotFound, Unavailable
 from tunewire.services.inference.boundary import Inbox, LoopReply, WaitingReply, run_command
 
 
@@ -54,7 +54,7 @@ def test_a_closed_inbox_answers_shutting_down_and_hands_back_what_never_ran():
     assert inbox.take(lambda: True) is None
     late = WaitingReply()
     inbox.post(lambda r: r.finish("ran"), late)
-    with pytest.raises(FailedPrecondition, match="shutting down"):
+    with pytest.raises(Unavailable, match="shutting down"):
         late.result(0)
 
 

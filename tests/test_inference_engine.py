@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from tunewire.services.inference.boundary import WaitingReply
 from tunewire.services.inference.engine import CANCELLED, LENGTH, STOP, BatchEngine, EngineLimits, GenerationRequest
 from tunewire.services.inference.lora import RowSlots, SlottedLoRALinear
@@ -497,7 +497,7 @@ def test_bfloat16_serving_runs_adapters(tiny_model_dir, adapters, tmp_path):
 def test_a_stopped_engine_refuses_adapter_loads_instead_of_hanging(tiny_model_dir, adapters, tmp_path):
     engine = make_engine(tiny_model_dir, tmp_path)
     engine.stop()
-    with pytest.raises(FailedPrecondition, match="shutting down"):
+    with pytest.raises(Unavailable, match="shutting down"):
         add(engine, "a1", adapters["a1"])
 
 

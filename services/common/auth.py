@@ -34,7 +34,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunewire.services.common.errors import InvalidArgument, PermissionDenied
+from tunewire.services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 OPERATOR, ADMIN, MEMBER = "operator", "admin", "member"
 ROLES = (OPERATOR, ADMIN, MEMBER)
@@ -108,6 +108,22 @@ def caller() -> Caller:
 
 def set_caller(who: Caller) -> contextvars.Token:
     return _caller.set(who)
+
+
+def identify(keys: KeyRing | None, headers: dict[str, str]) -> Caller:
+    """The caller a request's headers (gRPC metadata or HTTP headers, with
+    lower-case names) authenticate: its key from `authorization: Bearer` or
+    `x-api-key`, acting for the project `x-tunewire-project` names (operators
+    only). Without keys (loopback only) every caller is the local operator."""
+    if keys is None:
+        return LOCAL_OPERATOR.acting_for(headers.get(PROJECT_HEADER, ""))
+    key = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("x-api-key", "")
+    if not key:
+        raise Unauthenticated("no credentials: send an API key as 'authorization: Bearer <key>' (the CLI and SDK send TUNEWIRE_API_KEY)")
+    who = keys.authenticate(key)
+    if who is None:
+        raise Unauthenticated("API key not recognised (unknown or revoked): ask an admin for a key of your project")
+    return who.acting_for(headers.get(PROJECT_HEADER, ""))
 
 
 def check_project(project: str, field: str = "project") -> str:

@@ -88,17 +88,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.keys = keys
 
     def identify(self, metadata: dict[str, str]) -> auth.Caller:
-        if self.keys is None:
-            return auth.LOCAL_OPERATOR.acting_for(metadata.get(auth.PROJECT_HEADER, ""))
-        key = metadata.get("authorization", "").removeprefix("Bearer ").strip() or metadata.get("x-api-key", "")
-        if not key:
-            raise errors.Unauthenticated(
-                "no credentials: send an API key as 'authorization: Bearer <key>' metadata (the CLI and SDK send TUNEWIRE_API_KEY)"
-            )
-        caller = self.keys.authenticate(key)
-        if caller is None:
-            raise errors.Unauthenticated("API key not recognised (unknown or revoked): ask an admin for a key of your project")
-        return caller.acting_for(metadata.get(auth.PROJECT_HEADER, ""))
+        return auth.identify(self.keys, metadata)
 
     @contextlib.asynccontextmanager
     async def _handling(self, method: str, metadata: dict[str, str], context):

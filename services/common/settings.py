@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     dataset_port: int = Field(50051, ge=0, le=65535)
     training_port: int = Field(50052, ge=0, le=65535)
     inference_port: int = Field(50053, ge=0, le=65535)
+    # The inference service's OpenAI-compatible HTTP API (/v1/...); 0 turns it off.
+    inference_http_port: int = Field(50054, ge=0, le=65535)
     # How the services reach each other; default: host and port above.
     dataset_address: str = ""
     training_address: str = ""

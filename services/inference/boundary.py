@@ -22,13 +22,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from tunewire.services.common.errors import FailedPrecondition
+from tunewire.services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 
-def shutting_down() -> FailedPrecondition:
-    return FailedPrecondition("the inference service is shutting down: retry on another replica")
+def shutting_down() -> Unavailable:
+    # UNAVAILABLE (HTTP 503): the request was not run, and a retry policy moves on to another replica.
+    return Unavailable("the inference service is shutting down: retry on another replica")
 
 
 class Reply:

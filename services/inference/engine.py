@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,7 +83,8 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict] | None = None
     raw_prompt: bool = False
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    # None: as many as the model's positions leave after the prompt (at most MAX_NEW_TOKENS_LIMIT).
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 0.0
     top_k: int = 0
@@ -93,7 +94,7 @@ class GenerationRequest:
     def check(self) -> None:
         if self.prompt is None and not self.messages:
             raise InvalidArgument.field("input", "set prompt or messages")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InvalidArgument.field("sampling.max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
         if not 0 <= self.temperature <= 5:
             raise InvalidArgument.field("sampling.temperature", f"must be in [0, 5], got {self.temperature}")
@@ -276,6 +277,11 @@ class BatchEngine:
             raise FailedPrecondition(f"{self.base_model_name} is not a causal LM: this service classifies (Classify) but does not generate")
         text = prompt_text(runner.tokenizer, request.messages, request.prompt, request.raw_prompt)
         prompt_ids = runner.tokenizer(text, add_special_tokens=False)["input_ids"] or [runner.tokenizer.eos_token_id]
+        if request.max_new_tokens is None:
+            room = runner.max_positions - len(prompt_ids)
+            if room < 1:
+                raise InvalidArgument.field("prompt", f"is {len(prompt_ids)} tokens: the model has {runner.max_positions} positions")
+            request = replace(request, max_new_tokens=min(room, MAX_NEW_TOKENS_LIMIT))
         if len(prompt_ids) + request.max_new_tokens > runner.max_positions:
             raise InvalidArgument.field(
                 "sampling.max_new_tokens",

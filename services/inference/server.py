@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
+
+from aiohttp import web
 
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings, SettingsError
 from tunewire.services.inference.core import InferenceManager
 from tunewire.services.inference.engine import BatchEngine, EngineLimits
+from tunewire.services.inference.openai_api import OpenAIApi, start_http
 from tunewire.services.inference.servicer import InferenceServicer
 from tunewire.services.inference.watcher import AdapterWatcher
 from tunewire.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -53,21 +59,34 @@ async def create_server(settings: Settings, deps: InferenceDeps, port: int | Non
     and subscribes to published adapters before health says SERVING."""
     manager = deps.manager
     address = f"{settings.host}:{settings.inference_port if port is None else port}"
+    security = ServerSecurity.from_settings(settings)
     handle = await create_grpc_server(
         address,
         lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(manager), server),
         [SERVICE_NAME],
-        ServerSecurity.from_settings(settings),
+        security,
     )
     watch_task: asyncio.Task | None = None
+    http: web.AppRunner | None = None
 
     async def ready() -> None:
-        nonlocal watch_task
+        nonlocal watch_task, http
         await manager.start()
+        if settings.inference_http_port:  # after the model loads: every request it takes can be answered
+            http, http_port = await start_http(OpenAIApi(manager, security.keys), settings, settings.inference_http_port)
+            log.info(
+                "OpenAI-compatible API on port %d: http%s://%s:%d/v1",
+                http_port,
+                "s" * bool(settings.tls_cert_file),
+                settings.host,
+                http_port,
+            )
         if deps.training_address:
             watch_task = asyncio.create_task(AdapterWatcher(manager, deps.training_address, settings).run_forever(), name="adapter watcher")
 
     async def close() -> None:
+        if http is not None:
+            await http.cleanup()
         if watch_task is not None:
             watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
