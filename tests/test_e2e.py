@@ -54,6 +54,12 @@ def test_upload_finetune_hotload_generate(tmp_path):
 
             adapter_dir = home / "artifacts" / "adapters" / job.adapter_id
             assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
+            # The adapter travels: it names its base by the Hugging Face id, and its card holds no path of this machine.
+            config = json.loads((adapter_dir / "adapter_config.json").read_text())
+            assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+            card = (adapter_dir / "README.md").read_text()
+            assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and job.id in card and dataset.id in card
+            assert str(tmp_path) not in card and "More Information Needed" not in card
 
             loaded = inference.wait_for_adapter(job.adapter_id, timeout=120)
             assert loaded.publish_to_servable_seconds > 0

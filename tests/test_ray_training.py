@@ -67,6 +67,7 @@ def make_job(
         },
         config=config.to_dict(),
         dataset={
+            "id": "ds-test",
             "uri": str(tmp_path / "data.parquet"),
             "format": fmt,
             "labels": list(labels),

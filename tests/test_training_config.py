@@ -3,7 +3,7 @@
 import pytest
 
 from tunewire.services.common.errors import InvalidArgument
-from tunewire.services.training.config import DEFAULTS, auto_epochs, resolve_config
+from tunewire.services.training.config import CLASSIFY, DEFAULTS, FULL, auto_epochs, resolve_config
 
 
 def test_defaults_fill_what_is_unset_and_say_so():
@@ -95,3 +95,52 @@ def test_a_requested_model_that_cannot_be_loaded_is_the_requests_fault(tmp_path)
         AutoConfig.from_pretrained(broken)
     assert caught.value.violations[0].field == "spec.base_model"
     assert "cannot be loaded" in caught.value.violations[0].description and "model_type" not in str(caught.value)
+
+
+def test_the_model_card_says_what_was_trained_how_and_what_it_scored():
+    from tunewire.services.common.models import hub_name
+    from tunewire.services.training.model_card import model_card
+
+    report = {
+        "run": "trial-1",
+        "best_step": 35,
+        "test_rows": 5,
+        "base_metrics": {"exact_match": 0.0, "perplexity": 6.59},
+        "tuned_metrics": {"exact_match": 0.8, "perplexity": 1.04},
+        "general_questions": 44,
+        "general_correct_before": 30,
+        "general_correct_after": 32,
+        "general_kept": 0.967,
+        "reference_perplexity_before": 29.15,
+        "reference_perplexity_after": 30.22,
+        "forgetting_budget": 0.1,
+        "within_forgetting_budget": True,
+    }
+    card = model_card(
+        base_model=hub_name("smollm2-135m-instruct"),
+        job_id="job-1",
+        dataset_id="ds-abc",
+        train_rows=40,
+        task="sft",
+        method="lora",
+        hyperparameters=DEFAULTS | {"learning_rate": 2e-3, "epochs": 10},
+        report=report,
+    )
+    front = card.split("---")[1]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in front and "library_name: peft" in front
+    assert "AutoPeftModelForCausalLM" in card and "`ds-abc`" in card and "40 training rows" in card
+    assert "| learning_rate | 0.002 |" in card and "| epochs | 10 |" in card and "| lora_target_modules | all-linear |" in card
+    assert "| exact_match | 0 | 0.8 |" in card and "trial-1`, step 35" in card
+    assert "30 of 44 by the base model, 32 after" in card and "29.15 before, 30.22 after" in card and "within it" in card
+    # A classifier's card, and a model given by directory: named as given, no Hub link.
+    card = model_card(
+        base_model="/models/encoder",
+        job_id="job-2",
+        dataset_id="ds-x",
+        train_rows=9,
+        task=CLASSIFY,
+        method=FULL,
+        hyperparameters=DEFAULTS,
+        report={"tuned_metrics": {"accuracy": 1.0}},
+    )
+    assert "pipeline_tag: text-classification" in card and "huggingface.co" not in card and "lora_rank" not in card

@@ -26,6 +26,8 @@ MODEL_WEIGHTS = "model.safetensors"
 ADAPTER_METADATA = "tunewire_adapter.json"
 # The evaluation report, base model against fine-tuned.
 EVALUATION_FILE = "evaluation.json"
+# The model card: what the adapter is, how it was trained, what it scored.
+MODEL_CARD = "README.md"
 # In a checkpoint, besides the weights: what a resumed run needs.
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.pt"

@@ -69,11 +69,15 @@ BUNDLED_MODELS = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name))
+
+
 def check_model_name(name: str, field: str = "base_model") -> None:
     """Rejects names that can be no model, before any work is queued."""
     if not name:
         raise InvalidArgument.field(field, "required: a bundled model name, a model directory or a Hugging Face id")
-    if name in BUNDLED_MODELS or _HUB_ID.match(name):
+    if name in BUNDLED_MODELS or is_hub_id(name):
         return
     path = Path(name).expanduser()
     if path.is_dir():
@@ -120,6 +124,13 @@ def loading_requested_model(name: str, field: str) -> Iterator[None]:
             f"{name!r} cannot be loaded: use one of {sorted(BUNDLED_MODELS)}, a model directory under TUNEWIRE_MODEL_ROOTS, "
             "or a Hugging Face id this service can download",
         ) from None
+
+
+def hub_name(name: str) -> str:
+    """The name other tools load `name` by: a bundled model's Hugging Face
+    id, else the name itself (a Hugging Face id, or a directory)."""
+    bundled = BUNDLED_MODELS.get(name)
+    return bundled.hub_id if bundled else name
 
 
 def base_model_aliases(name: str) -> set[str]:

@@ -213,6 +213,7 @@ class RayTrainRunner:
             task=TASK_OF_FORMAT[dataset["format"]],
             method=job.spec["method"],
             dataset_uri=dataset["uri"],
+            dataset_id=dataset["id"],
             train_rows=dataset["train_rows"],
             validation_rows=dataset["validation_rows"],
             num_workers=job.spec["num_workers"],

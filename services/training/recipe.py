@@ -39,7 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunewire.services.common import layout
+from tunewire.services.common.models import hub_name
 from tunewire.services.training.config import CLASSIFY, FULL, SFT, TrainingConfig
+from tunewire.services.training.model_card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class RecipeConfig:
     project: str = "default"
     # "train" for a job that trains once, else the search trial's name.
     run: str = layout.SINGLE_RUN
+    dataset_id: str = ""  # named in the published model card
     # From measure_base: the base model's general answers and perplexity.
     general_uri: str = ""
     base_perplexity: float = 0.0
@@ -714,9 +717,10 @@ class FineTuneRecipe:
             self.model.save_pretrained(out)
             self.tokenizer.save_pretrained(out)
             return
-        # The adapter names its base model as the job did, not by a worker's cache path.
+        # The adapter names its base model as other tools load it (a bundled
+        # model by its Hugging Face id), not by a worker's cache path.
         for peft_config in self.model.peft_config.values():
-            peft_config.base_model_name_or_path = self.config.base_model
+            peft_config.base_model_name_or_path = hub_name(self.config.base_model)
         self.model.save_pretrained(out)
 
     def restore_weights(self, directory: Path) -> None:
@@ -820,6 +824,19 @@ class FineTuneRecipe:
             if item.name not in (layout.OPTIMIZER_FILE, layout.STATE_FILE) and item.is_file():
                 shutil.copy2(item, out / item.name)
         (out / layout.EVALUATION_FILE).write_text(json.dumps(report, indent=2))
+        # In place of the placeholder card PEFT writes (which names a worker's paths).
+        (out / layout.MODEL_CARD).write_text(
+            model_card(
+                base_model=hub_name(self.config.base_model),
+                job_id=self.config.job_id,
+                dataset_id=self.config.dataset_id,
+                train_rows=self.config.train_rows,
+                task=self.config.task,
+                method=self.config.method,
+                hyperparameters=self.training.to_dict(),
+                report=report,
+            )
+        )
         (out / layout.ADAPTER_METADATA).write_text(
             json.dumps(
                 {
