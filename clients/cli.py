@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import DownloadColumn, Progress
 from rich.table import Column, Table
 
 from tunewire.clients import sdk
@@ -466,6 +468,27 @@ def adapters_published(address: str = TRAINING) -> None:
         table.add_row(a.id, a.job_id, a.base_model, f"{a.size_bytes / 1e6:.1f}", "yes" if a.held_back else "no", published)
     console.print(table)
     console.print(f"{len(adapters)} adapters, {sum(a.size_bytes for a in adapters) / 1e6:.1f} MB")
+
+
+@adapters_app.command("download")
+def adapters_download(
+    adapter_id: str,
+    out: Path = typer.Option(None, "--out", help="directory to create (default: ./<adapter id>)"),
+    address: str = TRAINING,
+) -> None:
+    """Downloads a published adapter: a PEFT directory that
+    AutoPeftModelForCausalLM.from_pretrained(dir) loads, its model card and evaluation beside it."""
+    out = out or Path(adapter_id)
+    with sdk.TrainingClient(address) as client, _api_errors():
+        total = next((a.size_bytes for a in client.list_adapters() if a.id == adapter_id), None)
+        with Progress(*Progress.get_default_columns(), DownloadColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(f"downloading {adapter_id}", total=total)
+            try:
+                client.download_adapter(adapter_id, out, on_bytes=lambda n: progress.advance(task, n))
+            except (FileExistsError, OSError) as error:
+                console.print(f"[red]error:[/red] {escape(str(error))}")
+                raise typer.Exit(1) from None
+    console.print(f"downloaded {adapter_id} to {out}")
 
 
 @adapters_app.command("delete")

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,6 +356,49 @@ class TrainingClient(_Client):
 
     def delete_adapter(self, adapter_id: str) -> training_pb2.Adapter:
         return self._call(self.stub.DeleteAdapter, training_pb2.DeleteAdapterRequest(adapter_id=adapter_id)).adapter
+
+    def download_adapter(
+        self, adapter_id: str, out_dir: str | Path, on_bytes: Callable[[int], None] | None = None, timeout: float | None = None
+    ) -> Path:
+        """Writes the adapter's directory (a PEFT adapter that loads anywhere)
+        to `out_dir`, which must not exist yet, and returns it. The files go
+        to a sibling directory first: `out_dir` appears only once every file
+        arrived whole. `on_bytes` is called with each chunk's size (progress)."""
+        out = Path(out_dir)
+        if out.exists():
+            raise FileExistsError(f"{out} exists: give a new directory to download into")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        current, path = None, None
+        try:
+            sizes: dict[str, int] = {}
+            request = training_pb2.DownloadAdapterRequest(adapter_id=adapter_id)
+            for chunk in self._stream(self.stub.DownloadAdapter, request, timeout or self.timeout):
+                if chunk.path != path:
+                    if current is not None:
+                        current.close()
+                    path = chunk.path
+                    target = (staging / path).resolve()
+                    if staging.resolve() not in target.parents:
+                        raise ValueError(f"the server sent a file outside the adapter's directory: {path!r}")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    current, sizes[path] = target.open("wb"), chunk.file_size_bytes
+                current.write(chunk.data)
+                if on_bytes is not None:
+                    on_bytes(len(chunk.data))
+            if current is not None:
+                current.close()
+                current = None
+            short = [p for p, size in sizes.items() if (staging / p).stat().st_size != size]
+            if short:
+                raise OSError(f"the download of {adapter_id} was cut short ({', '.join(short)}): download it again")
+            staging.rename(out)
+            return out
+        finally:
+            if current is not None:
+                current.close()
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 class InferenceClient(_Client):

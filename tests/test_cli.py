@@ -36,6 +36,7 @@ def dataset_address(tmp_path):
         ["jobs", "watch"],
         ["classify"],
         ["adapters", "load"],
+        ["adapters", "download"],
     ],
 )
 def test_every_command_has_help(command):

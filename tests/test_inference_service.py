@@ -4,10 +4,13 @@ an adapter that a real TrainingService publishes, while requests run."""
 import concurrent.futures
 import json
 import time
+from pathlib import Path
 
 import grpc
 import pytest
+from typer.testing import CliRunner
 
+from tunewire.clients.cli import app
 from tunewire.clients.sdk import ApiError, InferenceClient, TrainingClient
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.settings import load_settings
@@ -183,3 +186,43 @@ def test_an_adapter_over_its_forgetting_budget_is_published_but_not_hot_loaded(s
     uri = next(a.uri for a in training.list_adapters() if a.id == held.adapter_id)
     inference.load_adapter(held.adapter_id, uri)
     assert inference.generate("the quick brown fox", max_new_tokens=4, adapter=held.adapter_id).text
+
+
+def test_a_downloaded_adapter_loads_with_plain_peft_and_answers_as_the_service_does(services, tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    training, inference, model_dir, _ = services
+    job = training.create_job(model_dir, "ds-1")
+    list(training.stream_events(job.id, timeout=60))
+    adapter_id = training.get_job(job.id).adapter_id
+    inference.wait_for_adapter(adapter_id, timeout=60)
+    published = ArtifactStore(load_settings(home=tmp_path / "home").artifact_root).path("adapters", adapter_id)
+
+    seen = []
+    out = training.download_adapter(adapter_id, tmp_path / "downloaded" / adapter_id, on_bytes=seen.append)
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(published): p.read_bytes() for p in Path(published).rglob("*") if p.is_file()}
+    assert sum(seen) == sum(len(b) for b in files.values()) and not list((tmp_path / "downloaded").glob(".*"))
+
+    # The directory alone is enough for PEFT: it names its base model.
+    model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("the quick brown fox", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    served = inference.generate("the quick brown fox", max_new_tokens=10, adapter=adapter_id, raw_prompt=True).text
+    assert tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True) == served
+
+    with pytest.raises(FileExistsError):
+        training.download_adapter(adapter_id, out)
+    # The CLI: the same files, and a clear error for a directory that exists.
+    cli = ["adapters", "download", adapter_id, "--training-address", training.address]
+    assert CliRunner().invoke(app, [*cli, "--out", str(tmp_path / "by-cli")]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "by-cli").iterdir()) == sorted(p.name for p in out.iterdir())
+    again = CliRunner().invoke(app, [*cli, "--out", str(tmp_path / "by-cli")])
+    assert again.exit_code == 1 and "exists" in again.output
+    with pytest.raises(ApiError) as caught:
+        training.download_adapter("ad-never", tmp_path / "never")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND and not (tmp_path / "never").exists()

@@ -55,6 +55,22 @@ class ArtifactStore:
             return self.fs.exists(self.path(*parts))
         return self.fs.exists(self.path(*parts, COMPLETE_MARKER))
 
+    def files(self, *parts: str) -> list[tuple[str, int]]:
+        """The files of the artifact at parts: (path inside it, bytes), in
+        order, its completion marker left out."""
+        base = self.path(*parts).rstrip("/")
+        found = self.fs.find(base, detail=True)
+        return sorted((path[len(base) + 1 :], int(info["size"])) for path, info in found.items() if not path.endswith(COMPLETE_MARKER))
+
+    def read_chunks(self, *parts: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """A file's bytes, a chunk at a time (at least one chunk, empty for an empty file)."""
+        with self.fs.open(self.path(*parts), "rb") as file:
+            while True:
+                chunk = file.read(chunk_bytes)
+                yield chunk
+                if len(chunk) < chunk_bytes:
+                    return
+
     @contextlib.contextmanager
     def staged_dir(self) -> Iterator[Path]:
         """A local scratch directory for building an artifact before publish_dir."""

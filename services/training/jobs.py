@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -424,3 +424,13 @@ class JobManager:
 
     def list_adapters(self, project: str) -> list[Adapter]:
         return self.store.adapters_after(0, project=project, deleted=False)
+
+    def adapter_chunks(self, project: str, adapter_id: str) -> Iterator[tuple[str, int, bytes]]:
+        """The project's adapter's files as (path in the adapter's directory,
+        the file's bytes, a chunk of it), each file's chunks in order: what
+        DownloadAdapter streams. NotFound for an id the project does not have."""
+        if not any(a.id == adapter_id for a in self.list_adapters(project)):
+            raise NotFound(f"adapter {adapter_id} not found in project {project}: tunewire adapters published shows the project's adapters")
+        for name, size in self.artifacts.files(layout.ADAPTERS, adapter_id):
+            for chunk in self.artifacts.read_chunks(layout.ADAPTERS, adapter_id, name):
+                yield name, size, chunk

@@ -213,6 +213,15 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         adapter = await asyncio.to_thread(self.jobs.delete_adapter, who.project, request.adapter_id)
         return training_pb2.DeleteAdapterResponse(adapter=adapter_to_proto(adapter))
 
+    async def DownloadAdapter(self, request: training_pb2.DownloadAdapterRequest, context):
+        if not request.adapter_id:
+            raise InvalidArgument.field("adapter_id", "required: the id ListAdapters shows")
+        chunks = self.jobs.adapter_chunks(caller().project, request.adapter_id)
+        # Each chunk is read off the event loop.
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            path, size, data = chunk
+            yield training_pb2.DownloadAdapterResponse(path=path, file_size_bytes=size, data=data)
+
     async def WatchAdapters(self, request: training_pb2.WatchAdaptersRequest, context):
         caller().require_operator("WatchAdapters (every project's adapters)")
         async for adapter in self.jobs.adapters(request.after_sequence):
