@@ -64,6 +64,14 @@ def test_the_reference_round_trips_and_holds_the_base_models_answers(tiny):
     assert all(len(row) == general.TOP_K for row in target.top_ids)
 
 
+def test_a_reference_for_a_job_without_retention_holds_the_same_probe_answers_only(tiny_model_dir):
+    tokenizer = tasks.load_tokenizer(str(tiny_model_dir))
+    model = _model(tiny_model_dir)
+    full = general.build_reference(model, tokenizer, "cpu")
+    probe_only = general.build_reference(model, tokenizer, "cpu", retention=False)
+    assert probe_only.probe == full.probe and probe_only.retention == [] and full.retention
+
+
 def test_the_probes_fast_path_agrees_with_generating_every_answer(tiny, tiny_model_dir):
     tokenizer, reference = tiny
     model = _model(tiny_model_dir)

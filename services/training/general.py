@@ -169,9 +169,9 @@ def _text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def build_reference(model, tokenizer, device) -> GeneralReference:
-    """The base model's answers to the probe and the retention prompts (the
-    model must be the base: a fresh LoRA wrapper is)."""
+def build_reference(model, tokenizer, device, retention: bool = True) -> GeneralReference:
+    """The base model's answers to the probe and (with `retention`) the
+    retention prompts (the model must be the base: a fresh LoRA wrapper is)."""
     questions = probe_questions()
     probe_prompts = [prompt_ids(tokenizer, q["prompt"]) for q in questions]
     probe = []
@@ -183,13 +183,15 @@ def build_reference(model, tokenizer, device) -> GeneralReference:
         upto = next((k for k in range(1, len(answer) + 1) if is_correct(_text(tokenizer, answer[:k]), q["answer"])), None)
         correct = upto is not None and upto <= PROBE_MATCH_TOKENS
         probe.append(ProbeAnswer(q["prompt"], q["answer"], text, correct, prompt, answer[:upto] if correct else []))
+    if not retention:
+        return GeneralReference(probe, [])
     prompts = [prompt_ids(tokenizer, p) for p in retention_prompts()]
-    retention = []
+    targets = []
     for prompt, (answer, scores) in zip(prompts, _generate(model, tokenizer, prompts, RETENTION_ANSWER_TOKENS, device, True), strict=True):
         if not answer:
             continue
         top = [s.topk(TOP_K) for s in scores]
-        retention.append(
+        targets.append(
             RetentionTarget(
                 input_ids=prompt + answer,
                 answer_start=len(prompt),
@@ -197,7 +199,7 @@ def build_reference(model, tokenizer, device) -> GeneralReference:
                 top_logprobs=[[round(v, 4) for v in t.values.tolist()] for t in top],
             )
         )
-    return GeneralReference(probe, retention)
+    return GeneralReference(probe, targets)
 
 
 # Probe checks

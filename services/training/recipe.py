@@ -918,9 +918,15 @@ def measure_base(config: RecipeConfig) -> dict:
     if config.generative:
         store = ArtifactStore(config.artifact_root)
         parts = layout.general_parts(config.base_model, general.reference_version())
+        # A job without the retention penalty needs only the probe's answers
+        # (the retention prompts' are most of the work): cached apart, so a
+        # later job with the penalty still builds the whole reference.
+        retention = config.training.retention_weight > 0
+        if not retention and not store.exists(*parts):
+            parts = (*parts[:-1], parts[-1] + "-probe")
         if not store.exists(*parts):
             with recipe.autocast():
-                reference = general.build_reference(recipe.model, recipe.tokenizer, recipe.device)
+                reference = general.build_reference(recipe.model, recipe.tokenizer, recipe.device, retention=retention)
             with store.staged_dir() as staged:
                 (staged / layout.GENERAL_FILE).write_text(reference.to_json())
                 store.publish_dir(staged, *parts)
