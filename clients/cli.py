@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,21 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
 console = Console()
+# Errors go to stderr, so a script reading stdout (--json) gets results only.
+errors = Console(stderr=True)
+
+# Exit codes by what went wrong, so scripts can tell a missing id from a service that is down.
+EXIT_CODES = {
+    "NOT_FOUND": 3,
+    "INVALID_ARGUMENT": 4,
+    "FAILED_PRECONDITION": 4,
+    "ALREADY_EXISTS": 4,
+    "UNAUTHENTICATED": 5,
+    "PERMISSION_DENIED": 5,
+    "RESOURCE_EXHAUSTED": 6,
+    "UNAVAILABLE": 7,
+    "DEADLINE_EXCEEDED": 7,
+}
 
 DATASET = typer.Option(sdk.DEFAULT_DATASET_ADDRESS, "--dataset-address", envvar="TUNEWIRE_DATASET_ADDRESS")
 TRAINING = typer.Option(sdk.DEFAULT_TRAINING_ADDRESS, "--training-address", envvar="TUNEWIRE_TRAINING_ADDRESS")
@@ -42,14 +58,27 @@ INFERENCE = typer.Option(sdk.DEFAULT_INFERENCE_ADDRESS, "--inference-address", e
 
 @contextlib.contextmanager
 def _api_errors() -> Iterator[None]:
-    """A failed call prints its status code, message and the fields at fault, and exits 1."""
+    """A failed call prints its status code, message and the fields at fault
+    on stderr, and exits with the code EXIT_CODES gives it (else 1)."""
     try:
         yield
     except sdk.ApiError as error:
-        console.print(f"[red]{error.code.name}[/red]: {error.message}")
+        errors.print(f"[red]{error.code.name}[/red]: {escape(error.message)}")
         for v in error.violations:
-            console.print(f"  {v.field}: {v.description}")
-        raise typer.Exit(1) from None
+            errors.print(f"  {escape(v.field)}: {escape(v.description)}")
+        if error.code.name == "UNAVAILABLE":
+            errors.print("is the service running, and is its address right? (the --*-address options, TUNEWIRE_*_ADDRESS)")
+        raise typer.Exit(EXIT_CODES.get(error.code.name, 1)) from None
+
+
+def _print_json(message) -> None:
+    """A result as JSON on stdout (for scripts: `... --json | python -m json.tool`)."""
+    from google.protobuf.json_format import MessageToJson
+
+    print(MessageToJson(message, preserving_proto_field_name=True, indent=2))
+
+
+JSON = typer.Option(False, "--json", help="print the result as JSON")
 
 
 @app.command()
@@ -131,7 +160,7 @@ TEST = typer.Option(None, "--test", help="test rows: a fraction (<1) or a count"
 @datasets_app.command("upload")
 def datasets_upload(
     path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL, CSV or Parquet, optionally .gz"),
-    name: str = typer.Option(..., help="dataset name"),
+    name: str = typer.Option("", help="dataset name (default: the file's name without its extensions)"),
     format: str = typer.Option("auto", help=", ".join(FORMATS)),
     column: list[str] = COLUMN,
     label: list[str] = LABEL,
@@ -145,6 +174,7 @@ def datasets_upload(
 ) -> None:
     """Upload a file; it is validated row by row and stored whole or not at all."""
     options, fmt = _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats)
+    name = name or path.name.split(".")[0]
     with sdk.DatasetClient(address) as client, _api_errors():
         _print_upload(client.upload(path, name=name, format=fmt, **options))
 
@@ -181,6 +211,20 @@ def datasets_list(name: str = typer.Option("", help="only versions of this name"
         console.print(table)
 
 
+@datasets_app.command("get")
+def datasets_get(dataset_id: str, json_output: bool = JSON, address: str = DATASET) -> None:
+    """One dataset version: name, format, rows per split, where it is stored."""
+    with sdk.DatasetClient(address) as client, _api_errors():
+        dataset = client.get(dataset_id)
+    if json_output:
+        _print_json(dataset)
+        return
+    splits = json.dumps(dict(dataset.split_row_counts))
+    console.print(
+        f"{dataset.id}: {escape(dataset.name)}, {dataset_format_name(dataset.format)}, {dataset.row_count} rows {splits}", highlight=False
+    )
+
+
 @datasets_app.command("report")
 def datasets_report(dataset_id: str, address: str = DATASET) -> None:
     """The quality report computed at upload."""
@@ -211,6 +255,14 @@ def dataset_format_name(value: int) -> str:
 
 
 METHODS = {"lora": 1, "full": 2, "qlora": 3}
+
+
+def _method(name: str) -> int:
+    if name not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
+    return METHODS[name]
+
+
 SEARCH_MODES = {"auto": 0, "on": 1, "off": 2}
 
 
@@ -267,8 +319,7 @@ def jobs_create(
     address: str = TRAINING,
 ) -> None:
     """Queue a fine-tuning job (unset hyperparameters are chosen for you)."""
-    if method not in METHODS:
-        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
+    method_number = _method(method)
     given = _hyperparameters(
         learning_rate=learning_rate,
         epochs=epochs,
@@ -284,7 +335,7 @@ def jobs_create(
     )
     plan = _search(search, max_trials, search_seconds, search_learning_rates, search_lora_ranks)
     with sdk.TrainingClient(address) as client, _api_errors():
-        job = client.create_job(base_model, dataset_id, given, workers, gpu, METHODS[method], idempotency_key, plan)
+        job = client.create_job(base_model, dataset_id, given, workers, gpu, method_number, idempotency_key, plan)
         searched = " (the learning rate by a search)" if "learning_rate" in job.auto_hyperparameters and search != "off" else ""
         console.print(f"job [bold]{job.id}[/bold] queued; chosen for you{searched}: {', '.join(job.auto_hyperparameters) or 'nothing'}")
         if follow:
@@ -307,10 +358,11 @@ def jobs_estimate(
     address: str = TRAINING,
 ) -> None:
     """Tokens, steps, memory and time a job would take (its search included), before running it."""
+    method_number = _method(method)
     given = _hyperparameters(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     plan = _search(search, max_trials, search_seconds, "", "")
     with sdk.TrainingClient(address) as client, _api_errors():
-        e = client.estimate(base_model, dataset_id, given, workers, gpu, METHODS[method], search=plan)
+        e = client.estimate(base_model, dataset_id, given, workers, gpu, method_number, search=plan)
     runs = f"; a search of {e.trials} trials of up to that many steps each, within {e.search_max_seconds:,} s" if e.trials > 1 else ""
     console.print(
         f"{e.train_rows:,} training rows, {e.train_tokens:,} tokens; {e.steps:,} steps of {e.resolved_hyperparameters.batch_size} rows x {workers} worker(s){runs}"
@@ -368,14 +420,39 @@ def jobs_checkpoints(job_id: str, address: str = TRAINING) -> None:
 
 
 @jobs_app.command("list")
-def jobs_list(address: str = TRAINING) -> None:
+def jobs_list(json_output: bool = JSON, address: str = TRAINING) -> None:
+    """The project's jobs, newest first."""
+    from tunewire.clients.progress import state_name
+    from tunewire.v1 import training_pb2
+
+    with sdk.TrainingClient(address) as client, _api_errors():
+        jobs = client.list_jobs()
+    if json_output:
+        _print_json(training_pb2.ListJobsResponse(jobs=jobs))
+        return
+    table = Table(Column("id", no_wrap=True), "state", "base model", "dataset", Column("adapter", no_wrap=True), "error")
+    for j in jobs:
+        table.add_row(j.id, state_name(j.state), j.spec.base_model, j.spec.dataset_id, j.adapter_id, escape(j.error))
+    console.print(table)
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, json_output: bool = JSON, address: str = TRAINING) -> None:
+    """One job: its state, spec, latest step and evaluation report."""
     from tunewire.clients.progress import state_name
 
-    with sdk.TrainingClient(address) as client:
-        table = Table(Column("id", no_wrap=True), "state", "base model", "dataset", Column("adapter", no_wrap=True), "error")
-        for j in client.list_jobs():
-            table.add_row(j.id, state_name(j.state), j.spec.base_model, j.spec.dataset_id, j.adapter_id, j.error)
-        console.print(table)
+    with sdk.TrainingClient(address) as client, _api_errors():
+        job = client.get_job(job_id)
+    if json_output:
+        _print_json(job)
+        return
+    console.print(f"{job.id}: {state_name(job.state)}, {job.spec.base_model} on {job.spec.dataset_id}", highlight=False)
+    if job.latest_step.total_steps:
+        console.print(f"step {job.latest_step.step}/{job.latest_step.total_steps}, loss {job.latest_step.loss:.4f}", highlight=False)
+    if job.adapter_id:
+        console.print(f"adapter {job.adapter_id}", highlight=False)
+    if job.error:
+        console.print(f"error: {escape(job.error)}", highlight=False)
 
 
 @app.command()
@@ -389,8 +466,10 @@ def generate(
     """Generate from the served model, streaming the answer."""
     with sdk.InferenceClient(address) as client, _api_errors():
         for part in client.generate_stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature):
-            console.print(part.text_delta, end="", soft_wrap=True, highlight=False)
-    console.print()
+            # Verbatim: model text is not markup ("[/INST]" is text).
+            sys.stdout.write(part.text_delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 @app.command()
@@ -470,6 +549,22 @@ def adapters_published(address: str = TRAINING) -> None:
     console.print(f"{len(adapters)} adapters, {sum(a.size_bytes for a in adapters) / 1e6:.1f} MB")
 
 
+@adapters_app.command("get")
+def adapters_get(adapter_id: str, json_output: bool = JSON, address: str = TRAINING) -> None:
+    """One of the project's published adapters: its job, base model, size and where it is stored."""
+    with sdk.TrainingClient(address) as client, _api_errors():
+        adapter = next((a for a in client.list_adapters() if a.id == adapter_id), None)
+    if adapter is None:
+        errors.print(f"[red]NOT_FOUND[/red]: adapter {escape(adapter_id)} is not one of the project's published adapters")
+        raise typer.Exit(EXIT_CODES["NOT_FOUND"])
+    if json_output:
+        _print_json(adapter)
+        return
+    held = ", held back (over its forgetting budget)" if adapter.held_back else ""
+    console.print(f"{adapter.id}: job {adapter.job_id}, {adapter.base_model}, {adapter.size_bytes / 1e6:.1f} MB{held}", highlight=False)
+    console.print(adapter.uri, highlight=False)
+
+
 @adapters_app.command("download")
 def adapters_download(
     adapter_id: str,
@@ -486,7 +581,7 @@ def adapters_download(
             try:
                 client.download_adapter(adapter_id, out, on_bytes=lambda n: progress.advance(task, n))
             except (FileExistsError, OSError) as error:
-                console.print(f"[red]error:[/red] {escape(str(error))}")
+                errors.print(f"[red]error:[/red] {escape(str(error))}")
                 raise typer.Exit(1) from None
     console.print(f"downloaded {adapter_id} to {out}")
 

@@ -1,13 +1,16 @@
 """The `tunewire` command against a real dataset service."""
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
+from tunewire.clients import sdk
 from tunewire.clients.cli import app
 from tunewire.services.common.settings import load_settings
 from tunewire.services.dataset.server import DatasetDeps, create_server
 
-from conftest import ServerThread, prompt_completion_jsonl, write_lora_adapter
+from conftest import ServerThread, free_port, prompt_completion_jsonl, write_lora_adapter
 
 runner = CliRunner()
 
@@ -37,6 +40,9 @@ def dataset_address(tmp_path):
         ["classify"],
         ["adapters", "load"],
         ["adapters", "download"],
+        ["adapters", "get"],
+        ["jobs", "get"],
+        ["datasets", "get"],
     ],
 )
 def test_every_command_has_help(command):
@@ -56,15 +62,58 @@ def test_upload_report_rows_and_delete(dataset_address, tmp_path):
     rows = runner.invoke(app, ["datasets", "rows", dataset_id, "--limit", "2", "--split", "validation", *address])
     assert rows.exit_code == 0 and rows.output.count('"split": "validation"') == 2
     assert dataset_id in runner.invoke(app, ["datasets", "list", *address]).output
+    got = runner.invoke(app, ["datasets", "get", dataset_id, "--json", *address])
+    assert got.exit_code == 0 and json.loads(got.stdout)["id"] == dataset_id and json.loads(got.stdout)["row_count"] == "30"
+    # The name defaults to the file's.
+    renamed = tmp_path / "support-tickets.v2.jsonl"
+    renamed.write_bytes(prompt_completion_jsonl(12, start=100))
+    uploaded = runner.invoke(app, ["datasets", "upload", str(renamed), *address])
+    assert uploaded.exit_code == 0
+    named = runner.invoke(app, ["datasets", "list", "--name", "support-tickets", *address], terminal_width=200).output
+    assert uploaded.output.split()[1].rstrip(":")[:20] in named
     assert runner.invoke(app, ["datasets", "delete", dataset_id, *address]).exit_code == 0
+    # An id that is not there: the error on stderr, its own exit code, nothing on stdout.
+    missing = runner.invoke(app, ["datasets", "get", "ds-" + "0" * 24, "--json", *address])
+    assert missing.exit_code == 3 and "NOT_FOUND" in missing.stderr and missing.stdout == ""
 
 
-def test_a_rejected_upload_exits_1_naming_the_rows(dataset_address, tmp_path):
+def test_a_service_that_is_down_is_said_plainly_with_its_exit_code():
+    down = runner.invoke(app, ["jobs", "list", "--training-address", f"127.0.0.1:{free_port()}"])
+    assert down.exit_code == 7 and "UNAVAILABLE" in down.stderr and "is the service running" in down.stderr
+    assert "Traceback" not in down.output
+    bogus = runner.invoke(app, ["jobs", "estimate", "--dataset", "ds-x", "--method", "bogus"])
+    assert bogus.exit_code == 2 and "use one of lora, full, qlora" in bogus.output
+
+
+def test_generated_text_is_printed_verbatim(monkeypatch):
+    class Part:
+        def __init__(self, text):
+            self.text_delta = text
+
+    class FakeInference:  # the text a model may produce, which rich would read as markup
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def generate_stream(self, prompt, **kwargs):
+            return iter([Part("[INST] hi [/INST]"), Part(" [bold]x[/] :smile:")])
+
+    monkeypatch.setattr(sdk, "InferenceClient", FakeInference)
+    result = runner.invoke(app, ["generate", "hello"])
+    assert result.exit_code == 0 and result.stdout == "[INST] hi [/INST] [bold]x[/] :smile:\n"
+
+
+def test_a_rejected_upload_exits_4_naming_the_rows(dataset_address, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "a"}\n')
     result = runner.invoke(app, ["datasets", "upload", str(path), "--name", "bad", "--dataset-address", dataset_address])
-    assert result.exit_code == 1
-    assert "INVALID_ARGUMENT" in result.output and "row 1.completion: missing required field" in result.output
+    assert result.exit_code == 4 and result.stdout == ""
+    assert "INVALID_ARGUMENT" in result.stderr and "row 1.completion: missing required field" in result.stderr
 
 
 def test_adapters_load_list_classify_and_unload(tmp_path, tiny_model_dir):
@@ -86,10 +135,10 @@ def test_adapters_load_list_classify_and_unload(tmp_path, tiny_model_dir):
         classified = runner.invoke(app, ["classify", "hello world", "--adapter", "reviews", *address])
         assert classified.exit_code == 0 and "LABEL_0" in classified.output and "LABEL_1" in classified.output
         refused = runner.invoke(app, ["adapters", "load", "other", "/etc", *address])
-        assert refused.exit_code == 1 and "INVALID_ARGUMENT" in refused.output and "source_uri" in refused.output
+        assert refused.exit_code == 4 and "INVALID_ARGUMENT" in refused.stderr and "source_uri" in refused.stderr
         assert runner.invoke(app, ["adapters", "unload", "reviews", *address]).exit_code == 0
         gone = runner.invoke(app, ["classify", "hello", "--adapter", "reviews", *address])
-        assert gone.exit_code == 1 and "NOT_FOUND" in gone.output
+        assert gone.exit_code == 3 and "NOT_FOUND" in gone.stderr
 
 
 def test_keys_create_list_revoke_and_the_created_key_works(tmp_path, monkeypatch):

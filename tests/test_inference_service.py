@@ -222,7 +222,13 @@ def test_a_downloaded_adapter_loads_with_plain_peft_and_answers_as_the_service_d
     assert CliRunner().invoke(app, [*cli, "--out", str(tmp_path / "by-cli")]).exit_code == 0
     assert sorted(p.name for p in (tmp_path / "by-cli").iterdir()) == sorted(p.name for p in out.iterdir())
     again = CliRunner().invoke(app, [*cli, "--out", str(tmp_path / "by-cli")])
-    assert again.exit_code == 1 and "exists" in again.output
+    assert again.exit_code == 1 and "exists" in again.stderr
+    # `get --json` for scripts: the job, and the adapter it published.
+    address = ["--training-address", training.address, "--json"]
+    job_json = json.loads(CliRunner().invoke(app, ["jobs", "get", job.id, *address]).stdout)
+    assert job_json["id"] == job.id and job_json["adapter_id"] == adapter_id and job_json["state"] == "JOB_STATE_SUCCEEDED"
+    adapter_json = json.loads(CliRunner().invoke(app, ["adapters", "get", adapter_id, *address]).stdout)
+    assert adapter_json["job_id"] == job.id and int(adapter_json["size_bytes"]) == sum(len(b) for b in files.values())
     with pytest.raises(ApiError) as caught:
         training.download_adapter("ad-never", tmp_path / "never")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND and not (tmp_path / "never").exists()
