@@ -38,6 +38,60 @@ DEFAULT_DATASET_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TRAINING_ADDRESS = "127.0.0.1:50052"
 DEFAULT_INFERENCE_ADDRESS = "127.0.0.1:50053"
 CHUNK_BYTES = 1 << 20
+# Where each client connects when no address is given: the environment
+# first (as the CLI reads it), then the local defaults.
+ADDRESS_VARIABLES = {
+    "dataset": ("TUNEWIRE_DATASET_ADDRESS", DEFAULT_DATASET_ADDRESS),
+    "training": ("TUNEWIRE_TRAINING_ADDRESS", DEFAULT_TRAINING_ADDRESS),
+    "inference": ("TUNEWIRE_INFERENCE_ADDRESS", DEFAULT_INFERENCE_ADDRESS),
+}
+
+# Calls gRPC may send again when they end UNAVAILABLE (nothing was done:
+# the service was unreachable or shutting down): reads, streams before their
+# first message, and generation, whose request never ran. Uploads, job
+# creation and deletions are not retried here: only their caller knows
+# whether to send them again.
+RETRIED_METHODS = {
+    "tunewire.v1.DatasetService": ("GetDataset", "ListDatasets", "GetDatasetReport", "ListRows", "StreamRows"),
+    "tunewire.v1.TrainingService": (
+        "GetJob",
+        "ListJobs",
+        "ListCheckpoints",
+        "EstimateJob",
+        "StreamJobEvents",
+        "ListAdapters",
+        "DownloadAdapter",
+        "WatchAdapters",
+    ),
+    "tunewire.v1.InferenceService": ("Generate", "GenerateStream", "Classify", "ListLoadedAdapters"),
+}
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": service, "method": method} for service, methods in RETRIED_METHODS.items() for method in methods],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", SERVICE_CONFIG),
+    # Hours-long streams (a job's events, generation) through proxies and
+    # load balancers that drop idle connections: a ping each minute.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),  # a stream waiting for its next event sends no data
+]
 FINAL_JOB_STATES = (training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED)
 
 
@@ -56,6 +110,7 @@ class ApiError(Exception):
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> ApiError:
+        """The error as the ApiError subclass of its status code."""
         violations = []
         status = rpc_status.from_call(error)
         for detail in status.details if status else []:
@@ -63,7 +118,45 @@ class ApiError(Exception):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-        return cls(error.code(), error.details() or "", violations)
+        kind = _ERRORS_BY_CODE.get(error.code(), ApiError)
+        return kind(error.code(), error.details() or "", violations)
+
+
+class NotFoundError(ApiError):
+    """The id is not there (or is another project's)."""
+
+
+class InvalidArgumentError(ApiError):
+    """The request is wrong: `violations` name each field at fault and why."""
+
+
+class FailedPreconditionError(ApiError):
+    """The request is right but the thing is in the wrong state for it."""
+
+
+class ResourceExhaustedError(ApiError):
+    """A quota or a full queue: send it again later (`retry_after_seconds` is a sensible wait)."""
+
+    retry_after_seconds = 5.0
+
+
+class UnavailableError(ApiError):
+    """The service could not be reached or is shutting down; the request did not run."""
+
+
+class AuthError(ApiError):
+    """No key, an unknown one, or one that may not do this."""
+
+
+_ERRORS_BY_CODE = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthError,
+}
 
 
 class _AddMetadata(
@@ -98,9 +191,11 @@ def _read(path) -> bytes | None:
 
 
 class _Client:
+    service = ""  # a key of ADDRESS_VARIABLES
+
     def __init__(
         self,
-        address: str,
+        address: str | None,
         timeout: float,
         api_key: str | None = None,
         project: str | None = None,
@@ -108,12 +203,14 @@ class _Client:
         tls_client_cert_file: str | Path | None = None,
         tls_client_key_file: str | Path | None = None,
     ):
+        variable, default = ADDRESS_VARIABLES[self.service]
+        address = address or os.environ.get(variable) or default
         self.address = address
         self.timeout = timeout
         api_key = os.environ.get("TUNEWIRE_API_KEY", "") if api_key is None else api_key
         project = os.environ.get("TUNEWIRE_PROJECT", "") if project is None else project
         tls_ca_file = tls_ca_file or os.environ.get("TUNEWIRE_TLS_CA_FILE")
-        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        options = CHANNEL_OPTIONS
         if tls_ca_file or tls_client_cert_file:
             credentials = grpc.ssl_channel_credentials(_read(tls_ca_file), _read(tls_client_key_file), _read(tls_client_cert_file))
             channel = grpc.secure_channel(address, credentials, options=options)
@@ -166,7 +263,9 @@ def _chat(messages: list[dict] | None) -> inference_pb2.ChatMessages | None:
 
 
 class DatasetClient(_Client):
-    def __init__(self, address: str = DEFAULT_DATASET_ADDRESS, timeout: float = 300.0, **credentials):
+    service = "dataset"
+
+    def __init__(self, address: str | None = None, timeout: float = 300.0, **credentials):
         super().__init__(address, timeout, **credentials)
         self.stub = dataset_pb2_grpc.DatasetServiceStub(self.channel)
 
@@ -268,7 +367,9 @@ def _chunks(source) -> Iterator[bytes]:
 
 
 class TrainingClient(_Client):
-    def __init__(self, address: str = DEFAULT_TRAINING_ADDRESS, timeout: float = 30.0, **credentials):
+    service = "training"
+
+    def __init__(self, address: str | None = None, timeout: float = 30.0, **credentials):
         super().__init__(address, timeout, **credentials)
         self.stub = training_pb2_grpc.TrainingServiceStub(self.channel)
 
@@ -402,7 +503,9 @@ class TrainingClient(_Client):
 
 
 class InferenceClient(_Client):
-    def __init__(self, address: str = DEFAULT_INFERENCE_ADDRESS, timeout: float = 120.0, **credentials):
+    service = "inference"
+
+    def __init__(self, address: str | None = None, timeout: float = 120.0, **credentials):
         super().__init__(address, timeout, **credentials)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 

@@ -256,6 +256,10 @@ async def create_grpc_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Clients ping each minute to keep long streams open (the SDK's
+            # keepalive): allowed, even while a stream has nothing to send.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
     register(server)
