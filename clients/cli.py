@@ -549,6 +549,29 @@ def adapters_published(address: str = TRAINING) -> None:
     console.print(f"{len(adapters)} adapters, {sum(a.size_bytes for a in adapters) / 1e6:.1f} MB")
 
 
+@adapters_app.command("merge")
+def adapters_merge(
+    adapter_id: str,
+    out: Path = typer.Option(..., "--out", help="directory to create for the merged model"),
+    address: str = TRAINING,
+) -> None:
+    """Downloads a published adapter and merges it into its base model
+    (merge_and_unload): a plain transformers model for tools without PEFT."""
+    import tempfile
+
+    from tunewire.clients.export import merge_adapter
+    from tunewire.services.common.settings import load_settings
+
+    if out.exists():
+        errors.print(f"[red]error:[/red] {escape(str(out))} exists: give a new directory for the merged model")
+        raise typer.Exit(1)
+    with tempfile.TemporaryDirectory(prefix="tunewire-merge-") as tmp, sdk.TrainingClient(address) as client, _api_errors():
+        adapter_dir = client.download_adapter(adapter_id, Path(tmp) / adapter_id)
+        with console.status(f"merging {adapter_id} into its base model"):
+            merge_adapter(adapter_dir, out, load_settings().model_cache)
+    console.print(f"merged {adapter_id} into {out}")
+
+
 @adapters_app.command("get")
 def adapters_get(adapter_id: str, json_output: bool = JSON, address: str = TRAINING) -> None:
     """One of the project's published adapters: its job, base model, size and where it is stored."""

@@ -41,6 +41,7 @@ def dataset_address(tmp_path):
         ["adapters", "load"],
         ["adapters", "download"],
         ["adapters", "get"],
+        ["adapters", "merge"],
         ["jobs", "get"],
         ["datasets", "get"],
     ],

@@ -215,6 +215,18 @@ def test_a_downloaded_adapter_loads_with_plain_peft_and_answers_as_the_service_d
     served = inference.generate("the quick brown fox", max_new_tokens=10, adapter=adapter_id, raw_prompt=True).text
     assert tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True) == served
 
+    # Merged into its base (merge_and_unload): a plain transformers model that answers the same.
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = tmp_path / "merged"
+    merging = CliRunner().invoke(app, ["adapters", "merge", adapter_id, "--out", str(merged_dir), "--training-address", training.address])
+    assert merging.exit_code == 0, merging.output
+    assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.inference_mode():
+        greedy = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    assert tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True) == served
+
     with pytest.raises(FileExistsError):
         training.download_adapter(adapter_id, out)
     # The CLI: the same files, and a clear error for a directory that exists.
