@@ -7,6 +7,7 @@ import urllib.request
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_tracking import read_scalars
 
 from tunewire.clients.demo import demo_data
 from tunewire.clients.local_stack import LocalStack
@@ -60,6 +61,10 @@ def test_upload_finetune_hotload_generate(tmp_path):
             card = (adapter_dir / "README.md").read_text()
             assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and job.id in card and dataset.id in card
             assert str(tmp_path) not in card and "More Information Needed" not in card
+
+            # The job's curves, as TensorBoard event files in the artifact store (on by default).
+            curves = read_scalars(home / "artifacts" / "tensorboard" / job.id)
+            assert len(curves["training/loss"]) == len(losses) and "test/tuned/exact_match" in curves
 
             loaded = inference.wait_for_adapter(job.adapter_id, timeout=120)
             assert loaded.publish_to_servable_seconds > 0

@@ -33,6 +33,7 @@ STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
 JOBS = "ray"
+TENSORBOARD = "tensorboard"  # <job id>/: each job's TensorBoard event files
 SINGLE_RUN = "train"
 TUNE_DIR = "tune"
 BASE_DIR = "base"

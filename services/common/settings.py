@@ -47,6 +47,10 @@ class Settings(BaseSettings):
 
     # Address of an existing Ray cluster; empty starts a local one.
     ray_address: str = Field("", validation_alias=AliasChoices("RAY_ADDRESS", "TUNEWIRE_RAY_ADDRESS"))
+    # Each job's curves as TensorBoard event files (tracking.py); and in MLflow
+    # when its own variable names a tracking store.
+    tensorboard: bool = True
+    mlflow_tracking_uri: str = Field("", validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "TUNEWIRE_MLFLOW_TRACKING_URI"))
     # CPUs a local Ray cluster advertises. More than the cores so that Ray
     # Data's read tasks find a slot beside the training workers.
     ray_num_cpus: int = Field(0, ge=0)

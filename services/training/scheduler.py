@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from tunewire.services.common import layout
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.training.jobs import JobManager
 from tunewire.services.training.store import CANCELLED, FAILED, QUEUED, RUNNING, Job
+from tunewire.services.training.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ class TrainingRunner(Protocol):
 
 
 class Scheduler:
-    def __init__(self, jobs: JobManager, runner: TrainingRunner, artifacts: ArtifactStore, max_concurrent: int = 1):
+    def __init__(
+        self, jobs: JobManager, runner: TrainingRunner, artifacts: ArtifactStore, max_concurrent: int = 1, tracking: Tracking | None = None
+    ):
+        self.tracking = tracking
         self.jobs = jobs
         self.runner = runner
         self.artifacts = artifacts
@@ -133,8 +136,16 @@ class Scheduler:
         self._leased.add(job.id)
         log.info("job %s running", job.id)
         cancel = self.jobs.cancel_event(job.id)
+        tracker = self.tracking.start(job.id, job.project, job.config) if self.tracking else None
+        ended = "RUNNING"  # until it ends here: a job left to resume elsewhere stays so
+
+        async def record(kind: str, data: dict) -> None:
+            await self._record(job.id, kind, data)
+            if tracker is not None:
+                await asyncio.to_thread(tracker.record, kind, data)
+
         try:
-            async with self.runner.run(job, functools.partial(self._record, job.id), cancel) as adapter_dir:
+            async with self.runner.run(job, record, cancel) as adapter_dir:
                 adapter_id = "ad-" + uuid.uuid4().hex[:16]
                 held_back = not _within_forgetting_budget(adapter_dir)
                 size = await asyncio.to_thread(_bytes_under, adapter_dir)
@@ -152,12 +163,15 @@ class Scheduler:
             if published is None:
                 log.info("job %s left RUNNING before its adapter was published; adapter %s not published", job.id, adapter_id)
                 return
+            ended = "SUCCEEDED"
             log.info("job %s succeeded: adapter %s at %s", job.id, adapter_id, uri)
         except JobCancelled:
             await asyncio.to_thread(self.jobs.transition, job.id, CANCELLED, from_states=(RUNNING,))
+            ended = "CANCELLED"
             log.info("job %s cancelled", job.id)
         except JobFailed as exc:
             kind = "user error" if exc.user_error else "system error"
+            ended = "FAILED"
             await self._fail(job, f"{kind}: {exc}")
         except asyncio.CancelledError:
             # The orchestrator is stopping (or lost the lease): the job stays
@@ -166,9 +180,12 @@ class Scheduler:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure must end the job, not the scheduler
             log.exception("job %s failed", job.id)
+            ended = "FAILED"
             await self._fail(job, f"system error: {type(exc).__name__}: {exc}")
         finally:
             self.jobs.forget_cancel_event(job.id)
+            if tracker is not None:
+                tracker.close(ended)
 
     async def _fail(self, job: Job, error: str) -> None:
         log.warning("job %s failed: %s", job.id, error)

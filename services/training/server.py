@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
+from tunewire.services.common import layout
 from tunewire.services.common.artifacts import ArtifactStore, sweep_crash_leftovers
 from tunewire.services.common.grpc_server import ServerHandle, ServerSecurity, create_grpc_server, run_service
 from tunewire.services.common.settings import Settings
@@ -15,6 +17,7 @@ from tunewire.services.training.ray_runner import RayTrainRunner
 from tunewire.services.training.scheduler import Scheduler, TrainingRunner
 from tunewire.services.training.servicer import TrainingServicer
 from tunewire.services.training.store import JobStore
+from tunewire.services.training.tracking import Tracking
 from tunewire.v1 import training_pb2, training_pb2_grpc
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
@@ -43,6 +46,15 @@ class TrainingDeps:
         )
 
 
+def tracking_from(settings: Settings, artifacts: ArtifactStore) -> Tracking:
+    """TensorBoard files in the artifact store where it is a local directory
+    (else under the service's home), MLflow where MLFLOW_TRACKING_URI says."""
+    tensorboard = None
+    if settings.tensorboard:
+        tensorboard = Path(artifacts.path(layout.TENSORBOARD)) if artifacts.is_local else settings.home / layout.TENSORBOARD
+    return Tracking(tensorboard, settings.mlflow_tracking_uri)
+
+
 async def create_server(settings: Settings, deps: TrainingDeps, port: int | None = None) -> ServerHandle:
     """The server bound to settings.host and `port` (default
     settings.training_port; 0 picks one). Its start() starts Ray and the
@@ -59,7 +71,7 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
         model_roots=settings.model_root_list,
         lease_seconds=settings.job_lease_seconds,
     )
-    scheduler = Scheduler(jobs, deps.runner, deps.artifacts, settings.max_concurrent_jobs)
+    scheduler = Scheduler(jobs, deps.runner, deps.artifacts, settings.max_concurrent_jobs, tracking_from(settings, deps.artifacts))
     address = f"{settings.host}:{settings.training_port if port is None else port}"
     handle = await create_grpc_server(
         address,
