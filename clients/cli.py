@@ -81,10 +81,24 @@ def _print_json(message) -> None:
 JSON = typer.Option(False, "--json", help="print the result as JSON")
 
 
+def _needs_server_stack(what: str, modules: tuple[str, ...] = ("torch", "ray", "transformers", "peft")) -> None:
+    """Exits with what to install when a command needs the services' stack
+    and this is a client-only install (pip install tunewire)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        install = escape('pip install "tunewire[server]"')
+        errors.print(f"[red]error:[/red] {what} needs the server stack ({', '.join(missing)} missing): {install}")
+        raise typer.Exit(1)
+
+
 @app.command()
 def serve(service: str = typer.Argument("all", help="all, dataset, training or inference")) -> None:
     """Run the services on this machine until Ctrl-C (each its own process)."""
     from tunewire.clients.local_stack import SERVICES, LocalStack
+
+    _needs_server_stack("tunewire serve")
 
     if service != "all" and service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}: use all, {', '.join(SERVICES)}")
@@ -376,6 +390,9 @@ def jobs_estimate(
 def _follow(client: sdk.TrainingClient, job_id: str, plot: Path | None = None):
     from tunewire.clients.progress import follow_job, print_evaluation, save_loss_plot, state_name
 
+    if plot is not None:
+        _needs_server_stack("--plot", ("matplotlib",))
+
     job = follow_job(client, job_id, console)
     console.print(f"job {job.id}: {state_name(job.state)}" + (f", adapter [bold]{job.adapter_id}" if job.adapter_id else ""))
     if job.HasField("evaluation"):
@@ -559,6 +576,7 @@ def adapters_merge(
     (merge_and_unload): a plain transformers model for tools without PEFT."""
     import tempfile
 
+    _needs_server_stack("tunewire adapters merge", ("torch", "transformers", "peft"))
     from tunewire.clients.export import merge_adapter
     from tunewire.services.common.settings import load_settings
 
@@ -693,6 +711,7 @@ def demo(
     """Upload a bundled fact-teaching dataset, fine-tune SmolLM2 on it with no
     hyperparameters set (searched on Ray Tune, forgetting guarded), wait for the
     inference service to hot-load the adapter, and compare answers."""
+    _needs_server_stack("tunewire demo")
     from tunewire.clients.demo import run_demo
 
     raise typer.Exit(run_demo(console, home=home, workers=workers))

@@ -168,3 +168,12 @@ def test_keys_create_list_revoke_and_the_created_key_works(tmp_path, monkeypatch
     for bad in (["--for", "dataset"], ["--rpc", "not an rpc"]):
         refused = runner.invoke(app, ["keys", "create", "--project", "ops", *bad, "--file", str(keys)])
         assert refused.exit_code != 0 and ("dataset" in refused.output or "not an RPC name" in refused.output)
+
+
+def test_a_client_only_install_says_what_to_install_for_the_servers(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "ray") else find_spec(name, *a))
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 1 and '"tunewire[server]"' in result.stderr and "torch, ray missing" in result.stderr
