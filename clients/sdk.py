@@ -190,6 +190,29 @@ def _read(path) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
+def service_address(service: str, address: str | None) -> str:
+    """The address given, else the service's variable, else the local default."""
+    variable, default = ADDRESS_VARIABLES[service]
+    return address or os.environ.get(variable) or default
+
+
+def call_metadata(api_key: str | None, project: str | None) -> tuple[tuple[str, str], ...]:
+    """The key (TUNEWIRE_API_KEY unless given) and the project to act for
+    (TUNEWIRE_PROJECT unless given) every call sends."""
+    api_key = os.environ.get("TUNEWIRE_API_KEY", "") if api_key is None else api_key
+    project = os.environ.get("TUNEWIRE_PROJECT", "") if project is None else project
+    return ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + ((("x-tunewire-project", project),) if project else ())
+
+
+def channel_credentials(tls_ca_file, tls_client_cert_file, tls_client_key_file) -> grpc.ChannelCredentials | None:
+    """TLS (with a client certificate for mutual TLS) when a CA (or
+    TUNEWIRE_TLS_CA_FILE) or a certificate is given; None: plaintext."""
+    tls_ca_file = tls_ca_file or os.environ.get("TUNEWIRE_TLS_CA_FILE")
+    if not (tls_ca_file or tls_client_cert_file):
+        return None
+    return grpc.ssl_channel_credentials(_read(tls_ca_file), _read(tls_client_key_file), _read(tls_client_cert_file))
+
+
 class _Client:
     service = ""  # a key of ADDRESS_VARIABLES
 
@@ -203,20 +226,14 @@ class _Client:
         tls_client_cert_file: str | Path | None = None,
         tls_client_key_file: str | Path | None = None,
     ):
-        variable, default = ADDRESS_VARIABLES[self.service]
-        address = address or os.environ.get(variable) or default
-        self.address = address
+        self.address = service_address(self.service, address)
         self.timeout = timeout
-        api_key = os.environ.get("TUNEWIRE_API_KEY", "") if api_key is None else api_key
-        project = os.environ.get("TUNEWIRE_PROJECT", "") if project is None else project
-        tls_ca_file = tls_ca_file or os.environ.get("TUNEWIRE_TLS_CA_FILE")
-        options = CHANNEL_OPTIONS
-        if tls_ca_file or tls_client_cert_file:
-            credentials = grpc.ssl_channel_credentials(_read(tls_ca_file), _read(tls_client_key_file), _read(tls_client_cert_file))
-            channel = grpc.secure_channel(address, credentials, options=options)
+        credentials = channel_credentials(tls_ca_file, tls_client_cert_file, tls_client_key_file)
+        if credentials is not None:
+            channel = grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
         else:
-            channel = grpc.insecure_channel(address, options=options)
-        metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + ((("x-tunewire-project", project),) if project else ())
+            channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        metadata = call_metadata(api_key, project)
         self.channel = grpc.intercept_channel(channel, _AddMetadata(metadata)) if metadata else channel
 
     def _call(self, method, request, timeout: float | None = None):

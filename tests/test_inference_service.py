@@ -244,3 +244,29 @@ def test_a_downloaded_adapter_loads_with_plain_peft_and_answers_as_the_service_d
     with pytest.raises(ApiError) as caught:
         training.download_adapter("ad-never", tmp_path / "never")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND and not (tmp_path / "never").exists()
+
+
+def test_the_asyncio_client_runs_a_job_and_streams_from_its_adapter(services):
+    import asyncio
+
+    from tunewire.clients.aio import AsyncInferenceClient, AsyncTrainingClient
+    from tunewire.clients.sdk import NotFoundError
+
+    training, inference, model_dir, _ = services
+
+    async def scenario():
+        async with AsyncTrainingClient(training.address) as jobs, AsyncInferenceClient(inference.address) as serving:
+            job = await jobs.create_job(model_dir, "ds-1")
+            states = [e.state async for e in jobs.stream_events(job.id, timeout=60) if e.WhichOneof("event") == "state"]
+            job = await jobs.get_job(job.id)
+            await serving.wait_for_adapter(job.adapter_id, timeout=60)
+            parts = serving.generate_stream("the quick brown fox", adapter=job.adapter_id, max_new_tokens=10, raw_prompt=True)
+            streamed = "".join([p.text_delta async for p in parts])
+            unary = await serving.generate("the quick brown fox", adapter=job.adapter_id, max_new_tokens=10, raw_prompt=True)
+            with pytest.raises(NotFoundError):
+                await serving.generate("hello", adapter="ad-never")
+            return states, job, streamed, unary.text
+
+    states, job, streamed, unary = asyncio.run(scenario())
+    assert states[-1] == training_pb2.JOB_STATE_SUCCEEDED and job.adapter_id
+    assert streamed == unary == inference.generate("the quick brown fox", adapter=job.adapter_id, max_new_tokens=10, raw_prompt=True).text
