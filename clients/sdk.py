@@ -491,7 +491,8 @@ class TrainingClient(_Client):
         try:
             sizes: dict[str, int] = {}
             request = training_pb2.DownloadAdapterRequest(adapter_id=adapter_id)
-            for chunk in self._stream(self.stub.DownloadAdapter, request, timeout or self.timeout):
+            # No deadline unless given: a whole model (full fine-tuning) over a slow link takes what it takes.
+            for chunk in self._stream(self.stub.DownloadAdapter, request, timeout):
                 if chunk.path != path:
                     if current is not None:
                         current.close()

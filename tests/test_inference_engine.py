@@ -558,3 +558,21 @@ def test_adapter_holds_are_taken_and_released_on_the_model_thread_only(engine, e
     finally:
         registry.use, registry.done = use, done
     assert threads == {"model"}
+
+
+def test_a_model_thread_that_dies_answers_every_request_instead_of_leaving_it_waiting(tiny_model_dir, adapters, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path)
+    try:
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("the device is gone")
+
+        engine.runner.decode = engine.runner.prefill = engine.runner.reset = broken  # the step fails, and so does recovering from it
+        with pytest.raises(RuntimeError, match="the device is gone"):
+            generate(engine, prompt="hello", max_new_tokens=5)
+        engine._thread.join(10)
+        assert not engine._thread.is_alive()
+        with pytest.raises(Unavailable, match="shutting down"):  # answered at once: no thread to wait for
+            generate(engine, prompt="hello", max_new_tokens=5)
+    finally:
+        engine.stop()

@@ -184,6 +184,8 @@ class ServerHandle:
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run after the server stops (background tasks, stores).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run beside the gRPC server's grace period (other listeners draining the same way).
+    on_stopping: list[Callable[[float], Awaitable[None]]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -198,7 +200,7 @@ class ServerHandle:
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *(stopping(grace) for stopping in self.on_stopping))
         for close in self.on_stop:
             await close()
 

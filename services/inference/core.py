@@ -177,12 +177,11 @@ class InferenceManager:
                 return item
         raise AssertionError("generation ended without a result")
 
-    async def generate_stream(
+    def generate_stream(
         self, project: str, request: GenerationRequest, deadline: float | None = None
     ) -> AsyncIterator[str | GenerationResult]:
         """Text deltas as they are decoded, then the GenerationResult."""
-        async for item in self._run(project, request, deadline, stream=True):
-            yield item
+        return self._run(project, request, deadline, stream=True)
 
     @contextlib.contextmanager
     def _project_request(self, project: str):
@@ -204,7 +203,7 @@ class InferenceManager:
         reply = LoopReply()
         with self._project_request(project):
             # Tokenising a long prompt takes a while: not on the event loop.
-            handle = await asyncio.to_thread(self.engine.submit, request, reply, deadline, project, stream)
+            handle = await self._submitted(self.engine.submit, request, reply, deadline, project, stream)
             ended = False
             try:
                 async for item in reply.items():
@@ -217,10 +216,21 @@ class InferenceManager:
                 if not ended:
                     self.engine.cancel(handle)  # a caller that went away frees its batch row
 
+    async def _submitted(self, submit: Callable, *args):
+        """submit(*args) in a worker thread (it tokenises), returning its handle.
+        A caller that goes away meanwhile still gets its request cancelled,
+        once the thread has posted it."""
+        submitting = asyncio.ensure_future(asyncio.to_thread(submit, *args))
+        try:
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            submitting.add_done_callback(lambda done: done.cancelled() or done.exception() or self.engine.cancel(done.result()))
+            raise
+
     async def classify(self, project: str, adapter_id: str, text: str) -> ClassificationResult:
         reply = LoopReply()
         with self._project_request(project):
-            handle = await asyncio.to_thread(self.engine.classify, adapter_id, text, reply, project)
+            handle = await self._submitted(self.engine.classify, adapter_id, text, reply, project)
             try:
                 return await reply.result()
             except asyncio.CancelledError:

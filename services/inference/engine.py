@@ -363,30 +363,41 @@ class BatchEngine:
 
     def _loop(self, loaded: WaitingReply) -> None:
         try:
-            if self.runner.model is None:
-                self.load()
-        except BaseException as exc:
-            loaded.finish(exc)
-            return
-        loaded.finish(None)
-        with torch.inference_mode():
-            while (commands := self._inbox.take(self._busy)) is not None:
-                for command, reply in commands:
-                    run_command(command, reply)
-                try:
-                    self._step()
-                except Exception as exc:  # a bug must not take the service down: fail the batch
-                    log.exception("generation step failed")
-                    for sequence in [*self._running, *([self._prefilling] if self._prefilling else [])]:
-                        self._finish(sequence, exc)
-                    self._running, self._prefilling = [], None
-                    self.runner.reset()
-        waiting, classifications = self.scheduler.drain()
-        for sequence in [*self._running, *([self._prefilling] if self._prefilling else []), *waiting]:
-            self._finish(sequence, shutting_down())
-        for item in classifications:
-            self._done_with(item.adapter)
-            item.reply.finish(shutting_down())
+            try:
+                if self.runner.model is None:
+                    self.load()
+            except BaseException as exc:
+                loaded.finish(exc)
+                return
+            loaded.finish(None)
+            with torch.inference_mode():
+                while (commands := self._inbox.take(self._busy)) is not None:
+                    for command, reply in commands:
+                        run_command(command, reply)
+                    try:
+                        self._step()
+                    except Exception as exc:  # a bug must not take the service down: fail the batch
+                        log.exception("generation step failed")
+                        for sequence in [*self._running, *([self._prefilling] if self._prefilling else [])]:
+                            self._finish(sequence, exc)
+                        self._running, self._prefilling = [], None
+                        self.runner.reset()
+        except BaseException:
+            log.exception("the model thread stopped: requests are answered UNAVAILABLE from now on")
+            raise
+        finally:
+            # However the thread ends, nothing waits on it for ever: what was
+            # posted and what was queued or running are answered.
+            for _, reply in self._inbox.close():
+                if reply is not None:
+                    reply.finish(shutting_down())
+            waiting, classifications = self.scheduler.drain()
+            for sequence in [*self._running, *([self._prefilling] if self._prefilling else []), *waiting]:
+                self._finish(sequence, shutting_down())
+            self._running, self._prefilling = [], None
+            for item in classifications:
+                self._done_with(item.adapter)
+                item.reply.finish(shutting_down())
 
     def _busy(self) -> bool:
         return bool(self._running or self._prefilling or self.scheduler.has_work())
@@ -492,11 +503,12 @@ class BatchEngine:
         keep = [row for row, s in enumerate(self._running) if s.finish_reason is None]
         if len(keep) == len(self._running):
             return
-        for sequence in self._running:
-            if sequence.finish_reason is not None:
-                self._finish(sequence, None)
+        finished = [s for s in self._running if s.finish_reason is not None]
+        # Out of the batch first: a failure while answering them must not finish them twice.
         self._running = [self._running[row] for row in keep]
         self.runner.keep(keep)
+        for sequence in finished:
+            self._finish(sequence, None)
 
     def _finish(self, sequence: _Sequence, error: BaseException | None) -> None:
         if sequence.adapter is not None:

@@ -51,7 +51,7 @@ class _Request(BaseModel):
     top_p: Annotated[float, Field(ge=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)] | None = None  # choice i samples with seed + i
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -267,7 +267,7 @@ class OpenAIApi:
         chat = kind == "chat.completion"
         if body.stream:
             return await self._stream(request, project, generations, head | {"object": f"{kind}.chunk" if chat else kind}, chat, body)
-        results = await asyncio.gather(*(self.manager.generate(project, g) for g in generations))
+        results = await _all_or_none([self.manager.generate(project, g) for g in generations])
         choices = [
             {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None, "finish_reason": _finish_reason(r)}
             if chat
@@ -327,9 +327,13 @@ class OpenAIApi:
                 else:
                     await send(chunk(index, value))
                 item = await anext(merged, None)
-        except errors.TunewireError as error:
-            log.warning("stream ended by an error: %s", error)
-            await send({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
+        except Exception as error:  # noqa: BLE001 - the response is under way: an error event ends it
+            if not isinstance(error, errors.TunewireError):
+                log.exception("stream ended by an unexpected error")
+            message = (
+                str(error) if isinstance(error, errors.TunewireError) else f"internal error (request id {telemetry.request_id() or 'none'})"
+            )
+            await send({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
             await response.write_eof()
             return response
         if body.include_usage():
@@ -337,6 +341,19 @@ class OpenAIApi:
         await send("[DONE]")
         await response.write_eof()
         return response
+
+
+async def _all_or_none(coroutines: list) -> list:
+    """Their results; when one fails (or the caller goes away), the others
+    are cancelled, so no choice runs on unobserved."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _json(request: web.Request) -> Any:
@@ -407,7 +424,7 @@ async def start_http(api: OpenAIApi, settings, port: int) -> tuple[web.AppRunner
     """Serves the API on the service's host and `port` (0 picks a free
     port), with its TLS; returns the runner (cleanup() stops it) and the port bound."""
     # handler_cancellation: a caller that disconnects cancels its handler, so its request leaves the batch.
-    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None, shutdown_timeout=settings.grace_period_seconds)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, port, ssl_context=ssl_context(settings)).start()

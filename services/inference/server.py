@@ -84,9 +84,11 @@ async def create_server(settings: Settings, deps: InferenceDeps, port: int | Non
         if deps.training_address:
             watch_task = asyncio.create_task(AdapterWatcher(manager, deps.training_address, settings).run_forever(), name="adapter watcher")
 
-    async def close() -> None:
+    async def stop_http(grace: float) -> None:
         if http is not None:
-            await http.cleanup()
+            await http.cleanup()  # waits up to the grace period for requests in flight
+
+    async def close() -> None:
         if watch_task is not None:
             watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -94,6 +96,7 @@ async def create_server(settings: Settings, deps: InferenceDeps, port: int | Non
         manager.close()
 
     handle.on_start.append(ready)
+    handle.on_stopping.append(stop_http)
     handle.on_stop.append(close)
     return handle
 

@@ -1,7 +1,9 @@
 """The README.md model card a published adapter carries: what it was trained
 from and how, and what it scored, so the directory explains itself wherever
-it travels (the Hugging Face Hub, another team's disk). Names only, no
-paths of the machine that trained it."""
+it travels (the Hugging Face Hub, another team's disk). It names things as
+other tools load them (a bundled base model by its Hugging Face id) and holds
+no path of the machine that trained it, save a base model the job itself
+named by its directory."""
 
 from __future__ import annotations
 
@@ -81,12 +83,14 @@ def model_card(
             value = hyperparameters[name]
             lines.append(f"| {name} | {', '.join(value) if isinstance(value, list) else _number(value)} |")
     if report.get("run"):
+        within = report.get("within_forgetting_budget", True)
+        why = "within the forgetting budget" if within else "none was within the forgetting budget: the least forgetting"
         lines += [
             "",
-            f"Published: run `{report['run']}`, step {report.get('best_step', 0)} (chosen by validation, within the forgetting budget).",
+            f"Published: run `{report['run']}`, step {report.get('best_step', 0)} (chosen by validation; {why}).",
         ]
-    base, tuned = report.get("base_metrics", {}), report.get("tuned_metrics", {})
-    if tuned:
+    before, after = report.get("base_metrics", {}), report.get("tuned_metrics", {})
+    if after:
         lines += [
             "",
             f"## Evaluation (held-out test split, {report.get('test_rows', 0)} rows)",
@@ -94,7 +98,7 @@ def model_card(
             "| metric | base model | fine-tuned |",
             "|---|---|---|",
         ]
-        lines += [f"| {name} | {_number(base.get(name, float('nan')))} | {_number(value)} |" for name, value in sorted(tuned.items())]
+        lines += [f"| {name} | {_number(before.get(name, float('nan')))} | {_number(value)} |" for name, value in sorted(after.items())]
     if report.get("general_questions"):
         kept = report.get("general_kept", 0.0)
         lines += [

@@ -142,7 +142,7 @@ class Scheduler:
         async def record(kind: str, data: dict) -> None:
             await self._record(job.id, kind, data)
             if tracker is not None:
-                await asyncio.to_thread(tracker.record, kind, data)
+                tracker.record(kind, data)  # queued: the tracker's thread writes it
 
         try:
             async with self.runner.run(job, record, cancel) as adapter_dir:
@@ -185,7 +185,7 @@ class Scheduler:
         finally:
             self.jobs.forget_cancel_event(job.id)
             if tracker is not None:
-                tracker.close(ended)
+                await asyncio.to_thread(tracker.close, ended)
 
     async def _fail(self, job: Job, error: str) -> None:
         log.warning("job %s failed: %s", job.id, error)

@@ -16,9 +16,12 @@ tracker that fails logs why and is dropped: tracking never fails a job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -55,17 +58,58 @@ def _finite(values: dict) -> dict[str, float]:
 
 
 class JobTracker:
-    """One job's writers (TensorBoard, MLflow: either may be absent)."""
+    """One job's writers (TensorBoard, MLflow: either may be absent), fed
+    through a bounded queue by a thread of their own: a slow or unreachable
+    store never holds up the orchestrator (when the queue is full, metrics
+    are dropped, and the log says how many)."""
+
+    QUEUE_EVENTS = 10_000
 
     def __init__(self, job_id: str, project: str, hyperparameters: dict, tensorboard_dir: Path | None, mlflow_uri: str):
         self.job_id = job_id
         self._tensorboard = None
         self._mlflow = None
         self._run_id = ""
+        self._dropped = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_EVENTS)
+        self._thread = threading.Thread(
+            target=self._work, args=(project, hyperparameters, tensorboard_dir, mlflow_uri), name=f"tracking {job_id}", daemon=True
+        )
+        self._thread.start()
+
+    def record(self, kind: str, data: dict) -> None:
+        """Queues the event's metrics (returns at once)."""
+        step, values = metrics_of(kind, data)
+        if not values:
+            return
+        try:
+            self._queue.put_nowait((step, values))
+        except queue.Full:
+            self._dropped += 1
+
+    def close(self, state: str, timeout: float = 30.0) -> None:
+        """Writes what is queued and ends the run. `state`: SUCCEEDED, FAILED
+        or CANCELLED where the job ended; RUNNING for a job the orchestrator
+        left to resume elsewhere (its MLflow run stays open)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put((None, state), timeout=timeout)
+        self._thread.join(timeout)
+        if self._dropped:
+            log.warning("job %s: %d metric events were not tracked: the tracking store was too slow", self.job_id, self._dropped)
+
+    # The tracking thread
+
+    def _work(self, project: str, hyperparameters: dict, tensorboard_dir: Path | None, mlflow_uri: str) -> None:
         if tensorboard_dir is not None:
             self._guard("TensorBoard", lambda: self._open_tensorboard(tensorboard_dir))
         if mlflow_uri:
             self._guard("MLflow", lambda: self._open_mlflow(mlflow_uri, project, hyperparameters))
+        while True:
+            step, item = self._queue.get()
+            if step is None:
+                self._finish(item)
+                return
+            self._write(step, item)
 
     def _open_tensorboard(self, directory: Path) -> None:
         from tensorboardX import SummaryWriter
@@ -74,10 +118,11 @@ class JobTracker:
         self._tensorboard = SummaryWriter(logdir=str(directory), flush_secs=10)
 
     def _open_mlflow(self, uri: str, project: str, hyperparameters: dict) -> None:
-        # MLflow retries an unreachable server for minutes by default, and each
-        # event waits for it: a few seconds, then tracking is off for the job.
+        # MLflow retries an unreachable server for minutes by default: a few
+        # seconds, then tracking is off for the job.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
@@ -91,14 +136,11 @@ class JobTracker:
         else:
             run = client.create_run(experiment_id, run_name=self.job_id, tags={"tunewire_job": self.job_id, "tunewire_project": project})
             self._run_id = run.info.run_id
-            for key, value in hyperparameters.items():
-                client.log_param(self._run_id, key, value if not isinstance(value, list) else ",".join(map(str, value)))
+            params = [Param(k, ",".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in hyperparameters.items()]
+            client.log_batch(self._run_id, params=params)
         self._mlflow = client
 
-    def record(self, kind: str, data: dict) -> None:
-        step, values = metrics_of(kind, data)
-        if not values:
-            return
+    def _write(self, step: int, values: dict[str, float]) -> None:
         if self._tensorboard is not None:
             self._guard("TensorBoard", lambda: [self._tensorboard.add_scalar(tag, value, step) for tag, value in values.items()])
         if self._mlflow is not None:
@@ -108,9 +150,7 @@ class JobTracker:
             metrics = [Metric(tag, value, timestamp, step) for tag, value in values.items()]
             self._guard("MLflow", lambda: self._mlflow.log_batch(self._run_id, metrics=metrics))
 
-    def close(self, state: str) -> None:
-        """`state`: SUCCEEDED, FAILED or CANCELLED (where the job ended; a job
-        the orchestrator left to resume elsewhere is closed as RUNNING)."""
+    def _finish(self, state: str) -> None:
         if self._tensorboard is not None:
             self._guard("TensorBoard", self._tensorboard.close)
         if self._mlflow is not None and state != "RUNNING":
