@@ -51,9 +51,15 @@ EXIT_CODES = {
     "DEADLINE_EXCEEDED": 7,
 }
 
-DATASET = typer.Option(sdk.DEFAULT_DATASET_ADDRESS, "--dataset-address", envvar="TUNEWIRE_DATASET_ADDRESS")
-TRAINING = typer.Option(sdk.DEFAULT_TRAINING_ADDRESS, "--training-address", envvar="TUNEWIRE_TRAINING_ADDRESS")
-INFERENCE = typer.Option(sdk.DEFAULT_INFERENCE_ADDRESS, "--inference-address", envvar="TUNEWIRE_INFERENCE_ADDRESS")
+DATASET = typer.Option(
+    sdk.DEFAULT_DATASET_ADDRESS, "--dataset-address", envvar="TUNEWIRE_DATASET_ADDRESS", help="the dataset service, host:port"
+)
+TRAINING = typer.Option(
+    sdk.DEFAULT_TRAINING_ADDRESS, "--training-address", envvar="TUNEWIRE_TRAINING_ADDRESS", help="the training service, host:port"
+)
+INFERENCE = typer.Option(
+    sdk.DEFAULT_INFERENCE_ADDRESS, "--inference-address", envvar="TUNEWIRE_INFERENCE_ADDRESS", help="the inference service, host:port"
+)
 
 
 @contextlib.contextmanager
@@ -79,6 +85,30 @@ def _print_json(message) -> None:
 
 
 JSON = typer.Option(False, "--json", help="print the result as JSON")
+
+# How every command reaches the services: set once, before the command
+# (`tunewire --api-key tw_… jobs list`), or from the environment as the SDK reads it.
+CREDENTIALS: dict = {}
+
+
+@app.callback()
+def _connection(
+    api_key: str = typer.Option(None, "--api-key", envvar="TUNEWIRE_API_KEY", help="the API key every call sends", show_default=False),
+    project: str = typer.Option(None, "--project", envvar="TUNEWIRE_PROJECT", help="the project to act for (operator keys only)"),
+    tls_ca_file: Path = typer.Option(None, envvar="TUNEWIRE_TLS_CA_FILE", help="CA that signed the services' certificates: speak TLS"),
+    tls_client_cert_file: Path = typer.Option(
+        None, envvar="TUNEWIRE_TLS_CLIENT_CERT_FILE", help="this client's certificate, for mutual TLS"
+    ),
+    tls_client_key_file: Path = typer.Option(None, envvar="TUNEWIRE_TLS_CLIENT_KEY_FILE", help="the key of that certificate"),
+) -> None:
+    CREDENTIALS.clear()
+    CREDENTIALS.update(
+        api_key=api_key,
+        project=project,
+        tls_ca_file=tls_ca_file,
+        tls_client_cert_file=tls_client_cert_file,
+        tls_client_key_file=tls_client_key_file,
+    )
 
 
 def _needs_server_stack(what: str, modules: tuple[str, ...] = ("torch", "ray", "transformers", "peft")) -> None:
@@ -189,7 +219,7 @@ def datasets_upload(
     """Upload a file; it is validated row by row and stored whole or not at all."""
     options, fmt = _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats)
     name = name or path.name.split(".")[0]
-    with sdk.DatasetClient(address) as client, _api_errors():
+    with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         _print_upload(client.upload(path, name=name, format=fmt, **options))
 
 
@@ -210,14 +240,14 @@ def datasets_import(
 ) -> None:
     """Have the dataset service read a file itself (a path or fsspec URL)."""
     options, fmt = _upload_options(format, column, label, validation, test, seed, no_stratify, drop_invalid, token_stats)
-    with sdk.DatasetClient(address) as client, _api_errors():
+    with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         _print_upload(client.import_dataset(source, name=name, format=fmt, **options))
 
 
 @datasets_app.command("list")
 def datasets_list(name: str = typer.Option("", help="only versions of this name"), address: str = DATASET) -> None:
     """Dataset versions, newest first."""
-    with sdk.DatasetClient(address) as client, _api_errors():
+    with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         table = Table(Column("id", no_wrap=True), "name", "format", "rows", "splits", "created")
         for d in client.list(name):
             fmt = dataset_format_name(d.format)
@@ -228,7 +258,7 @@ def datasets_list(name: str = typer.Option("", help="only versions of this name"
 @datasets_app.command("get")
 def datasets_get(dataset_id: str, json_output: bool = JSON, address: str = DATASET) -> None:
     """One dataset version: name, format, rows per split, where it is stored."""
-    with sdk.DatasetClient(address) as client, _api_errors():
+    with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         dataset = client.get(dataset_id)
     if json_output:
         _print_json(dataset)
@@ -242,14 +272,14 @@ def datasets_get(dataset_id: str, json_output: bool = JSON, address: str = DATAS
 @datasets_app.command("report")
 def datasets_report(dataset_id: str, address: str = DATASET) -> None:
     """The quality report computed at upload."""
-    with sdk.DatasetClient(address) as client, _api_errors():
+    with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         _print_report(client.report(dataset_id))
 
 
 @datasets_app.command("rows")
 def datasets_rows(dataset_id: str, split: str = "", limit: int = typer.Option(10, help="rows to show"), address: str = DATASET) -> None:
     """Print rows as JSON lines."""
-    with sdk.DatasetClient(address) as client, _api_errors():
+    with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         for i, row in enumerate(client.rows(dataset_id, split)):
             if i >= limit:
                 break
@@ -259,7 +289,7 @@ def datasets_rows(dataset_id: str, split: str = "", limit: int = typer.Option(10
 @datasets_app.command("delete")
 def datasets_delete(dataset_id: str, address: str = DATASET) -> None:
     """Delete a dataset version (refused while a job uses it)."""
-    with sdk.DatasetClient(address) as client, _api_errors():
+    with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         client.delete(dataset_id)
     console.print(f"deleted {dataset_id}")
 
@@ -348,7 +378,7 @@ def jobs_create(
         prompt_word_dropout=prompt_word_dropout,
     )
     plan = _search(search, max_trials, search_seconds, search_learning_rates, search_lora_ranks)
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         job = client.create_job(base_model, dataset_id, given, workers, gpu, method_number, idempotency_key, plan)
         searched = " (the learning rate by a search)" if "learning_rate" in job.auto_hyperparameters and search != "off" else ""
         console.print(f"job [bold]{job.id}[/bold] queued; chosen for you{searched}: {', '.join(job.auto_hyperparameters) or 'nothing'}")
@@ -375,7 +405,7 @@ def jobs_estimate(
     method_number = _method(method)
     given = _hyperparameters(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     plan = _search(search, max_trials, search_seconds, "", "")
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         e = client.estimate(base_model, dataset_id, given, workers, gpu, method_number, search=plan)
     runs = f"; a search of {e.trials} trials of up to that many steps each, within {e.search_max_seconds:,} s" if e.trials > 1 else ""
     console.print(
@@ -411,7 +441,7 @@ def jobs_watch(
     job_id: str, plot: Path | None = typer.Option(None, help="save the loss curve to this PNG"), address: str = TRAINING
 ) -> None:
     """Follow a job's progress until it ends (history first)."""
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         _follow(client, job_id, plot)
 
 
@@ -420,7 +450,7 @@ def jobs_cancel(job_id: str, address: str = TRAINING) -> None:
     """Cancel a queued or running job (a running one stops at its next step)."""
     from tunewire.clients.progress import state_name
 
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         job = client.cancel_job(job_id)
     console.print(f"job {job.id}: {state_name(job.state)}")
 
@@ -428,7 +458,7 @@ def jobs_cancel(job_id: str, address: str = TRAINING) -> None:
 @jobs_app.command("checkpoints")
 def jobs_checkpoints(job_id: str, address: str = TRAINING) -> None:
     """A job's checkpoints, with their validation loss."""
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         checkpoints = client.list_checkpoints(job_id)
     table = Table("step", "validation loss", Column("uri", no_wrap=True))
     for c in checkpoints:
@@ -442,7 +472,7 @@ def jobs_list(json_output: bool = JSON, address: str = TRAINING) -> None:
     from tunewire.clients.progress import state_name
     from tunewire.v1 import training_pb2
 
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         jobs = client.list_jobs()
     if json_output:
         _print_json(training_pb2.ListJobsResponse(jobs=jobs))
@@ -458,7 +488,7 @@ def jobs_get(job_id: str, json_output: bool = JSON, address: str = TRAINING) -> 
     """One job: its state, spec, latest step and evaluation report."""
     from tunewire.clients.progress import state_name
 
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         job = client.get_job(job_id)
     if json_output:
         _print_json(job)
@@ -481,7 +511,7 @@ def generate(
     address: str = INFERENCE,
 ) -> None:
     """Generate from the served model, streaming the answer."""
-    with sdk.InferenceClient(address) as client, _api_errors():
+    with sdk.InferenceClient(address, **CREDENTIALS) as client, _api_errors():
         for part in client.generate_stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature):
             # Verbatim: model text is not markup ("[/INST]" is text).
             sys.stdout.write(part.text_delta)
@@ -496,7 +526,7 @@ def classify(
     address: str = INFERENCE,
 ) -> None:
     """Classify a text with a classifier adapter: every label with its probability."""
-    with sdk.InferenceClient(address) as client, _api_errors():
+    with sdk.InferenceClient(address, **CREDENTIALS) as client, _api_errors():
         response = client.classify(text, adapter=adapter)
     table = Table("label", "probability")
     for score in response.scores:
@@ -506,7 +536,7 @@ def classify(
 
 @adapters_app.command("list")
 def adapters_list(address: str = INFERENCE) -> None:
-    with sdk.InferenceClient(address) as client, _api_errors():
+    with sdk.InferenceClient(address, **CREDENTIALS) as client, _api_errors():
         response = client.loaded_adapters()
     table = Table(
         Column("id", no_wrap=True),
@@ -540,7 +570,7 @@ def adapters_load(
     source: str = typer.Argument(..., help="PEFT adapter directory (path or URL) under the artifact store or TUNEWIRE_IMPORT_ROOTS"),
     address: str = INFERENCE,
 ) -> None:
-    with sdk.InferenceClient(address) as client, _api_errors():
+    with sdk.InferenceClient(address, **CREDENTIALS) as client, _api_errors():
         adapter = client.load_adapter(adapter_id, source)
     console.print(f"loaded {adapter.id}: {adapter.task_type}, rank {adapter.rank}, in {adapter.load_seconds:.2f}s")
 
@@ -548,7 +578,7 @@ def adapters_load(
 @adapters_app.command("unload")
 def adapters_unload(adapter_id: str, address: str = INFERENCE) -> None:
     """New requests for the adapter are refused; those running finish first."""
-    with sdk.InferenceClient(address) as client, _api_errors():
+    with sdk.InferenceClient(address, **CREDENTIALS) as client, _api_errors():
         client.unload_adapter(adapter_id)
     console.print(f"unloaded {adapter_id}")
 
@@ -556,7 +586,7 @@ def adapters_unload(adapter_id: str, address: str = INFERENCE) -> None:
 @adapters_app.command("published")
 def adapters_published(address: str = TRAINING) -> None:
     """The project's published adapters, with the bytes each counts against its quota."""
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         adapters = client.list_adapters()
     table = Table(Column("id", no_wrap=True), Column("job", no_wrap=True), "base model", "MB", "held back", "published")
     for a in adapters:
@@ -583,7 +613,7 @@ def adapters_merge(
     if out.exists():
         errors.print(f"[red]error:[/red] {escape(str(out))} exists: give a new directory for the merged model")
         raise typer.Exit(1)
-    with tempfile.TemporaryDirectory(prefix="tunewire-merge-") as tmp, sdk.TrainingClient(address) as client, _api_errors():
+    with tempfile.TemporaryDirectory(prefix="tunewire-merge-") as tmp, sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         adapter_dir = client.download_adapter(adapter_id, Path(tmp) / adapter_id)
         with console.status(f"merging {adapter_id} into its base model"):
             merge_adapter(adapter_dir, out, load_settings().model_cache)
@@ -593,7 +623,7 @@ def adapters_merge(
 @adapters_app.command("get")
 def adapters_get(adapter_id: str, json_output: bool = JSON, address: str = TRAINING) -> None:
     """One of the project's published adapters: its job, base model, size and where it is stored."""
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         adapter = next((a for a in client.list_adapters() if a.id == adapter_id), None)
     if adapter is None:
         errors.print(f"[red]NOT_FOUND[/red]: adapter {escape(adapter_id)} is not one of the project's published adapters")
@@ -615,7 +645,7 @@ def adapters_download(
     """Downloads a published adapter: a PEFT directory that
     AutoPeftModelForCausalLM.from_pretrained(dir) loads, its model card and evaluation beside it."""
     out = out or Path(adapter_id)
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         total = next((a.size_bytes for a in client.list_adapters() if a.id == adapter_id), None)
         with Progress(*Progress.get_default_columns(), DownloadColumn(), console=console, transient=True) as progress:
             task = progress.add_task(f"downloading {adapter_id}", total=total)
@@ -630,7 +660,7 @@ def adapters_download(
 @adapters_app.command("delete")
 def adapters_delete(adapter_id: str, address: str = TRAINING) -> None:
     """Deletes a published adapter: its files and its share of the quota. Servers stop serving it."""
-    with sdk.TrainingClient(address) as client, _api_errors():
+    with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         adapter = client.delete_adapter(adapter_id)
     console.print(f"deleted {adapter.id} ({adapter.size_bytes / 1e6:.1f} MB freed)")
 

@@ -221,6 +221,20 @@ def test_the_openai_api_authenticates_and_keeps_projects_apart_as_grpc_does(stac
         client(stack["keys"]["services"]).completions.create(model=stack["model"], prompt="hello", max_tokens=3)
 
 
+def test_the_cli_sends_the_key_given_before_its_command(stack, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tunewire.clients.cli import app
+
+    monkeypatch.delenv("TUNEWIRE_API_KEY", raising=False)
+    jobs_list = ["jobs", "list", "--json", "--training-address", stack["addresses"]["training"]]
+    refused = CliRunner().invoke(app, jobs_list)
+    assert refused.exit_code == 5 and "UNAUTHENTICATED" in refused.stderr
+    _, beta, _ = clients(stack, "beta")
+    listed = CliRunner().invoke(app, ["--api-key", stack["keys"]["beta"], *jobs_list])
+    assert listed.exit_code == 0 and [j["id"] for j in json.loads(listed.stdout).get("jobs", [])] == [j.id for j in beta.list_jobs()]
+
+
 def test_a_jobs_pin_is_the_orchestrators_and_ends_with_the_job(stack):
     a_data, a_train, _ = clients(stack, "alpha")
     dataset = a_data.upload(prompt_completion_jsonl(12, start=500), name="pinned").dataset
