@@ -277,7 +277,12 @@ def datasets_report(dataset_id: str, address: str = DATASET) -> None:
 
 
 @datasets_app.command("rows")
-def datasets_rows(dataset_id: str, split: str = "", limit: int = typer.Option(10, help="rows to show"), address: str = DATASET) -> None:
+def datasets_rows(
+    dataset_id: str,
+    split: str = typer.Option("", help="train, validation or test (default: all)"),
+    limit: int = typer.Option(10, help="rows to show"),
+    address: str = DATASET,
+) -> None:
     """Print rows as JSON lines."""
     with sdk.DatasetClient(address, **CREDENTIALS) as client, _api_errors():
         for i, row in enumerate(client.rows(dataset_id, split)):
@@ -330,18 +335,26 @@ def _search(mode: str, max_trials: int, seconds: int, learning_rates: str, lora_
     return search
 
 
+BASE_MODEL = typer.Option("smollm2-135m-instruct", help="bundled name, model directory or Hugging Face id")
+LEARNING_RATE = typer.Option(None, help="unset: searched on Ray Tune (a search's candidates: --search-learning-rates)")
+EPOCHS = typer.Option(None, help="passes over the training rows (unset: from the dataset's size)")
+BATCH_SIZE = typer.Option(None, help="rows per step and worker (unset: 8)")
+WORKERS = typer.Option(1, help="Ray Train workers (data parallel)")
+GPU = typer.Option(False, help="train on GPU workers")
+
+
 @jobs_app.command("create")
 def jobs_create(
     dataset_id: str = typer.Option(..., "--dataset", help="dataset id"),
-    base_model: str = typer.Option("smollm2-135m-instruct", help="bundled name, model directory or Hugging Face id"),
+    base_model: str = BASE_MODEL,
     method: str = typer.Option("lora", help="lora, full or qlora (CUDA GPUs)"),
-    learning_rate: float | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    max_seq_length: int | None = None,
-    lora_rank: int | None = None,
+    learning_rate: float | None = LEARNING_RATE,
+    epochs: int | None = EPOCHS,
+    batch_size: int | None = BATCH_SIZE,
+    max_seq_length: int | None = typer.Option(None, help="tokens a row is cut to (unset: 512)"),
+    lora_rank: int | None = typer.Option(None, help="LoRA rank (unset: 16)"),
     eval_every_steps: int | None = typer.Option(None, help="validate every N steps (default: each epoch)"),
-    early_stopping_patience: int | None = None,
+    early_stopping_patience: int | None = typer.Option(None, help="validations without a better score before training stops (unset: 3)"),
     precision: str | None = typer.Option(None, help="auto (bfloat16 where the hardware computes it natively), float32 or bfloat16"),
     forgetting_budget: float | None = typer.Option(
         None, help="share of the base model's correct general answers that may be lost (default 0.1)"
@@ -355,8 +368,8 @@ def jobs_create(
     search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),
     search_learning_rates: str = typer.Option("", help="learning rates to try, comma-separated (default: tunewire's)"),
     search_lora_ranks: str = typer.Option("", help="LoRA ranks to try, comma-separated (default: the job's)"),
-    workers: int = typer.Option(1, help="Ray Train workers"),
-    gpu: bool = typer.Option(False, help="train on GPUs"),
+    workers: int = WORKERS,
+    gpu: bool = GPU,
     idempotency_key: str = typer.Option("", help="a retried create with the same key returns the same job"),
     follow: bool = typer.Option(True, help="show progress until the job ends"),
     plot: Path | None = typer.Option(None, help="save the loss curve to this PNG when the job ends"),
@@ -389,16 +402,16 @@ def jobs_create(
 @jobs_app.command("estimate")
 def jobs_estimate(
     dataset_id: str = typer.Option(..., "--dataset", help="dataset id"),
-    base_model: str = typer.Option("smollm2-135m-instruct"),
+    base_model: str = BASE_MODEL,
     method: str = typer.Option("lora", help="lora, full or qlora"),
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
+    epochs: int | None = EPOCHS,
+    batch_size: int | None = BATCH_SIZE,
+    learning_rate: float | None = LEARNING_RATE,
     search: str = typer.Option("auto", help="auto, on or off"),
     max_trials: int = typer.Option(0, help="search trials at most (0: 3)"),
     search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),
-    workers: int = 1,
-    gpu: bool = False,
+    workers: int = WORKERS,
+    gpu: bool = GPU,
     address: str = TRAINING,
 ) -> None:
     """Tokens, steps, memory and time a job would take (its search included), before running it."""
@@ -506,8 +519,8 @@ def jobs_get(job_id: str, json_output: bool = JSON, address: str = TRAINING) -> 
 def generate(
     prompt: str,
     adapter: str = typer.Option("", help="adapter id; empty for the base model"),
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
+    max_new_tokens: int = typer.Option(128, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, help="0: greedy; higher samples more freely"),
     address: str = INFERENCE,
 ) -> None:
     """Generate from the served model, streaming the answer."""

@@ -177,3 +177,17 @@ def test_a_client_only_install_says_what_to_install_for_the_servers(monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "ray") else find_spec(name, *a))
     result = runner.invoke(app, ["serve"])
     assert result.exit_code == 1 and '"tunewire[server]"' in result.stderr and "torch, ray missing" in result.stderr
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    import typer
+
+    missing = []
+
+    def walk(command, path):
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            walk(sub, [*path, name])
+        missing.extend((" ".join(path), p.opts[0]) for p in command.params if p.param_type_name == "option" and not p.help)
+
+    walk(typer.main.get_command(app), [])
+    assert missing == []
