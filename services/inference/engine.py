@@ -130,7 +130,6 @@ class ClassificationResult:
 class _Sequence:
     """A generation request inside the engine (its caller's handle, to cancel it)."""
 
-    adapter_id: str
     project: str | None  # None: no project (tools and tests): any adapter
     prompt_ids: list[int]
     request: GenerationRequest
@@ -149,8 +148,6 @@ class _Sequence:
 class _Classification:
     """A classification request inside the engine (its caller's handle)."""
 
-    adapter_id: str
-    project: str | None
     text: str
     reply: Reply
     adapter: ServedAdapter | None = None
@@ -294,7 +291,7 @@ class BatchEngine:
                 request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             )
         text_stream = TextStream(runner.tokenizer, tuple(request.stop), reply.send if stream else _ignore)
-        sequence = _Sequence(request.adapter, project, prompt_ids, request, text_stream, reply, deadline, generator)
+        sequence = _Sequence(project, prompt_ids, request, text_stream, reply, deadline, generator)
 
         def queue(_reply: Reply) -> None:
             sequence.adapter = self.registry.use(request.adapter, CAUSAL_LM, project)
@@ -315,7 +312,7 @@ class BatchEngine:
         tokens = len(self.runner.tokenizer(text, add_special_tokens=True)["input_ids"])
         if tokens > self.runner.max_positions:
             raise InvalidArgument.field("text", f"is {tokens} tokens, over the model's {self.runner.max_positions} positions: shorten it")
-        item = _Classification(adapter_id, project, text, reply)
+        item = _Classification(text, reply)
 
         def queue(_reply: Reply) -> None:
             item.adapter = self.registry.use(adapter_id, SEQ_CLS, project)
