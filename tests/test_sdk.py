@@ -80,3 +80,31 @@ def test_errors_are_raised_as_the_class_of_their_status_code(tmp_path):
         with pytest.raises(sdk.InvalidArgumentError) as caught:
             client.upload(b'{"prompt": "a"}\n', name="bad")
         assert caught.value.violations and caught.value.violations[0].field.startswith("row 1")
+
+
+def test_a_stream_quiet_for_many_keepalive_pings_stays_open():
+    """The SDK's keepalive pings a stream that has nothing to send; the
+    server allows pings that often (scaled down here: a ping each second, a
+    server that allows one each 0.2 s, 8 s of silence). With gRPC's default
+    allowance (5 minutes) the fourth ping of the silence would end the
+    stream UNAVAILABLE "too many pings"."""
+    import asyncio
+
+    import grpc
+
+    from tunewire.services.common.grpc_server import create_grpc_server
+
+    async def quiet_then_answer(request, context):
+        await asyncio.sleep(8)
+        yield b"done"
+
+    def register(server):
+        handler = grpc.unary_stream_rpc_method_handler(quiet_then_answer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Quiet", {"Wait": handler}),))
+
+    async def make():
+        return await create_grpc_server("127.0.0.1:0", register, ["test.Quiet"], min_ping_interval_ms=200)
+
+    options = [(k, v) for k, v in sdk.CHANNEL_OPTIONS if k != "grpc.keepalive_time_ms"] + [("grpc.keepalive_time_ms", 1000)]
+    with ServerThread(make) as server, grpc.insecure_channel(server.address, options=options) as channel:
+        assert list(channel.unary_stream("/test.Quiet/Wait")(b"", timeout=30)) == [b"done"]

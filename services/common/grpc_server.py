@@ -249,9 +249,12 @@ async def create_grpc_server(
     register: Callable[[grpc.aio.Server], None],
     service_names: list[str],
     security: ServerSecurity | None = None,
+    min_ping_interval_ms: int = 30_000,
 ) -> ServerHandle:
     """Builds an aio server with health (NOT_SERVING until set_serving(True))
-    and reflection, and binds `address` ("host:0" picks a free port)."""
+    and reflection, and binds `address` ("host:0" picks a free port).
+    Clients may ping every `min_ping_interval_ms`, even on a stream that has
+    sent nothing for that long: the SDK pings each minute."""
     security = security or ServerSecurity()
     server = grpc.aio.server(
         interceptors=[ServiceInterceptor(security.keys)],
@@ -260,7 +263,9 @@ async def create_grpc_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Clients ping each minute to keep long streams open (the SDK's
             # keepalive): allowed, even while a stream has nothing to send.
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+            # (gRPC's default, 5 minutes, answers the third ping of a quiet
+            # stream with GOAWAY "too_many_pings" and ends the stream.)
+            ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
