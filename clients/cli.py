@@ -77,6 +77,16 @@ def _api_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_CODES.get(error.code.name, 1)) from None
 
 
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """An export the adapter cannot take (ValueError) prints why on stderr and exits 1."""
+    try:
+        yield
+    except ValueError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
+
+
 def _print_json(message) -> None:
     """A result as JSON on stdout (for scripts: `... --json | python -m json.tool`)."""
     from google.protobuf.json_format import MessageToJson
@@ -126,9 +136,9 @@ def _needs_server_stack(what: str, modules: tuple[str, ...] = ("torch", "ray", "
 @app.command()
 def serve(service: str = typer.Argument("all", help="all, dataset, training or inference")) -> None:
     """Run the services on this machine until Ctrl-C (each its own process)."""
-    from tunewire.clients.local_stack import SERVICES, LocalStack
-
     _needs_server_stack("tunewire serve")
+    from tunewire.clients.local_stack import SERVICES, LocalStack
+    from tunewire.services.common.settings import load_settings
 
     if service != "all" and service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}: use all, {', '.join(SERVICES)}")
@@ -140,6 +150,9 @@ def serve(service: str = typer.Argument("all", help="all, dataset, training or i
     try:
         stack.wait_until_serving()
         console.print("[green]serving:[/green] " + ", ".join(f"{s} {stack.address(s)}" for s in stack.services))
+        if "inference" in stack.services and (http_port := load_settings().inference_http_port):
+            host = stack.address("inference").rpartition(":")[0]
+            console.print(f"[green]OpenAI-compatible API:[/green] http://{host}:{http_port}/v1")
         while not stopping.is_set():
             if not all(p.poll() is None for p in stack.processes.values()):
                 console.print("[red]a service exited; stopping the others")
@@ -628,9 +641,34 @@ def adapters_merge(
         raise typer.Exit(1)
     with tempfile.TemporaryDirectory(prefix="tunewire-merge-") as tmp, sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         adapter_dir = client.download_adapter(adapter_id, Path(tmp) / adapter_id)
-        with console.status(f"merging {adapter_id} into its base model"):
+        with console.status(f"merging {adapter_id} into its base model"), _refusals():
             merge_adapter(adapter_dir, out, load_settings().model_cache)
     console.print(f"merged {adapter_id} into {out}")
+
+
+@adapters_app.command("gguf")
+def adapters_gguf(
+    adapter_id: str,
+    out: Path = typer.Option(..., "--out", help="GGUF file to create, e.g. adapter.gguf"),
+    address: str = TRAINING,
+) -> None:
+    """Downloads a published LoRA adapter of a Llama-family model and writes it
+    as a GGUF LoRA file: `llama-server -m BASE.gguf --lora FILE`, or Ollama's
+    ADAPTER. The base model itself converts with llama.cpp's convert_hf_to_gguf.py."""
+    import tempfile
+
+    _needs_server_stack("tunewire adapters gguf", ("torch", "peft", "gguf", "safetensors"))
+    from tunewire.clients.export import adapter_to_gguf
+    from tunewire.services.common.settings import load_settings
+
+    if out.exists():
+        errors.print(f"[red]error:[/red] {escape(str(out))} exists: give a new file name for the GGUF adapter")
+        raise typer.Exit(1)
+    with tempfile.TemporaryDirectory(prefix="tunewire-gguf-") as tmp, sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
+        adapter_dir = client.download_adapter(adapter_id, Path(tmp) / adapter_id)
+        with _refusals():
+            adapter_to_gguf(adapter_dir, out, load_settings().model_cache)
+    console.print(f"wrote {adapter_id} to {out} (GGUF LoRA for llama.cpp)")
 
 
 @adapters_app.command("get")

@@ -42,6 +42,7 @@ def dataset_address(tmp_path):
         ["adapters", "download"],
         ["adapters", "get"],
         ["adapters", "merge"],
+        ["adapters", "gguf"],
         ["jobs", "get"],
         ["datasets", "get"],
     ],

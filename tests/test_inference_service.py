@@ -226,6 +226,15 @@ def test_a_downloaded_adapter_loads_with_plain_peft_and_answers_as_the_service_d
     with torch.inference_mode():
         greedy = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
     assert tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True) == served
+    # As a GGUF LoRA file for llama.cpp (tests/test_gguf_export.py checks its contents).
+    import gguf
+
+    gguf_cli = ["adapters", "gguf", adapter_id, "--out", str(tmp_path / "adapter.gguf"), "--training-address", training.address]
+    exporting = CliRunner().invoke(app, gguf_cli)
+    assert exporting.exit_code == 0, exporting.output
+    assert gguf.GGUFReader(tmp_path / "adapter.gguf").fields["adapter.type"].contents() == "lora"
+    again = CliRunner().invoke(app, gguf_cli)
+    assert again.exit_code == 1 and "exists" in again.stderr
 
     with pytest.raises(FileExistsError):
         training.download_adapter(adapter_id, out)
