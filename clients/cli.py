@@ -79,10 +79,11 @@ def _api_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _refusals() -> Iterator[None]:
-    """An export the adapter cannot take (ValueError) prints why on stderr and exits 1."""
+    """An export the adapter cannot take (ValueError), or files that cannot
+    be read or written (OSError), prints why on stderr and exits 1."""
     try:
         yield
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
 
@@ -150,9 +151,11 @@ def serve(service: str = typer.Argument("all", help="all, dataset, training or i
     try:
         stack.wait_until_serving()
         console.print("[green]serving:[/green] " + ", ".join(f"{s} {stack.address(s)}" for s in stack.services))
-        if "inference" in stack.services and (http_port := load_settings().inference_http_port):
+        settings = load_settings()
+        if "inference" in stack.services and (http_port := settings.inference_http_port):
             host = stack.address("inference").rpartition(":")[0]
-            console.print(f"[green]OpenAI-compatible API:[/green] http://{host}:{http_port}/v1")
+            scheme = "https" if settings.tls_cert_file else "http"
+            console.print(f"[green]OpenAI-compatible API:[/green] {scheme}://{host}:{http_port}/v1")
         while not stopping.is_set():
             if not all(p.poll() is None for p in stack.processes.values()):
                 console.print("[red]a service exited; stopping the others")

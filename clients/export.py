@@ -9,6 +9,7 @@ Needs torch, transformers, peft and gguf (the server stack), imported here only.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,12 +45,10 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, model_cache: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunewire.services.common.models import resolve_model
-
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists: give a new directory for the merged model")
     config = adapter_config(adapter_dir)
-    base_path = resolve_model(base_model_of(adapter_dir), model_cache)
+    base_path = _base_model_path(base_model_of(adapter_dir), model_cache)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if config.get("task_type") == "SEQ_CLS":
         metadata = adapter_dir / "tunewire_adapter.json"
@@ -82,31 +81,32 @@ GGUF_LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 def adapter_to_gguf(adapter_dir: Path, out_file: Path, model_cache: Path) -> Path:
     """Writes a LoRA adapter of a Llama-family causal LM as a GGUF LoRA file
     for llama.cpp (`llama-server --lora`, Ollama's ADAPTER) and returns it.
-    Only the base model's config.json is read. Each module's PEFT scaling
+    The base model's weights are not read, only its config (a bundled model
+    is converted once, as the services do). Each module's PEFT scaling
     (alpha/r, rsLoRA, alpha patterns) is folded into its B matrix and the
     file's alpha is 0, which llama.cpp reads as "scale 1": the file then
-    answers as PEFT does, whatever the scaling rule. `out_file` appears only
-    once whole."""
-    import math
-
+    applies the update PEFT does, whatever the scaling rule. `out_file`
+    appears only once whole; what a GGUF LoRA file cannot hold is refused
+    (ValueError) rather than left out."""
     import gguf
     from peft.utils.other import get_pattern_key
     from safetensors.torch import load_file
 
-    from tunewire.services.common.models import resolve_model
+    from tunewire.services.inference.lora import UNSUPPORTED_LORA_OPTIONS
 
     if out_file.exists():
         raise FileExistsError(f"{out_file} exists: give a new file name for the GGUF adapter")
     config = adapter_config(adapter_dir)
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        raise ValueError(
-            f"{config.get('peft_type')} adapter{' with DoRA' if config.get('use_dora') else ''}: llama.cpp runs plain LoRA adapters only"
-        )
-    if config.get("task_type") != "CAUSAL_LM":
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config.get('peft_type')} adapter: llama.cpp runs LoRA adapters only")
+    for option, what in UNSUPPORTED_LORA_OPTIONS.items():
+        if config.get(option):
+            raise ValueError(f"the adapter uses {what} ({option}), which llama.cpp's LoRA files cannot hold")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):  # None: saved without one, as causal LMs often are
         raise ValueError(f"{config.get('task_type')} adapter: llama.cpp runs adapters of causal language models (generation) only")
     if config.get("modules_to_save"):
         raise ValueError(f"the adapter also trains whole modules ({config['modules_to_save']}), which a GGUF LoRA file cannot hold")
-    base = json.loads((Path(resolve_model(base_model_of(adapter_dir), model_cache)) / "config.json").read_text())
+    base = _base_config(base_model_of(adapter_dir), model_cache)
     architecture = (base.get("architectures") or ["unknown"])[0]
     if architecture not in GGUF_LLAMA_ARCHITECTURES:
         raise ValueError(
@@ -120,11 +120,15 @@ def adapter_to_gguf(adapter_dir: Path, out_file: Path, model_cache: Path) -> Pat
     weights = load_file(adapter_dir / "adapter_model.safetensors")
 
     tensors = []
-    for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
+    for key in sorted(weights):
+        if key.endswith(".lora_B.weight") and key.replace(".lora_B.", ".lora_A.") in weights:
+            continue  # taken with its A
+        if not key.endswith(".lora_A.weight") or key.replace(".lora_A.", ".lora_B.") not in weights:
+            raise ValueError(f"{key}: not half of a LoRA A/B pair, which is all a GGUF LoRA file holds")
         module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
         name = names.get_name(module)
-        if name is None:
-            raise ValueError(f"{module}: llama.cpp has no tensor for this module")
+        if name is None or (name == "output" and base.get("tie_word_embeddings")):
+            raise ValueError(f"{module}: llama.cpp's {architecture} has no separate weight for this module to adapt")
         a = weights[key].float()
         b = weights[key.replace(".lora_A.", ".lora_B.")].float()
         alpha = alphas.get(get_pattern_key(list(alphas), module), config["lora_alpha"])
@@ -136,12 +140,12 @@ def adapter_to_gguf(adapter_dir: Path, out_file: Path, model_cache: Path) -> Pat
             b = _rope_rows(b, kv_heads)
         tensors += [(f"{name}.weight.lora_a", a), (f"{name}.weight.lora_b", b)]
     if not tensors:
-        raise ValueError(f"{adapter_dir}/adapter_model.safetensors holds no LoRA tensors")
+        raise ValueError(f"{adapter_dir.name}/adapter_model.safetensors holds no LoRA tensors")
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     staging = out_file.with_name(f".{out_file.name}.partial")
+    writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
@@ -154,8 +158,32 @@ def adapter_to_gguf(adapter_dir: Path, out_file: Path, model_cache: Path) -> Pat
         writer.close()
         staging.rename(out_file)
     finally:
+        writer.close()
         staging.unlink(missing_ok=True)
     return out_file
+
+
+def _base_config(name: str, model_cache: Path) -> dict:
+    """The base model's config (transformers' AutoConfig: a directory's
+    config.json, or a hub id's config file alone)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_base_model_path(name, model_cache)).to_dict()
+    except OSError as error:
+        raise ValueError(f"the base model {name}'s config cannot be read on this machine ({error})") from None
+
+
+def _base_model_path(name: str, model_cache: Path) -> str:
+    """What from_pretrained loads for the base model, as the services resolve
+    it; a ValueError that says why where it is not on this machine."""
+    from tunewire.services.common.errors import TunewireError
+    from tunewire.services.common.models import resolve_model
+
+    try:
+        return resolve_model(name, model_cache)
+    except TunewireError as error:
+        raise ValueError(f"the base model {name} cannot be loaded on this machine: {error}") from None
 
 
 def _rope_rows(weight, heads: int):

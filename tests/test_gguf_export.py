@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
-from tunewire.clients.export import adapter_to_gguf  # noqa: E402
+from tunewire.clients.export import adapter_to_gguf
 
 
 def make_adapter(model_dir: Path, out: Path, **lora) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -24,7 +23,7 @@ def make_adapter(model_dir: Path, out: Path, **lora) -> tuple[Path, dict[str, to
     torch.manual_seed(0)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir),
-        LoraConfig(target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM", **lora),
+        LoraConfig(target_modules="all-linear", init_lora_weights=False, **{"task_type": "CAUSAL_LM", **lora}),
     )
     model.save_pretrained(out)
     deltas = {
@@ -46,8 +45,9 @@ def hf_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     "lora",
     [
         {"r": 4, "lora_alpha": 8},
-        # rsLoRA and a per-module alpha: each module's own scaling goes into its B.
-        {"r": 4, "lora_alpha": 8, "use_rslora": True, "alpha_pattern": {"v_proj": 3.0}},
+        # rsLoRA and a per-module alpha: each module's own scaling goes into its B
+        # (and an adapter saved with no task type, as causal LM adapters often are).
+        {"r": 4, "lora_alpha": 8, "use_rslora": True, "alpha_pattern": {"v_proj": 3.0}, "task_type": None},
     ],
     ids=["alpha-over-r", "rslora-with-alpha-pattern"],
 )
@@ -89,15 +89,31 @@ def test_what_llama_cpp_cannot_run_is_refused_plainly(tiny_model_dir, tmp_path):
     assert existing.read_bytes() == b"keep"
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    other_architecture = tmp_path / "qwen-like"
+    other_architecture.mkdir()
+    base_config = json.loads((tiny_model_dir / "config.json").read_text())
+    (other_architecture / "config.json").write_text(json.dumps({**base_config, "architectures": ["Qwen2ForCausalLM"]}))
     for change, reason in (
         ({"use_dora": True}, "DoRA"),
+        ({"lora_bias": True}, "LoRA bias"),
         ({"task_type": "SEQ_CLS"}, "causal language models"),
         ({"modules_to_save": ["score"]}, "whole modules"),
+        ({"base_model_name_or_path": str(other_architecture)}, "architecture Qwen2ForCausalLM"),
+        ({"base_model_name_or_path": str(tmp_path / "nowhere")}, "on this machine"),
     ):
         (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=reason):
             adapter_to_gguf(adapter_dir, tmp_path / "refused.gguf", tmp_path / "models")
-        assert not list(tmp_path.glob("*refused*"))
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+
+    # A tensor that is not half of an A/B pair is refused, not left out.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    weights["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 8)
+    save_file(weights, adapter_dir / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="lora_embedding_A: not half of a LoRA A/B pair"):
+        adapter_to_gguf(adapter_dir, tmp_path / "refused.gguf", tmp_path / "models")
 
     whole_model = tmp_path / "full-fine-tune"
     whole_model.mkdir()

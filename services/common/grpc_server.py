@@ -263,7 +263,7 @@ async def create_grpc_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Clients ping each minute to keep long streams open (the SDK's
             # keepalive): allowed, even while a stream has nothing to send.
-            # (gRPC's default, 5 minutes, answers the third ping of a quiet
+            # (gRPC's default, 5 minutes, answers the fourth ping of a quiet
             # stream with GOAWAY "too_many_pings" and ends the stream.)
             ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
             ("grpc.keepalive_permit_without_calls", 1),

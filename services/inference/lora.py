@@ -29,7 +29,7 @@ from tunewire.services.common.errors import InvalidArgument
 from tunewire.services.inference.adapters import CAUSAL_LM, SEQ_CLS
 
 _PEFT_PREFIX = "base_model.model."
-_UNSUPPORTED_OPTIONS = {
+UNSUPPORTED_LORA_OPTIONS = {
     "use_dora": "DoRA",
     "lora_bias": "LoRA bias",
     "layer_replication": "layer replication",
@@ -173,7 +173,7 @@ def read_adapter(
     task_type = config.get("task_type") or CAUSAL_LM
     if task_type not in (CAUSAL_LM, SEQ_CLS):
         raise InvalidArgument.field("source", f"task type {task_type!r}: served are CAUSAL_LM (generation) and SEQ_CLS (classification)")
-    for option, name in _UNSUPPORTED_OPTIONS.items():
+    for option, name in UNSUPPORTED_LORA_OPTIONS.items():
         if config.get(option):
             raise InvalidArgument.field("source", f"{name} ({option}) adapters are not supported")
     base = config.get("base_model_name_or_path")
