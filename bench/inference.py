@@ -13,7 +13,12 @@ in the same run:
 - many adapters (S-LoRA's case): 64 adapters over the service's 8 slots,
   8 concurrent clients sending 64 requests each naming one adapter, spread
   uniformly and Zipf-like (s = 1): throughput, p50/p99 latency, and how long
-  an evicted adapter took to come back (from the service's log).
+  an evicted adapter took to come back (from the service's log);
+- llama.cpp's llama-server (bench/llama_cpp.py) on the same requests, where
+  `make llama-server` built it: the same base model converted to GGUF at the
+  same precision, the same adapters exported by `tunewire adapters gguf`;
+  a second table (inference-vs-llama-cpp-*) puts each against tunewire with
+  the target ratio. `--no-llama-cpp` leaves those rows out.
 
 Throughput counts real completion tokens (up to each row's end of turn or
 max_new_tokens), so padding and finished rows count for nothing.
@@ -42,6 +47,17 @@ from tunewire.services.common.text import prompt_text
 from tunewire.services.inference.engine import serving_dtype
 
 BASE_MODEL = "smollm2-135m-instruct"
+# The scenarios tunewire and llama-server both run, with tunewire's target
+# against llama-server (issue targets: ≥ 3× on mixed adapters, ≥ 1× batched,
+# ≥ 0.8× a single stream, which the machine's memory bandwidth bounds).
+MIXED, SINGLE, BASE, ONE_AT_A_TIME, STREAM = (
+    "8 concurrent, 4 adapters",
+    "8 concurrent, 1 adapter",
+    "8 concurrent, base model",
+    "8 one at a time, 4 adapters",
+    "single stream, base model",
+)
+TARGETS_VS_LLAMA_CPP = {MIXED: 3.0, SINGLE: 1.0, BASE: 1.0, ONE_AT_A_TIME: None, STREAM: 0.8}
 PROMPTS = [
     "Write a long story about a dragon who learns to cook.",
     "Explain how rain forms, in detail.",
@@ -109,17 +125,56 @@ def reload_times(log_path: Path) -> list[float]:
     return [float(ms) for ms in re.findall(r"reloaded into slot \d+ from host memory in ([\d.]+) ms", log_path.read_text())]
 
 
+def timed_requests(one, count: int, concurrent_requests: bool) -> tuple[int, float]:
+    """Requests 0..count-1 (`one(i)` returns its completion tokens), all at
+    once or one at a time: (tokens, seconds)."""
+    start = time.perf_counter()
+    if concurrent_requests:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            tokens = sum(pool.map(one, range(count)))
+    else:
+        tokens = sum(one(i) for i in range(count))
+    return tokens, time.perf_counter() - start
+
+
 def service_run(client: InferenceClient, adapters: list[str], max_new_tokens: int, concurrent_requests: bool) -> tuple[int, float]:
     def one(i: int) -> int:
         return client.generate(PROMPTS[i], adapter=adapters[i], max_new_tokens=max_new_tokens).completion_tokens
 
-    start = time.perf_counter()
-    if concurrent_requests:
-        with concurrent.futures.ThreadPoolExecutor(len(adapters)) as pool:
-            tokens = sum(pool.map(one, range(len(adapters))))
-    else:
-        tokens = sum(one(i) for i in range(len(adapters)))
-    return tokens, time.perf_counter() - start
+    return timed_requests(one, len(adapters), concurrent_requests)
+
+
+def llama_cpp_rows(
+    model_path: str, adapter_dirs: list[Path], home: Path, work: Path, dtype_name: str, max_new_tokens: int, record
+) -> list[str]:
+    """llama-server's rows (bench/llama_cpp.py), each recorded under the
+    scenario tunewire's row of the same requests has; returns its greedy
+    answers to the first four prompts, one per adapter."""
+    from transformers import AutoTokenizer
+
+    from bench.llama_cpp import LlamaServer, convert_base
+    from tunewire.clients.export import adapter_to_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = [prompt_text(tokenizer, None, p, False) for p in PROMPTS]
+    base = convert_base(model_path, home / "llama-cpp", dtype_name)
+    loras = [adapter_to_gguf(path, work / f"{path.name}.gguf", home / "models") for path in adapter_dirs]
+    mixed, single, none = [i % 4 for i in range(len(prompts))], [0] * len(prompts), [None] * len(prompts)
+    # Each slot holds a prompt (under 100 tokens here) and its answer.
+    with LlamaServer(base, loras, work / "llama-server.log", context_per_slot=max_new_tokens + 256) as server:
+
+        def run(adapters: list[int | None], concurrent_requests: bool):
+            return lambda: timed_requests(
+                lambda i: server.generate(prompts[i], adapters[i], max_new_tokens)[0], len(prompts), concurrent_requests
+            )
+
+        server.generate(prompts[0], 0, 4)  # warm-up
+        record("llama-server: 8 concurrent, 4 adapters", run(mixed, True), MIXED)
+        record("llama-server: 8 concurrent, 1 adapter", run(single, True), SINGLE)
+        record("llama-server: 8 concurrent, base model", run(none, True), BASE)
+        record("llama-server: the 8 one at a time, 4 adapters", run(mixed, False), ONE_AT_A_TIME)
+        record("llama-server: the 8 one at a time, base model (single stream)", run(none, False), STREAM)
+        return [server.generate(prompts[i], i, max_new_tokens)[1] for i in range(4)]
 
 
 class PeftBaseline:
@@ -178,6 +233,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="for the service and the baselines alike")
     parser.add_argument("--many-adapters", type=int, default=64, help="adapters over the service's 8 slots (0: skip those rows)")
+    parser.add_argument(
+        "--llama-cpp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="llama-server's rows, where it is built in .tools/llama.cpp",
+    )
     args = parser.parse_args()
     dtype = serving_dtype(args.dtype, torch.device("cpu"))  # the service and the baselines run on the CPU
     dtype_name = str(dtype).removeprefix("torch.")
@@ -190,11 +251,14 @@ def main() -> None:
         mixed = [f"adapter-{i % 4}" for i in range(n)]
         single = ["adapter-0"] * n
         rows = []
+        by_scenario: dict[str, dict[str, float]] = {}  # scenario -> {engine: tokens/s}
 
-        def record(what: str, measure) -> None:
+        def record(what: str, measure, scenario: str | None = None) -> None:
             tokens, seconds = min((measure() for _ in range(args.repeats)), key=lambda r: r[1] / max(r[0], 1))
             rows.append({"what": what, "tokens": tokens, "seconds": seconds, "tokens/s": tokens / seconds})
             print(f"{what}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} tokens/s", flush=True)
+            if scenario:
+                by_scenario.setdefault(scenario, {})[what.split(":")[0]] = tokens / seconds
 
         env = {
             "TUNEWIRE_HOME": str(home),
@@ -210,14 +274,21 @@ def main() -> None:
             for i in range(4):
                 client.load_adapter(f"adapter-{i}", str(adapter_dirs[i]))
             client.generate(PROMPTS[0], adapter="adapter-0", max_new_tokens=4)  # warm-up
-            record("tunewire: 8 concurrent, 4 adapters (mixed batch)", lambda: service_run(client, mixed, args.max_new_tokens, True))
-            record("tunewire: 8 concurrent, 1 adapter", lambda: service_run(client, single, args.max_new_tokens, True))
-            record("tunewire: 8 concurrent, base model", lambda: service_run(client, [""] * n, args.max_new_tokens, True))
-            record("tunewire: the 8 one at a time, 4 adapters", lambda: service_run(client, mixed, args.max_new_tokens, False))
+            record("tunewire: 8 concurrent, 4 adapters (mixed batch)", lambda: service_run(client, mixed, args.max_new_tokens, True), MIXED)
+            record("tunewire: 8 concurrent, 1 adapter", lambda: service_run(client, single, args.max_new_tokens, True), SINGLE)
+            record("tunewire: 8 concurrent, base model", lambda: service_run(client, [""] * n, args.max_new_tokens, True), BASE)
+            record(
+                "tunewire: the 8 one at a time, 4 adapters", lambda: service_run(client, mixed, args.max_new_tokens, False), ONE_AT_A_TIME
+            )
             record(
                 "tunewire: the 8 one at a time, base model (single stream)",
                 lambda: service_run(client, [""] * n, args.max_new_tokens, False),
+                STREAM,
             )
+            # Greedy answers to compare with llama-server's (the same adapters, exported as GGUF).
+            tunewire_answers = [
+                client.generate(PROMPTS[i], adapter=f"adapter-{i}", max_new_tokens=args.max_new_tokens).text for i in range(4)
+            ]
             start = time.perf_counter()
             loaded = client.load_adapter("adapter-new", str(adapter_dirs[4]))
             load_wall = time.perf_counter() - start
@@ -242,6 +313,19 @@ def main() -> None:
                         flush=True,
                     )
                 reloads = reload_times(adapter_root / "logs" / "inference.log")
+        llama_answers: list[str] = []
+        if args.llama_cpp:
+            from bench.llama_cpp import SERVER
+
+            if not SERVER.exists():
+                print(f"no {SERVER}: llama-server rows skipped (make llama-server builds it)", flush=True)
+            else:
+                try:
+                    llama_answers = llama_cpp_rows(
+                        model_path, adapter_dirs[:4], home, adapter_root, dtype_name, args.max_new_tokens, record
+                    )
+                except Exception as error:  # the other rows still count
+                    print(f"llama-server rows skipped: {error}", flush=True)
         baseline = PeftBaseline(model_path, adapter_dirs[:4], dtype)
         record("PEFT generate: batch of 8, 4 adapters (adapter_names)", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens))
         record("PEFT generate: batch of 8, 1 adapter", lambda: baseline.timed(PROMPTS, single, args.max_new_tokens))
@@ -288,6 +372,28 @@ def main() -> None:
             f"{loaded.load_seconds:.3f}s inside the service); last column = until the first generated token with it.{reloaded}"
         ),
     )
+    if llama_answers:
+        same = sum(a == b for a, b in zip(tunewire_answers, llama_answers, strict=True))
+        comparison = [
+            {
+                "requests": scenario,
+                "tunewire tokens/s": engines["tunewire"],
+                "llama-server tokens/s": engines["llama-server"],
+                "tunewire ÷ llama-server": engines["tunewire"] / engines["llama-server"],
+                "target": f"≥ {target}×" if target else "-",
+            }
+            for scenario, target in TARGETS_VS_LLAMA_CPP.items()
+            if len(engines := by_scenario.get(scenario, {})) == 2
+        ]
+        write_results(
+            f"inference-vs-llama-cpp-{dtype_name}",
+            comparison,
+            notes=(
+                f"Same machine and run, {dtype_name} weights on both, greedy, {args.max_new_tokens} tokens, 8 llama-server slots, "
+                f"its threads = the cores; adapters exported by tunewire as GGUF LoRA. Greedy answers of the 4 adapters "
+                f"identical to tunewire's: {same} of 4."
+            ),
+        )
 
 
 if __name__ == "__main__":
