@@ -48,7 +48,7 @@ from tunewire.services.inference.engine import serving_dtype
 
 BASE_MODEL = "smollm2-135m-instruct"
 # The scenarios tunewire and llama-server both run, with tunewire's target
-# against llama-server (issue targets: ≥ 3× on mixed adapters, ≥ 1× batched,
+# against llama-server (≥ 3× on mixed adapters, ≥ 1× batched,
 # ≥ 0.8× a single stream, which the machine's memory bandwidth bounds).
 MIXED, SINGLE, BASE, ONE_AT_A_TIME, STREAM = (
     "8 concurrent, 4 adapters",
