@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from tunewire.clients.local_stack import free_port
 
 LLAMA_CPP = Path(__file__).resolve().parent.parent / ".tools" / "llama.cpp"
 SERVER = LLAMA_CPP / "bin" / "llama-server"
@@ -47,18 +48,12 @@ def convert_base(model_path: str, out_dir: Path, dtype_name: str) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LlamaServer:
     """A llama-server process on loopback with the adapters loaded but not
     applied; each request names its adapter (`lora: [{id, scale}]`)."""
 
     def __init__(self, base: Path, adapters: list[Path], log: Path, context_per_slot: int, slots: int = 8):
-        self.port = _free_port()
+        self.port = free_port()
         command = [str(SERVER), "-m", str(base), "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--parallel", str(slots), "--ctx-size", str(slots * context_per_slot), "--threads", str(os.cpu_count() or 1)]
         for adapter in adapters:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,14 @@ from pathlib import Path
 from tunewire.clients.sdk import DatasetClient, InferenceClient, TrainingClient
 
 SERVICES = ("dataset", "training", "inference")
+
+
+def free_port() -> int:
+    """A port the OS has just handed out, so local services never collide
+    with each other or with the ephemeral ports Ray and other clients hold."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tunewire.clients.demo import demo_data
-from tunewire.clients.local_stack import LocalStack
+from tunewire.clients.local_stack import LocalStack, free_port
 from tunewire.clients.sdk import DatasetClient, InferenceClient, TrainingClient
 from tunewire.services.common.models import resolve_model
 from tunewire.services.common.text import prompt_text
@@ -36,12 +35,6 @@ BASE_MODEL = "smollm2-135m-instruct"
 # The guard is not what is checked here: a budget of 1 publishes and hot-loads whatever the job learns.
 HYPERPARAMETERS = {"learning_rate": 1e-3, "epochs": 2, "forgetting_budget": 1.0}
 MAX_NEW_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Checks:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tunewire.clients.local_stack import free_port
 from tunewire.services.common import layout
 
 # Servers started by the tests (in-process and as processes) open no
@@ -34,14 +34,6 @@ CORPUS = [
     "What is the capital of Spain? What is 2 plus 2?",
     "user assistant system hello world answer question",
 ] * 20
-
-
-def free_port() -> int:
-    """A port the OS has just handed out, so tests never collide with each
-    other or with the ephemeral ports Ray and other clients hold."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def build_tiny_causal_lm(path: Path, chat_template: bool = True, seed: int = 0, hidden_size: int = 32) -> Path:
@@ -305,7 +297,6 @@ class PostgresServer:
 
     def __init__(self, bin_dir: Path):
         import pwd
-        import socket
         import tempfile
 
         self.bin_dir = bin_dir
@@ -315,9 +306,7 @@ class PostgresServer:
             owner = pwd.getpwnam("postgres")
             os.chown(self.data, owner.pw_uid, owner.pw_gid)
             self.as_user = ["runuser", "-u", "postgres", "--"]
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
 
     def _run(self, tool: str, *args: str) -> None:
         subprocess.run([*self.as_user, str(self.bin_dir / tool), *args], check=True, capture_output=True, timeout=120)

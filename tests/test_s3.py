@@ -5,7 +5,6 @@ interrupted uploads leaving nothing visible, and the services on it."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -13,7 +12,7 @@ from tunewire.clients.sdk import DatasetClient, InferenceClient
 from tunewire.services.common import layout
 from tunewire.services.common.artifacts import COMPLETE_MARKER, ArtifactStore
 
-from conftest import prompt_completion_jsonl, three_services, write_lora_adapter
+from conftest import free_port, prompt_completion_jsonl, three_services, write_lora_adapter
 
 BUCKET = "tunewire-test"
 
@@ -22,9 +21,7 @@ BUCKET = "tunewire-test"
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
