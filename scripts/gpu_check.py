@@ -5,7 +5,11 @@
 3. the inference service on the GPU hot-loads both adapters and serves a batch
    that mixes them with the base model;
 4. every answer of that batch equals plain PEFT's greedy answer on the same
-   device (float32 on both sides, so only a real difference shows).
+   device (float32 on both sides, so only a real difference shows);
+5. where vLLM is installed (`pip install -e ".[vllm]"`), a second inference
+   service on the vLLM engine (TUNEWIRE_INFERENCE_ENGINE=vllm) hot-loads the
+   same adapters from the orchestrator and answers the same batch, compared
+   with PEFT's answers the same way.
 
 Each check prints one line with its figures; the exit status is the number of
 checks that failed. `--device cpu` runs the same on a machine without a GPU
@@ -22,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import torch
 
 from tunewire.clients.demo import demo_data
@@ -29,6 +34,7 @@ from tunewire.clients.local_stack import LocalStack, free_port
 from tunewire.clients.sdk import DatasetClient, InferenceClient, TrainingClient
 from tunewire.services.common.models import resolve_model
 from tunewire.services.common.text import prompt_text
+from tunewire.services.inference.vllm_engine import INSTALL_HINT, vllm_available
 from tunewire.v1 import training_pb2
 
 BASE_MODEL = "smollm2-135m-instruct"
@@ -87,6 +93,38 @@ class PeftAnswers:
                 with self.model.disable_adapter():
                     out = self.model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def serve_with_vllm(env: dict, log_dir: Path, adapters: list[str], batch: list[tuple[str, str]], checks: Checks) -> list:
+    """A second inference service, on the vLLM engine: its answers to the
+    batch once it has hot-loaded the adapters ([] if it could not)."""
+    env = env | {
+        "TUNEWIRE_INFERENCE_ENGINE": "vllm",
+        "TUNEWIRE_INFERENCE_PORT": str(free_port()),
+        # The built-in engine's service still holds its share of the GPU.
+        "TUNEWIRE_VLLM_GPU_MEMORY_UTILIZATION": "0.5",
+    }
+    started = time.monotonic()
+    try:
+        with (
+            LocalStack(env=env, services=("inference",), log_dir=log_dir / "vllm") as stack,
+            InferenceClient(stack.address("inference"), timeout=300) as inference,
+        ):
+            for adapter in adapters:
+                inference.wait_for_adapter(adapter, timeout=300)
+            loaded = time.monotonic() - started
+            with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+                results = list(pool.map(lambda qa: inference.generate(qa[0], adapter=qa[1], max_new_tokens=MAX_NEW_TOKENS), batch))
+    except (RuntimeError, TimeoutError, grpc.RpcError) as error:
+        checks.report("vLLM engine", False, str(error)[-2000:])
+        return []
+    tokens = sum(r.completion_tokens for r in results)
+    checks.report(
+        "vLLM engine",
+        all(r.completion_tokens > 0 for r in results),
+        f"served {len(adapters)} adapter(s) {loaded:.0f} s after start, {len(batch)} requests, {tokens} tokens",
+    )
+    return results
 
 
 def main() -> int:
@@ -153,15 +191,23 @@ def main() -> int:
                 all(r.completion_tokens > 0 for r in results),
                 f"{len(batch)} requests over {len(served) - 1} adapter(s) and the base model, {tokens} tokens in {seconds:.1f} s",
             )
+            engines = {"built-in engine": results}
+            if use_gpu and vllm_available():
+                engines["vLLM engine"] = serve_with_vllm(env, Path(tmp) / "logs", list(adapters.values()), batch, checks)
+            elif use_gpu:
+                print(f"SKIP  vLLM engine: vLLM is not installed ({INSTALL_HINT})")
 
         adapter_dirs = {adapter: Path(tmp) / "artifacts" / "adapters" / adapter for adapter in adapters.values()}
         peft = PeftAnswers(resolve_model(BASE_MODEL, home / "models"), adapter_dirs, device)
         expected = [peft.answer(q, adapter) for q, adapter in batch]
-        same = [r.text.strip() == e.strip() for r, e in zip(results, expected, strict=True)]
-        checks.report("equal to plain PEFT", all(same), f"{sum(same)} of {len(same)} answers identical (greedy, float32)")
-        for (q, adapter), r, e, ok in zip(batch, results, expected, same, strict=True):
-            if not ok:
-                print(f"      {adapter or 'base'} | {q}\n        tunewire: {r.text!r}\n        PEFT:     {e!r}")
+        for engine, answers in engines.items():
+            if not answers:
+                continue
+            same = [r.text.strip() == e.strip() for r, e in zip(answers, expected, strict=True)]
+            checks.report(f"{engine} equal to plain PEFT", all(same), f"{sum(same)} of {len(same)} answers identical (greedy, float32)")
+            for (q, adapter), r, e, ok in zip(batch, answers, expected, same, strict=True):
+                if not ok:
+                    print(f"      {adapter or 'base'} | {q}\n        tunewire: {r.text!r}\n        PEFT:     {e!r}")
     print(f"{checks.failed} check(s) failed" if checks.failed else "all checks passed")
     return checks.failed
 

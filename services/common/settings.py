@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     # it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float16
     # on a GPU and float32 on a CPU.
     inference_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # The engine that runs the served model: builtin (CPU, or a GPU) or vllm
+    # (CUDA GPUs, with the `vllm` extra installed), across this many GPUs.
+    inference_engine: Literal["builtin", "vllm"] = "builtin"
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
+    # The share of each GPU's memory vLLM takes (weights, then its KV cache).
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
 
     max_upload_bytes: int = Field(1 << 30, gt=0)
     # Longer rows are invalid (bounds the memory one row may take).

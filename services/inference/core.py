@@ -15,15 +15,17 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Protocol
 
 from tunewire.services.common import layout, telemetry
 from tunewire.services.common.artifacts import ArtifactStore
 from tunewire.services.common.auth import DEFAULT_PROJECT
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.common.sources import Source, check_source, parse_source, roots_for
-from tunewire.services.inference.adapters import AdapterView, not_loaded
+from tunewire.services.inference.adapters import AdapterRegistry, AdapterView, not_loaded
 from tunewire.services.inference.boundary import LoopReply
-from tunewire.services.inference.engine import BatchEngine, ClassificationResult, GenerationRequest, GenerationResult
+from tunewire.services.inference.engine import ClassificationResult, GenerationRequest, GenerationResult
+from tunewire.services.inference.lora import AdapterWeights
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,29 @@ def _adapter_project(source: Source) -> str | None:
     return str(metadata.get("project", DEFAULT_PROJECT)) if isinstance(metadata, dict) else None
 
 
+class ServingEngine(Protocol):
+    """What InferenceManager needs of an engine: the built-in one
+    (engine.BatchEngine) or vLLM's (vllm_engine.VllmEngine). Each answers
+    through the Reply it is given (boundary.py)."""
+
+    base_model_name: str
+    registry: AdapterRegistry
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def read_adapter(self, local_dir: Path) -> AdapterWeights: ...
+    def add_adapter(self, adapter_id, source_uri, local_dir, weights, project, published_at, load_started, reply): ...
+    def remove_adapter(self, adapter_id: str, project: str | None = None, reply=None) -> None: ...
+    def adapters(self, project: str | None = None) -> list[AdapterView]: ...
+    def submit(self, request: GenerationRequest, reply, deadline: float | None = None, project: str | None = None, stream: bool = True): ...
+    def classify(self, adapter_id: str, text: str, reply, project: str | None = None): ...
+    def cancel(self, handle) -> None: ...
+
+
 class InferenceManager:
     def __init__(
         self,
-        engine: BatchEngine,
+        engine: ServingEngine,
         artifacts: ArtifactStore,
         adapter_cache: Path,
         import_roots: tuple[str, ...] = (),

@@ -112,6 +112,28 @@ class GenerationRequest:
                 raise InvalidArgument.field(f"messages[{i}].role", f"unknown role {message['role']!r}")
 
 
+def prepare_prompt(request: GenerationRequest, tokenizer, max_positions: int) -> tuple[list[int], GenerationRequest]:
+    """Checks a generation request and tokenises its prompt (chat template
+    and all); returns the prompt's ids and the request with max_new_tokens
+    set (None: what the model's positions leave). InvalidArgument names
+    what does not fit."""
+    request.check()
+    text = prompt_text(tokenizer, request.messages, request.prompt, request.raw_prompt)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    if request.max_new_tokens is None:
+        room = max_positions - len(prompt_ids)
+        if room < 1:
+            raise InvalidArgument.field("prompt", f"is {len(prompt_ids)} tokens: the model has {max_positions} positions")
+        request = replace(request, max_new_tokens=min(room, MAX_NEW_TOKENS_LIMIT))
+    if len(prompt_ids) + request.max_new_tokens > max_positions:
+        raise InvalidArgument.field(
+            "sampling.max_new_tokens",
+            f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) is over the model's "
+            f"{max_positions} positions: shorten the prompt or lower max_new_tokens",
+        )
+    return prompt_ids, request
+
+
 @dataclass
 class GenerationResult:
     text: str = ""
@@ -268,23 +290,10 @@ class BatchEngine:
         served its own adapters only. Checks and tokenises here, in the
         caller's thread (a long prompt takes a while); returns the handle
         `cancel` takes."""
-        request.check()
         runner = self.runner
         if not runner.generative:
             raise FailedPrecondition(f"{self.base_model_name} is not a causal LM: this service classifies (Classify) but does not generate")
-        text = prompt_text(runner.tokenizer, request.messages, request.prompt, request.raw_prompt)
-        prompt_ids = runner.tokenizer(text, add_special_tokens=False)["input_ids"] or [runner.tokenizer.eos_token_id]
-        if request.max_new_tokens is None:
-            room = runner.max_positions - len(prompt_ids)
-            if room < 1:
-                raise InvalidArgument.field("prompt", f"is {len(prompt_ids)} tokens: the model has {runner.max_positions} positions")
-            request = replace(request, max_new_tokens=min(room, MAX_NEW_TOKENS_LIMIT))
-        if len(prompt_ids) + request.max_new_tokens > runner.max_positions:
-            raise InvalidArgument.field(
-                "sampling.max_new_tokens",
-                f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) is over the model's "
-                f"{runner.max_positions} positions: shorten the prompt or lower max_new_tokens",
-            )
+        prompt_ids, request = prepare_prompt(request, runner.tokenizer, runner.max_positions)
         generator = None
         if request.temperature > 0:
             generator = torch.Generator().manual_seed(

@@ -16,6 +16,7 @@ from tunewire.services.inference.core import InferenceManager
 from tunewire.services.inference.engine import BatchEngine, EngineLimits
 from tunewire.services.inference.openai_api import OpenAIApi, start_http
 from tunewire.services.inference.servicer import InferenceServicer
+from tunewire.services.inference.vllm_engine import INSTALL_HINT, VllmEngine, vllm_available
 from tunewire.services.inference.watcher import AdapterWatcher
 from tunewire.v1 import inference_pb2, inference_pb2_grpc
 
@@ -39,10 +40,22 @@ class InferenceDeps:
             max_evicted_adapter_bytes=settings.max_evicted_adapter_bytes,
             max_adapter_rank=settings.max_adapter_rank,
         )
-        try:
-            engine = BatchEngine(settings.base_model, settings.model_cache, limits, settings.inference_dtype, settings.inference_device)
-        except ValueError as error:  # a device this machine does not have
-            raise SettingsError(f"invalid settings: TUNEWIRE_INFERENCE_DEVICE={settings.inference_device!r}: {error}") from None
+        if settings.inference_engine == "vllm":
+            if not vllm_available():
+                raise SettingsError(f"invalid settings: {INSTALL_HINT}")
+            engine = VllmEngine(
+                settings.base_model,
+                settings.model_cache,
+                limits,
+                settings.inference_dtype,
+                settings.vllm_tensor_parallel_size,
+                settings.vllm_gpu_memory_utilization,
+            )
+        else:
+            try:
+                engine = BatchEngine(settings.base_model, settings.model_cache, limits, settings.inference_dtype, settings.inference_device)
+            except ValueError as error:  # a device this machine does not have
+                raise SettingsError(f"invalid settings: TUNEWIRE_INFERENCE_DEVICE={settings.inference_device!r}: {error}") from None
         manager = InferenceManager(
             engine,
             ArtifactStore(settings.artifact_root),
