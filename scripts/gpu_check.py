@@ -8,8 +8,12 @@
    device (float32 on both sides, so only a real difference shows);
 5. where vLLM is installed (`pip install -e ".[vllm]"`), a second inference
    service on the vLLM engine (TUNEWIRE_INFERENCE_ENGINE=vllm) hot-loads the
-   same adapters from the orchestrator and answers the same batch, compared
-   with PEFT's answers the same way.
+   same adapters from the orchestrator and answers the same batch. vLLM's
+   LoRA kernels run in bfloat16 or float16, not float32, so its answers are
+   compared with PEFT's float32 ones as a share: greedy answers in bfloat16
+   drift from float32 ones after a few tokens now and then, and an adapter
+   not applied would change nearly every one, so at least half must be
+   identical.
 
 Each check prints one line with its figures; the exit status is the number of
 checks that failed. `--device cpu` runs the same on a machine without a GPU
@@ -100,6 +104,7 @@ def serve_with_vllm(env: dict, log_dir: Path, adapters: list[str], batch: list[t
     batch once it has hot-loaded the adapters ([] if it could not)."""
     env = env | {
         "TUNEWIRE_INFERENCE_ENGINE": "vllm",
+        "TUNEWIRE_INFERENCE_DTYPE": "bfloat16",
         "TUNEWIRE_INFERENCE_PORT": str(free_port()),
         # The built-in engine's service still holds its share of the GPU.
         "TUNEWIRE_VLLM_GPU_MEMORY_UTILIZATION": "0.5",
@@ -204,7 +209,11 @@ def main() -> int:
             if not answers:
                 continue
             same = [r.text.strip() == e.strip() for r, e in zip(answers, expected, strict=True)]
-            checks.report(f"{engine} equal to plain PEFT", all(same), f"{sum(same)} of {len(same)} answers identical (greedy, float32)")
+            if engine == "vLLM engine":
+                figures = f"{sum(same)} of {len(same)} answers identical (greedy; bfloat16 against PEFT's float32)"
+                checks.report(f"{engine} agrees with plain PEFT", 2 * sum(same) >= len(same), figures)
+            else:
+                checks.report(f"{engine} equal to plain PEFT", all(same), f"{sum(same)} of {len(same)} answers identical (greedy, float32)")
             for (q, adapter), r, e, ok in zip(batch, answers, expected, same, strict=True):
                 if not ok:
                     print(f"      {adapter or 'base'} | {q}\n        tunewire: {r.text!r}\n        PEFT:     {e!r}")

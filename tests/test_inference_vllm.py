@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib.machinery
 import sys
 import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -24,11 +26,18 @@ from tunewire.services.inference.vllm_engine import VllmEngine
 from conftest import build_tiny_causal_lm, write_lora_adapter
 
 
-@dataclass
+@dataclass(eq=False)
 class LoRARequest:
     lora_name: str
     lora_int_id: int
     lora_path: str
+
+    # As vLLM's: LoRAs are told apart by name alone.
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LoRARequest) and other.lora_name == self.lora_name
+
+    def __hash__(self) -> int:
+        return hash(self.lora_name)
 
 
 class SamplingParams:
@@ -59,7 +68,7 @@ class FakeAsyncLLM:
     LoRA's name, then one word a token; `gate`, when set, holds every
     request before its first token."""
 
-    max_model_len: int = 256
+    max_model_len: int = 200
     loras: dict[int, LoRARequest] = field(default_factory=dict)
     removed: list[int] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)
@@ -84,7 +93,7 @@ class FakeAsyncLLM:
         try:
             if self.gate is not None:
                 await self.gate.wait()
-            words = [f"[{lora_request.lora_name if lora_request else 'base'}]"] + [f" w{i}" for i in range(1, 100)]
+            words = [f"[{Path(lora_request.lora_path).name if lora_request else 'base'}]"] + [f" w{i}" for i in range(1, 100)]
             limit = params.kwargs["max_tokens"]
             for i, word in enumerate(words[:limit]):
                 if word.strip() in params.kwargs["stop"]:
@@ -93,8 +102,14 @@ class FakeAsyncLLM:
                 yield Output([Completion(word, [i], "length" if i == limit - 1 else None)])
                 await asyncio.sleep(0)
         except (asyncio.CancelledError, GeneratorExit):
+            for _ in range(3):  # vLLM's abort goes to its engine process: a few turns of the loop
+                await asyncio.sleep(0)
             self.aborted.append(request_id)  # as vLLM aborts a request whose generator closes
             raise
+
+    async def abort(self, request_id: str) -> None:
+        if request_id not in self.aborted:
+            self.aborted.append(request_id)
 
     def shutdown(self) -> None:
         self.shut_down = True
@@ -104,6 +119,7 @@ class FakeAsyncLLM:
 def fake_vllm(monkeypatch):
     """The vllm modules the backend imports, made of the fakes above."""
     vllm = types.ModuleType("vllm")
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # found, as an installed one is
     vllm.SamplingParams = SamplingParams
     vllm.TokensPrompt = dict
     lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
@@ -119,7 +135,9 @@ def fake_vllm(monkeypatch):
 def served(fake_vllm, tiny_model_dir, tmp_path):
     """A started backend over a FakeAsyncLLM: (engine, fake)."""
     fake = FakeAsyncLLM()
-    engine = VllmEngine(str(tiny_model_dir), tmp_path / "cache", EngineLimits(max_batch_size=2, max_queued_requests=2), engine_factory=lambda path: fake)
+    engine = VllmEngine(
+        str(tiny_model_dir), tmp_path / "cache", EngineLimits(max_batch_size=2, max_queued_requests=2), engine_factory=lambda path: fake
+    )
     engine.start()
     yield engine, fake
     engine.stop()
@@ -137,20 +155,21 @@ def submit(engine, project=None, deadline=None, **kwargs):
 def test_a_request_goes_to_vllm_with_its_tokens_sampling_and_lora(served, tiny_model_dir, tmp_path):
     engine, fake = served
     adapter = add(engine, "a1", write_lora_adapter(tiny_model_dir, tmp_path / "a1", rank=4))
-    assert fake.loras[adapter.slot] == LoRARequest("a1", adapter.slot, str(tmp_path / "a1"))  # hot-loaded into vLLM
+    assert vars(fake.loras[adapter.slot]) == vars(LoRARequest(f"a1#{adapter.slot}", adapter.slot, str(tmp_path / "a1")))  # hot-loaded
+    assert engine.max_positions == 200  # vLLM's, not the model config's 256
 
     _, reply = submit(engine, adapter="a1", messages=[{"role": "user", "content": "hello"}], max_new_tokens=3)
     result = reply.result()
     assert result.text == "[a1] w1 w2" == "".join(reply.items)  # streamed as deltas
     assert (result.finish_reason, result.completion_tokens) == (LENGTH, 3)
     sent = fake.requests[-1]
-    expected_ids, _ = prepare_prompt(GenerationRequest(messages=[{"role": "user", "content": "hello"}]), engine.tokenizer, 256)
+    expected_ids, _ = prepare_prompt(GenerationRequest(messages=[{"role": "user", "content": "hello"}]), engine.tokenizer, 200)
     assert sent["prompt"] == {"prompt_token_ids": expected_ids} and result.prompt_tokens == len(expected_ids)
     assert sent["lora"] == fake.loras[adapter.slot]
     # Unset sampling options are left to vLLM; the deltas are asked for.
     assert sent["params"] == {"max_tokens": 3, "temperature": 0.0, "stop": [], "output_kind": RequestOutputKind.DELTA}
 
-    _, reply = submit(engine, prompt="hi", max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=("w2",))
+    _, reply = submit(engine, prompt="hi", max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=5, seed=0, stop=("w2",))
     result = reply.result()
     assert (result.text, result.finish_reason) == ("[base] w1", STOP)
     assert fake.requests[-1]["lora"] is None
@@ -159,7 +178,7 @@ def test_a_request_goes_to_vllm_with_its_tokens_sampling_and_lora(served, tiny_m
         "temperature": 0.7,
         "top_p": 0.9,
         "top_k": 5,
-        "seed": 3,
+        "seed": 0,  # a seed, not unset
         "stop": ["w2"],
         "output_kind": None,
     }
@@ -194,6 +213,46 @@ def test_an_unloaded_adapter_leaves_vllm_once_its_requests_finish(served, tiny_m
     assert idle.slot is None and fake.loras == {}
 
 
+def test_an_id_loaded_again_while_its_old_weights_serve_is_another_lora_to_vllm(served, tiny_model_dir, tmp_path):
+    engine, fake = served
+    add(engine, "a1", write_lora_adapter(tiny_model_dir, tmp_path / "old", seed=1))
+    fake.gate = asyncio.Event()
+    _, old_reply = submit(engine, adapter="a1", prompt="hi", max_new_tokens=1)
+    wait_for(lambda: fake.requests)
+    engine.remove_adapter("a1")
+    add(engine, "a1", write_lora_adapter(tiny_model_dir, tmp_path / "new", seed=2))
+    _, new_reply = submit(engine, adapter="a1", prompt="hi", max_new_tokens=1)
+    wait_for(lambda: len(fake.requests) == 2)
+    old, new = (r["lora"] for r in fake.requests)
+    assert old != new and old.lora_int_id != new.lora_int_id  # vLLM tells LoRAs apart by name
+    engine._loop.call_soon_threadsafe(fake.gate.set)
+    assert (old_reply.result().text, new_reply.result().text) == ("[old]", "[new]")
+
+
+def test_vllm_errors_reach_callers_as_tunewire_errors(served, tiny_model_dir, tmp_path):
+    engine, fake = served
+
+    async def refuse(lora):
+        raise Exception("target modules not supported")
+
+    fake.add_lora = refuse
+    with pytest.raises(InvalidArgument, match="vLLM could not load the adapter: target modules"):
+        add(engine, "a1", write_lora_adapter(tiny_model_dir, tmp_path / "a1"))
+    assert engine.adapters() == []
+
+    class EngineDeadError(Exception):
+        pass
+
+    async def dead(*args, **kwargs):
+        raise EngineDeadError()
+        yield
+
+    fake.generate = dead
+    _, reply = submit(engine, prompt="hi")
+    with pytest.raises(Unavailable, match="vLLM engine has stopped"):
+        reply.result()
+
+
 def test_cancel_and_deadline_abort_the_request_in_vllm(served):
     engine, fake = served
     fake.gate = asyncio.Event()
@@ -209,7 +268,9 @@ def test_cancel_and_deadline_abort_the_request_in_vllm(served):
 
 def test_requests_past_the_bounds_are_refused_and_shutdown_answers_those_in_flight(fake_vllm, tiny_model_dir, tmp_path):
     fake = FakeAsyncLLM(gate=None)
-    engine = VllmEngine(str(tiny_model_dir), tmp_path / "cache", EngineLimits(max_batch_size=1, max_queued_requests=1), engine_factory=lambda path: fake)
+    engine = VllmEngine(
+        str(tiny_model_dir), tmp_path / "cache", EngineLimits(max_batch_size=1, max_queued_requests=1), engine_factory=lambda path: fake
+    )
     engine.start()
     fake.gate = asyncio.Event()
     running = [submit(engine, prompt="hi")[1] for _ in range(2)]
@@ -241,6 +302,8 @@ def test_the_setting_chooses_the_engine(fake_vllm, monkeypatch, tmp_path):
 
     settings = Settings(home=tmp_path, inference_engine="vllm", training_address="")
     assert type(InferenceDeps.from_settings(settings).manager.engine).__name__ == "VllmEngine"
+    with pytest.raises(SettingsError, match="TUNEWIRE_INFERENCE_DTYPE='float32'.*bfloat16"):
+        InferenceDeps.from_settings(Settings(home=tmp_path, inference_engine="vllm", inference_dtype="float32", training_address=""))
     monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
     with pytest.raises(SettingsError, match=r"pip install 'tunewire\[vllm\]'"):
         InferenceDeps.from_settings(settings)

@@ -43,14 +43,17 @@ class InferenceDeps:
         if settings.inference_engine == "vllm":
             if not vllm_available():
                 raise SettingsError(f"invalid settings: {INSTALL_HINT}")
-            engine = VllmEngine(
-                settings.base_model,
-                settings.model_cache,
-                limits,
-                settings.inference_dtype,
-                settings.vllm_tensor_parallel_size,
-                settings.vllm_gpu_memory_utilization,
-            )
+            try:
+                engine = VllmEngine(
+                    settings.base_model,
+                    settings.model_cache,
+                    limits,
+                    settings.inference_dtype,
+                    settings.vllm_tensor_parallel_size,
+                    settings.vllm_gpu_memory_utilization,
+                )
+            except ValueError as error:
+                raise SettingsError(f"invalid settings: TUNEWIRE_INFERENCE_DTYPE={settings.inference_dtype!r}: {error}") from None
         else:
             try:
                 engine = BatchEngine(settings.base_model, settings.model_cache, limits, settings.inference_dtype, settings.inference_device)

@@ -25,9 +25,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import importlib.util
 import itertools
 import logging
+import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewire.services.common.auth import DEFAULT_PROJECT
-from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from tunewire.services.common.models import base_model_aliases, resolve_model
 from tunewire.services.inference.adapters import AdapterRegistry, AdapterView, ServedAdapter
 from tunewire.services.inference.boundary import Reply, WaitingReply, shutting_down
@@ -46,20 +49,24 @@ from tunewire.services.inference.output import CANCELLED, LENGTH, STOP
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "TUNEWIRE_INFERENCE_ENGINE=vllm needs vLLM on a CUDA machine: pip install 'tunewire[vllm]'"
-# vLLM's finish reasons, as tunewire's.
-FINISH_REASONS = {"stop": STOP, "length": LENGTH, "abort": CANCELLED}
+# vLLM's finish reasons, as tunewire's ("error" is raised instead).
+FINISH_REASONS = {"stop": STOP, "length": LENGTH, "abort": CANCELLED, "repetition": STOP}
+# The LoRA ranks vLLM can be configured for (its max_lora_rank).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The served dtypes vLLM's LoRA kernels run in.
+VLLM_DTYPES = ("auto", "bfloat16", "float16")
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether vLLM is installed (found, not imported: importing it is slow)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 def create_vllm_engine(model_path: str, limits: EngineLimits, dtype: str, tensor_parallel_size: int, gpu_memory_utilization: float):
     """vLLM's AsyncLLM for the base model, LoRA enabled within tunewire's limits."""
+    # vLLM starts its engine processes by forking unless told otherwise; this
+    # process already runs gRPC's threads, which a fork does not take along.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from vllm import AsyncEngineArgs, AsyncLLMEngine
 
     args = AsyncEngineArgs(
@@ -70,11 +77,23 @@ def create_vllm_engine(model_path: str, limits: EngineLimits, dtype: str, tensor
         max_num_seqs=limits.max_batch_size,
         enable_lora=True,
         max_loras=limits.max_resident_adapters,
-        max_lora_rank=limits.max_adapter_rank,
+        # tunewire checks each adapter against max_adapter_rank itself.
+        max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= limits.max_adapter_rank), VLLM_LORA_RANKS[-1]),
         # Adapters evicted from the GPU stay in host memory for this many more.
         max_cpu_loras=4 * limits.max_resident_adapters,
     )
     return AsyncLLMEngine.from_engine_args(args)
+
+
+def _as_tunewire_error(exc: Exception) -> Exception:
+    """vLLM's errors, as the status callers should see (by class name: vLLM
+    moves its exception classes between versions)."""
+    name = type(exc).__name__
+    if name == "EngineDeadError":
+        return Unavailable("the vLLM engine has stopped: retry on another replica (the service needs a restart)")
+    if name == "VLLMValidationError":
+        return InvalidArgument(f"vLLM refused the request: {exc}")
+    return exc
 
 
 @dataclass
@@ -104,6 +123,8 @@ class VllmEngine:
         gpu_memory_utilization: float = 0.9,
         engine_factory: Callable[[str], Any] | None = None,
     ):
+        if dtype not in VLLM_DTYPES:
+            raise ValueError(f"{dtype!r}: vLLM's LoRA kernels run in {', '.join(VLLM_DTYPES)}")
         self.base_model_name = base_model_name
         self.model_cache = model_cache
         self.limits = limits or EngineLimits()
@@ -116,6 +137,10 @@ class VllmEngine:
         self._thread: threading.Thread | None = None
         self._lora_ids = itertools.count(1)
         self._requests: dict[str, VllmRequest] = {}  # running or waiting in vLLM (its thread only)
+        # What was handed to vLLM's loop and has not finished: answered
+        # UNAVAILABLE if the loop stops first.
+        self._pending: set[concurrent.futures.Future] = set()
+        self._lock = threading.Lock()
         self._closing = False
         self.tokenizer = None
         self.max_positions = 0
@@ -164,40 +189,56 @@ class VllmEngine:
         finally:
             self._loop.close()
 
-    def stop(self) -> None:
-        if self._loop is None or self._loop.is_closed():
-            return
+    def stop(self, grace: float = 10.0) -> None:
+        """Answers every request in flight UNAVAILABLE (vLLM aborts each),
+        then shuts vLLM down and ends its thread."""
+        with self._lock:
+            if self._loop is None or self._loop.is_closed() or self._closing:
+                return
+            self._closing = True  # from here on, nothing new reaches vLLM
 
         async def close() -> None:
-            self._closing = True
-            for request in list(self._requests.values()):
-                if request.task is not None:
-                    request.task.cancel()  # each answers its caller UNAVAILABLE
-            await asyncio.sleep(0)
+            tasks = [r.task for r in self._requests.values() if r.task is not None]
+            for task in tasks:
+                task.cancel()
+            if tasks:  # their aborts take a few turns of the loop
+                await asyncio.wait(tasks, timeout=grace)
             self._engine.shutdown()
 
         try:
-            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=grace + 30)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout=30)
+            with self._lock:
+                pending, self._pending = self._pending, set()
+            for future in pending:
+                future.cancel()  # answers its reply (or its waiting caller) UNAVAILABLE
 
     def _call(self, coroutine: Coroutine, reply: Reply | None):
         """Runs the coroutine on vLLM's loop; its result (or error) finishes
         the reply, or, without one, is returned here once done."""
-        if self._loop is None or self._closing:
-            coroutine.close()
-            raise shutting_down()
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        if reply is None:
-            return future.result()
+        with self._lock:
+            if self._loop is None or self._closing:
+                coroutine.close()
+                raise shutting_down()
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+            self._pending.add(future)
 
         def answer(done: concurrent.futures.Future) -> None:
-            reply.finish(shutting_down() if done.cancelled() else done.exception() or done.result())
+            with self._lock:
+                self._pending.discard(done)
+            if reply is not None:
+                reply.finish(shutting_down() if done.cancelled() else done.exception() or done.result())
 
         future.add_done_callback(answer)
-        return None
+        if reply is not None:
+            return None
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise shutting_down() from None
 
     # Adapters (any thread)
 
@@ -229,10 +270,11 @@ class VllmEngine:
             existing = self.registry.get(adapter_id)
             if existing is not None:
                 return self.registry.add(adapter)  # itself if from the same source, else refused
-            from vllm.lora.request import LoRARequest
-
             adapter.slot = next(self._lora_ids)
-            await self._engine.add_lora(LoRARequest(adapter_id, adapter.slot, str(local_dir)))
+            try:
+                await self._engine.add_lora(_lora_request(adapter))
+            except Exception as exc:
+                raise InvalidArgument.field("source", f"vLLM could not load the adapter: {exc}") from exc
             return self.registry.add(adapter)
 
         return self._call(place(), reply)
@@ -266,7 +308,8 @@ class VllmEngine:
         handle = VllmRequest(uuid.uuid4().hex, reply, None)
 
         async def generate() -> None:
-            if handle.cancelled:  # before it started: nothing to abort
+            gone = handle.cancelled or (deadline is not None and time.monotonic() > deadline)
+            if gone:  # before it reached vLLM: nothing to abort
                 reply.finish(GenerationResult("", CANCELLED, len(prompt_ids), 0))
                 return
             if len(self._requests) >= self.limits.max_batch_size + self.limits.max_queued_requests:
@@ -279,9 +322,10 @@ class VllmEngine:
             try:
                 result = await self._generate(handle, prompt_ids, request, deadline, stream)
             finally:
+                handle.task = None  # a cancel from here on has nothing to stop
                 del self._requests[handle.id]
                 if handle.adapter is not None and self.registry.done(handle.adapter):
-                    await self._release(handle.adapter)
+                    await asyncio.shield(self._release(handle.adapter))
             reply.finish(result)
 
         self._call(generate(), _ErrorsOnly(reply))
@@ -291,19 +335,18 @@ class VllmEngine:
         self, handle: VllmRequest, prompt_ids: list[int], request: GenerationRequest, deadline: float | None, stream: bool
     ) -> GenerationResult | BaseException:
         from vllm import SamplingParams, TokensPrompt
-        from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
-        optional = {"top_p": request.top_p, "top_k": request.top_k, "seed": request.seed}
+        # Unset top_p and top_k (0) take vLLM's defaults; seed 0 is a seed.
+        optional = {"top_p": request.top_p or None, "top_k": request.top_k or None, "seed": request.seed}
         params = SamplingParams(
             max_tokens=request.max_new_tokens,
             temperature=request.temperature,
             stop=list(request.stop),
             output_kind=RequestOutputKind.DELTA,
-            **{k: v for k, v in optional.items() if v},  # unset (0 or None): vLLM's defaults
+            **{k: v for k, v in optional.items() if v is not None},
         )
-        adapter = handle.adapter
-        lora = LoRARequest(adapter.id, adapter.slot, str(adapter.local_dir)) if adapter is not None else None
+        lora = _lora_request(handle.adapter) if handle.adapter is not None else None
         completion_tokens, finish_reason = 0, STOP
         try:
             async with asyncio.timeout_at(deadline):  # the loop's clock is time.monotonic, as deadlines are
@@ -314,14 +357,21 @@ class VllmEngine:
                         handle.text.append(completion.text)
                         if stream:
                             handle.reply.send(completion.text)
+                    if completion.finish_reason == "error":
+                        raise Unavailable("vLLM failed this request: retry it")
                     if completion.finish_reason is not None:
                         finish_reason = FINISH_REASONS.get(completion.finish_reason, STOP)
         except TimeoutError:
-            finish_reason = CANCELLED  # vLLM aborted it when its generator closed
+            finish_reason = CANCELLED
+            await asyncio.shield(self._engine.abort(handle.id))  # in case it ended before vLLM took it
         except asyncio.CancelledError:
+            asyncio.current_task().uncancel()
+            await asyncio.shield(self._engine.abort(handle.id))
             if self._closing:
                 return shutting_down()
             finish_reason = CANCELLED  # the caller went away
+        except Exception as exc:
+            raise _as_tunewire_error(exc) from exc
         return GenerationResult("".join(handle.text), finish_reason, len(prompt_ids), completion_tokens)
 
     def classify(self, adapter_id: str, text: str, reply: Reply, project: str | None = None):
@@ -335,8 +385,19 @@ class VllmEngine:
             if handle.task is not None:
                 handle.task.cancel()
 
-        if self._loop is not None and not self._loop.is_closed():
+        try:
             self._loop.call_soon_threadsafe(cancel)
+        except (AttributeError, RuntimeError):  # no loop, or it has closed: nothing runs
+            pass
+
+
+def _lora_request(adapter: ServedAdapter):
+    """The adapter as vLLM names it. vLLM tells LoRAs apart by name, so each
+    load gets its own (an id unloaded and loaded again while a request still
+    holds the first is two LoRAs)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"{adapter.id}#{adapter.slot}", adapter.slot, str(adapter.local_dir))
 
 
 class _ErrorsOnly(Reply):
