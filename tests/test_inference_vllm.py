@@ -315,3 +315,49 @@ def wait_for(condition, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.01)
+
+
+def test_both_apis_answer_from_the_vllm_engine_over_real_sockets(fake_vllm, tiny_model_dir, tmp_path):
+    """gRPC (unary, streamed, load, unload) and the OpenAI-compatible API
+    (the real `openai` client) over a service whose engine is vLLM's."""
+    import grpc
+    import openai
+
+    from tunewire.clients.sdk import ApiError, InferenceClient
+    from tunewire.services.common.artifacts import ArtifactStore
+    from tunewire.services.common.settings import load_settings
+    from tunewire.services.inference.core import InferenceManager
+    from tunewire.services.inference.server import InferenceDeps, create_server
+
+    from conftest import ServerThread, free_port
+
+    http_port = free_port()
+    settings = load_settings(home=tmp_path / "home", base_model=str(tiny_model_dir), inference_http_port=http_port)
+    fake = FakeAsyncLLM()
+    adapter_dir = write_lora_adapter(tiny_model_dir, tmp_path / "own" / "pirate")
+
+    async def make_inference():
+        engine = VllmEngine(settings.base_model, settings.model_cache, EngineLimits(), engine_factory=lambda path: fake)
+        manager = InferenceManager(engine, ArtifactStore(settings.artifact_root), tmp_path / "adapter-cache", (str(tmp_path / "own"),))
+        return await create_server(settings, InferenceDeps(manager, ""), port=0)
+
+    with ServerThread(make_inference) as inference, InferenceClient(inference.address, timeout=60) as client:
+        client.load_adapter("pirate", str(adapter_dir))
+        unary = client.generate("hello", adapter="pirate", max_new_tokens=4)
+        streamed = list(client.generate_stream("hello", adapter="pirate", max_new_tokens=4))
+        assert unary.text == "[pirate] w1 w2 w3" == "".join(s.text_delta for s in streamed)
+        assert streamed[-1].completion_tokens == unary.completion_tokens == 4
+
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="local", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "hello"}]
+        chat = api.chat.completions.create(model="pirate", messages=messages, max_tokens=3, temperature=0)
+        assert chat.choices[0].message.content == "[pirate] w1 w2" and chat.choices[0].finish_reason == "length"
+        chunks = api.chat.completions.create(model="pirate", messages=messages, max_tokens=3, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "[pirate] w1 w2"
+        assert all(r["lora"].lora_path == str(adapter_dir) for r in fake.requests)  # each request carries its LoRA
+
+        client.unload_adapter("pirate")
+        assert fake.loras == {}
+        with pytest.raises(ApiError) as caught:
+            client.generate("hello", adapter="pirate")
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
