@@ -30,6 +30,7 @@ def test_defaults_fill_what_is_unset_and_say_so():
         ("lora_target_modules", ["q_proj; rm -rf"]),
         ("precision", "fp8"),
         ("prompt_word_dropout", 0.6),
+        ("ema_decay", 1.0),
     ],
 )
 def test_each_bad_hyperparameter_names_its_field(field, value):

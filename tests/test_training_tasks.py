@@ -5,10 +5,11 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tunewire.services.common.text import IGNORE_INDEX
 from tunewire.services.training import metrics, tasks
-from tunewire.services.training.config import resolve_config
+from tunewire.services.training.config import FULL, resolve_config
 from tunewire.services.training.estimate import estimate_job
 from tunewire.services.training.jobs import DatasetRef, JobSpec
 
@@ -309,3 +310,39 @@ def test_qlora_without_bitsandbytes_names_the_package_and_the_extra(tiny_model_d
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ValueError, match=r"QLoRA needs the bitsandbytes package.*tunewire\[qlora\]"):
         tasks.load_model(SFT, str(tiny_model_dir), QLORA, resolve_config({"learning_rate": 1e-3}, 10, QLORA), [], tokenizer, True)
+
+
+def test_the_weight_average_follows_the_weights_and_takes_their_place_only_while_applied():
+    from tunewire.services.training.averaging import WeightAverage
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([weight], decay=0.9)
+    with torch.no_grad():
+        weight.fill_(1.0)
+    average.update(1)  # early on the decay is (1 + n) / (10 + n): it follows the weights closely
+    assert torch.allclose(average.average[0], torch.full((3,), 1 - 2 / 11))
+    for step in range(2, 200):
+        average.update(step)
+    assert torch.allclose(average.average[0], torch.ones(3), atol=1e-4)
+    with torch.no_grad():
+        weight.fill_(5.0)
+    average.update(200)  # the decay has settled at 0.9
+    assert torch.allclose(average.average[0], torch.full((3,), 1.4), atol=1e-4)
+
+    with average.applied():
+        assert torch.allclose(weight, average.average[0])  # validated and saved: the average
+        assert torch.equal(average.live_weights()[0], torch.full((3,), 5.0))  # kept beside it, for a resume
+    assert torch.equal(weight.detach(), torch.full((3,), 5.0))
+
+    # A resume loads the checkpoint's weights (the average), then goes on from the live ones.
+    live = average.live_weights()
+    with torch.no_grad():
+        weight.fill_(1.4)
+    average.restore(live)
+    assert torch.allclose(average.average[0], torch.full((3,), 1.4)) and torch.equal(weight.detach(), torch.full((3,), 5.0))
+
+
+def test_ema_decay_defaults_on_for_adapters_and_off_for_full_fine_tuning():
+    assert resolve_config({}, 40).ema_decay == 0.9
+    assert resolve_config({}, 40, method=FULL).ema_decay == 0.0
+    assert resolve_config({"ema_decay": 0.0}, 40).ema_decay == 0.0

@@ -53,6 +53,10 @@ class TrainingConfig:
     # random each time it is trained on (numbers are kept), so a taught
     # answer does not hang on one wording of the question.
     prompt_word_dropout: float = 0.1
+    # Decay of the exponential moving average of the trained weights that is
+    # validated, checkpointed and published (averaging.py); 0: the weights
+    # of the step itself.
+    ema_decay: float = 0.9
     auto: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -89,6 +93,7 @@ DEFAULTS = dict(
     forgetting_budget=0.1,
     retention_weight=3.0,
     prompt_word_dropout=0.1,
+    ema_decay=0.9,
 )
 # Full fine-tuning moves every weight: a far smaller step than LoRA's.
 FULL_LEARNING_RATE = 2e-5
@@ -120,6 +125,7 @@ _CHECKS = {
     "forgetting_budget": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a share: 0.1 allows 10% of the base's correct probe answers lost)"),
     "retention_weight": (lambda v: 0 <= v <= 100, "must be in [0, 100] (0 turns the retention penalty off)"),
     "prompt_word_dropout": (lambda v: 0 <= v <= 0.5, "must be in [0, 0.5] (0 trains on every prompt word)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1) (0 publishes the last step's weights, not their average)"),
 }
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 
@@ -147,6 +153,8 @@ def resolve_config(given: dict, train_rows: int, method: str = LORA) -> Training
     if violations:
         raise InvalidArgument("invalid hyperparameters: " + "; ".join(f"{v.field} {v.description}" for v in violations), violations)
     defaults = {**DEFAULTS, "learning_rate": FULL_LEARNING_RATE if method == FULL else DEFAULTS["learning_rate"]}
+    if method == FULL:  # an average of every weight of the model: memory a fine-tune of the whole model may not have
+        defaults["ema_decay"] = 0.0
     values = {**defaults, **{k: v for k, v in given.items() if k != "epochs"}}
     auto = sorted(k for k in [*defaults, "epochs"] if k not in given)
     values["epochs"] = given.get("epochs") or auto_epochs(train_rows)

@@ -23,6 +23,7 @@ _SHOWN = (
     "warmup_fraction",
     "weight_decay",
     "prompt_word_dropout",
+    "ema_decay",
     "retention_weight",
     "forgetting_budget",
     "seed",

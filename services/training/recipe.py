@@ -265,6 +265,7 @@ class FineTuneRecipe:
         self.state = TrainState()
         self.reference = None  # general.GeneralReference, for generative tasks
         self.answer_rows: list[dict] | None = None  # the validation rows answered at each validation
+        self.average = None  # averaging.WeightAverage of the trained weights (ema_decay), once set up
         self.rng = random.Random(self.training.seed + rank)
 
     def send(self, kind: str, data: dict) -> None:
@@ -330,6 +331,10 @@ class FineTuneRecipe:
         self.setup_model(ray.train.torch.get_device())
         self.load_general_reference()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.training.ema_decay > 0:
+            from tunewire.services.training.averaging import WeightAverage
+
+            self.average = WeightAverage(self.trainable, self.training.ema_decay)
         latest = list_checkpoints(ArtifactStore(self.config.artifact_root), self.config.job_id, self.config.run)
         optimizer_state = None
         if latest:
@@ -355,6 +360,8 @@ class FineTuneRecipe:
         self.state.step = self.state.epoch * self.config.steps_per_epoch
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state["optimizer"])
+            if self.average is not None:
+                self.average.restore(optimizer_state.get("live_weights"))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # stepping the schedule alone is the point here
                 for _ in range(self.state.step):
@@ -429,6 +436,8 @@ class FineTuneRecipe:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                if self.average is not None:
+                    self.average.update(state.step)
                 wants_cancel = float(self.rank == 0 and self.control is not None and self.control.qsize() > 0)
                 loss_total, loss_tokens, real_tokens, wants_cancel = self.all_sum(loss_total, loss_tokens, real_tokens, wants_cancel)
                 elapsed, step_seconds = time.monotonic() - started, max(time.monotonic() - step_start, 1e-9)
@@ -580,6 +589,14 @@ class FineTuneRecipe:
         return Forgetting(int(kept), self.reference.base_correct, perplexity, self.config.base_perplexity), result
 
     def validate_and_checkpoint(self) -> bool:
+        """Validation of the weights' average (ema_decay) where there is one,
+        else of the weights; see _validate_and_checkpoint."""
+        if self.average is None:
+            return self._validate_and_checkpoint()
+        with self.average.applied():
+            return self._validate_and_checkpoint()
+
+    def _validate_and_checkpoint(self) -> bool:
         """Validation; forgetting measured when the candidate could become the
         run's checkpoint; a checkpoint when it does; whether to stop early
         (the validation loss has not improved for early_stopping_patience
@@ -694,7 +711,9 @@ class FineTuneRecipe:
         budget = self.training.forgetting_budget
         with tempfile.TemporaryDirectory() as out:
             self._save_weights(Path(out))
-            torch.save({"optimizer": self.optimizer.state_dict()}, Path(out, layout.OPTIMIZER_FILE))
+            # With an average, the weights saved are the average; training resumes from the live ones.
+            live = {"live_weights": self.average.live_weights()} if self.average is not None else {}
+            torch.save({"optimizer": self.optimizer.state_dict()} | live, Path(out, layout.OPTIMIZER_FILE))
             extra = {
                 "run": self.config.run,
                 "validation_loss": val_loss,
