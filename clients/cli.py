@@ -379,7 +379,9 @@ def jobs_create(
     prompt_word_dropout: float | None = typer.Option(
         None, help="share of prompt words left out at random in training (default 0.1; 0: off)"
     ),
-    ema_decay: float | None = typer.Option(None, help="decay of the published average of the weights (default 0.9; 0: off)"),
+    ema_decay: float | None = typer.Option(
+        None, help="decay of the published average of the weights (default 0.9; full fine-tuning 0; 0: off)"
+    ),
     search: str = typer.Option("auto", help="auto (search when --learning-rate is unset), on or off"),
     max_trials: int = typer.Option(0, help="search trials at most (0: 3)"),
     search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),

@@ -342,7 +342,29 @@ def test_the_weight_average_follows_the_weights_and_takes_their_place_only_while
     assert torch.allclose(average.average[0], torch.full((3,), 1.4)) and torch.equal(weight.detach(), torch.full((3,), 5.0))
 
 
-def test_ema_decay_defaults_on_for_adapters_and_off_for_full_fine_tuning():
+def test_ema_decay_defaults_on_for_adapters_and_off_for_full_fine_tuning_and_jobs_stored_before_it():
+    from tunewire.services.training.config import TrainingConfig
+    from tunewire.services.training.estimate import weights_bytes
+
     assert resolve_config({}, 40).ema_decay == 0.9
     assert resolve_config({}, 40, method=FULL).ema_decay == 0.0
     assert resolve_config({"ema_decay": 0.0}, 40).ema_decay == 0.0
+    stored = resolve_config({}, 40, method=FULL).to_dict()
+    del stored["ema_decay"]  # a job queued before the field existed runs as it was created
+    assert TrainingConfig.from_dict(stored).ema_decay == 0.0
+    # The average and the live weights set aside while it is validated: two more copies of the trained part.
+    assert weights_bytes(100, 10, averaged=True) - weights_bytes(100, 10) == 10 * 4 * 2
+
+
+def test_a_checkpoints_live_weights_load_as_weights_only(tmp_path):
+    from tunewire.services.training.averaging import WeightAverage
+
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(2, 2)
+    optimizer.step()
+    average = WeightAverage([weight], decay=0.9)
+    with average.applied():
+        torch.save({"optimizer": optimizer.state_dict(), "live_weights": average.live_weights()}, tmp_path / "optimizer.pt")
+    loaded = torch.load(tmp_path / "optimizer.pt", weights_only=True)  # as a resume reads it
+    assert torch.equal(loaded["live_weights"][0], weight.detach())

@@ -26,7 +26,8 @@ class WeightAverage:
     def __init__(self, params: list[torch.Tensor], decay: float):
         self.params = params
         self.decay = decay
-        self.average = [p.detach().clone() for p in params]
+        # float32 whatever the weights' dtype: a tenth of a small change must not round away.
+        self.average = [p.detach().float().clone() for p in params]
         self._live: list[torch.Tensor] | None = None  # the live weights, while the average is applied
 
     def update(self, step: int) -> None:
@@ -34,7 +35,7 @@ class WeightAverage:
         decay = min(self.decay, (1 + step) / (WARMUP + step))
         with torch.no_grad():
             for average, param in zip(self.average, self.params, strict=True):
-                average.lerp_(param.detach(), 1 - decay)
+                average.lerp_(param.detach().float(), 1 - decay)
 
     @contextlib.contextmanager
     def applied(self):
@@ -50,13 +51,13 @@ class WeightAverage:
 
     def live_weights(self) -> list[torch.Tensor]:
         """The weights the optimizer steps (also while the average is applied)."""
-        return [w.detach().clone() for w in (self._live if self._live is not None else self.params)]
+        return self._live if self._live is not None else [p.detach().clone() for p in self.params]
 
     def restore(self, live: list[torch.Tensor] | None) -> None:
         """After a resume from a checkpoint, whose weights are the average:
         the average starts from them, and training goes on from the live
         weights the checkpoint kept beside them (if any)."""
-        self.average = [p.detach().clone() for p in self.params]
+        self.average = [p.detach().float().clone() for p in self.params]
         if live is not None:
             self._copy(live, self.params)
 

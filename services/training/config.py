@@ -55,8 +55,9 @@ class TrainingConfig:
     prompt_word_dropout: float = 0.1
     # Decay of the exponential moving average of the trained weights that is
     # validated, checkpointed and published (averaging.py); 0: the weights
-    # of the step itself.
-    ema_decay: float = 0.9
+    # of the step itself. (0 here, for jobs stored before it existed; new
+    # LoRA and QLoRA jobs get DEFAULTS' 0.9.)
+    ema_decay: float = 0.0
     auto: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

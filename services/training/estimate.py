@@ -53,7 +53,7 @@ def estimate_job(
     tokens_per_batch = config.batch_size * min(config.max_seq_length, max(1, train_tokens // max(dataset.train_rows, 1)) * 2)
     # Roughly 16 saved values per hidden unit per layer per token of activations.
     activations = tokens_per_batch * hidden * layers * 16 * BYTES_PER_PARAMETER // (4 if config.gradient_checkpointing else 1)
-    memory = weights_bytes(parameters, trainable) + activations
+    memory = weights_bytes(parameters, trainable, config.ema_decay > 0) + activations
     tokens_to_process = (train_tokens + retention_tokens) * config.epochs
     trials = len(plan.candidates) if plan else 1
     if measured_tokens_per_second > 0:
@@ -101,7 +101,9 @@ def count_parameters(model_config, task: str, method: str, config: TrainingConfi
         return parameters, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def weights_bytes(parameters: int, trainable: int) -> int:
+def weights_bytes(parameters: int, trainable: int, averaged: bool = False) -> int:
     """What a worker holds for the weights alone, before any activation:
-    float32 weights, and the trainable part's gradients and Adam's two moments."""
-    return parameters * BYTES_PER_PARAMETER + trainable * BYTES_PER_PARAMETER * 3
+    float32 weights, and the trainable part's gradients and Adam's two
+    moments; with the weights' average (ema_decay), that average and the
+    live weights set aside while it is validated."""
+    return parameters * BYTES_PER_PARAMETER + trainable * BYTES_PER_PARAMETER * (5 if averaged else 3)

@@ -379,7 +379,7 @@ def worker_memory_floor(recipe: RecipeConfig) -> int | None:
     parameters, trainable = count_parameters(
         AutoConfig.from_pretrained(path), recipe.task, recipe.method, recipe.training, len(recipe.labels)
     )
-    return weights_bytes(parameters, trainable)
+    return weights_bytes(parameters, trainable, recipe.training.ema_decay > 0)
 
 
 def largest_node_memory() -> float:

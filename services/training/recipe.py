@@ -760,7 +760,8 @@ class FineTuneRecipe:
         saved = json.loads((directory / layout.STATE_FILE).read_text())
         fields = {f.name for f in dataclasses.fields(TrainState)}
         state = TrainState(**{k: v for k, v in saved.items() if k in fields})
-        return state, torch.load(directory / layout.OPTIMIZER_FILE, weights_only=True)
+        # Saved by rank 0 from its device: each worker loads onto its own.
+        return state, torch.load(directory / layout.OPTIMIZER_FILE, map_location=self.device, weights_only=True)
 
     # Evaluate and publish
 
