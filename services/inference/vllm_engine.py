@@ -371,7 +371,10 @@ class VllmEngine:
                 return shutting_down()
             finish_reason = CANCELLED  # the caller went away
         except Exception as exc:
-            raise _as_tunewire_error(exc) from exc
+            error = _as_tunewire_error(exc)
+            if error is exc:  # already tunewire's, or one without a better status
+                raise
+            raise error from exc
         return GenerationResult("".join(handle.text), finish_reason, len(prompt_ids), completion_tokens)
 
     def classify(self, adapter_id: str, text: str, reply: Reply, project: str | None = None):
