@@ -14,6 +14,10 @@ in the same run:
   8 concurrent clients sending 64 requests each naming one adapter, spread
   uniformly and Zipf-like (s = 1): throughput, p50/p99 latency, and how long
   an evicted adapter took to come back (from the service's log);
+- a long prompt (4,000 tokens) admitted while a stream decodes: the
+  stream's gaps between tokens meanwhile against its gaps alone (chunked,
+  paced prefill; target: the mean at most 2×), its longest pause, and the
+  long prompt's own time to its first token;
 - llama.cpp's llama-server (bench/llama_cpp.py) on the same requests, where
   `make llama-server` built it: the same base model converted to GGUF at the
   same precision, the same adapters exported by `tunewire adapters gguf`;
@@ -34,6 +38,7 @@ import random
 import re
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +123,40 @@ def many_adapters_run(client: InferenceClient, names: list[str], requests: int, 
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "adapters": len(set(draws)),
     }
+
+
+def token_times(stream, times: list[float], stop: threading.Event | None = None) -> None:
+    """Appends the arrival time of each of a GenerateStream's messages; ends
+    the stream once `stop` is set (closing it cancels the call)."""
+    for _message in stream:
+        times.append(time.perf_counter())
+        if stop is not None and stop.is_set():
+            stream.close()
+            return
+
+
+def long_prompt_latency(client: InferenceClient, tokenizer, prompt_tokens: int) -> dict:
+    """A base-model stream's mean gap between tokens alone, and while a
+    prompt of `prompt_tokens` tokens is prefilled (from its submission to its
+    first token): the mean and longest gap then, and that prompt's wait."""
+    words = " ".join(PROMPTS * 200)
+    long_prompt = tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"][:prompt_tokens])
+    alone: list[float] = []
+    token_times(client.generate_stream(PROMPTS[3], max_new_tokens=96), alone)
+    usual = statistics.mean(b - a for a, b in zip(alone[1:], alone[2:], strict=False))
+    during: list[float] = []
+    stop = threading.Event()
+    reader = threading.Thread(target=token_times, args=(client.generate_stream(PROMPTS[3], max_new_tokens=2048), during, stop))
+    reader.start()
+    while len(during) < 8:
+        time.sleep(0.01)
+    submitted = time.perf_counter()
+    client.generate(long_prompt, raw_prompt=True, max_new_tokens=1)
+    answered = time.perf_counter()
+    stop.set()
+    reader.join()
+    gaps = [b - a for a, b in zip(during, during[1:], strict=False) if submitted < b <= answered]
+    return {"usual": usual, "mean": statistics.mean(gaps), "longest": max(gaps), "gaps": len(gaps), "wait": answered - submitted}
 
 
 def reload_times(log_path: Path) -> list[float]:
@@ -233,6 +272,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="for the service and the baselines alike")
     parser.add_argument("--many-adapters", type=int, default=64, help="adapters over the service's 8 slots (0: skip those rows)")
+    parser.add_argument("--long-prompt", type=int, default=4000, help="tokens of the prompt admitted while a stream decodes (0: skip)")
     parser.add_argument(
         "--llama-cpp",
         action=argparse.BooleanOptionalAction,
@@ -313,6 +353,17 @@ def main() -> None:
                         flush=True,
                     )
                 reloads = reload_times(adapter_root / "logs" / "inference.log")
+            latency = None
+            if args.long_prompt:
+                from transformers import AutoTokenizer
+
+                latency = long_prompt_latency(client, AutoTokenizer.from_pretrained(model_path), args.long_prompt)
+                print(
+                    f"a stream while a {args.long_prompt}-token prompt is prefilled: mean gap {latency['mean'] * 1000:.0f} ms "
+                    f"({latency['mean'] / latency['usual']:.2f}× its {latency['usual'] * 1000:.0f} ms alone), longest "
+                    f"{latency['longest'] * 1000:.0f} ms; the long prompt's first token after {latency['wait']:.1f} s",
+                    flush=True,
+                )
         llama_answers: list[str] = []
         if args.llama_cpp:
             from bench.llama_cpp import SERVER
@@ -372,6 +423,25 @@ def main() -> None:
             f"{loaded.load_seconds:.3f}s inside the service); last column = until the first generated token with it.{reloaded}"
         ),
     )
+    if latency:
+        write_results(
+            f"inference-long-prompt-{dtype_name}",
+            [
+                {
+                    "what": f"a base-model stream while a {args.long_prompt}-token prompt is prefilled",
+                    "gap alone, ms": latency["usual"] * 1000,
+                    "mean gap meanwhile, ms": latency["mean"] * 1000,
+                    "mean ÷ alone": latency["mean"] / latency["usual"],
+                    "target": "≤ 2×",
+                    "longest gap, ms": latency["longest"] * 1000,
+                    "long prompt's first token, s": latency["wait"],
+                }
+            ],
+            notes=(
+                f"Same run; {latency['gaps']} gaps of the stream while the long prompt was prefilled; "
+                "its prefill chunked and paced (TUNEWIRE_PREFILL_CHUNK_TOKENS, TUNEWIRE_PREFILL_SHARE at their defaults)."
+            ),
+        )
     if llama_answers:
         same = sum(a == b for a, b in zip(tunewire_answers, llama_answers, strict=True))
         comparison = [

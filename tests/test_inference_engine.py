@@ -423,18 +423,30 @@ def test_prompts_over_the_prefill_budget_are_prefilled_in_turns(tiny_model_dir, 
 
 
 def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_running_streams_decode(tiny_model_dir, adapters, tmp_path):
-    engine = make_engine(tiny_model_dir, tmp_path, prefill_chunk_tokens=8)
+    engine = make_engine(tiny_model_dir, tmp_path, prefill_chunk_tokens=8, prefill_share=0.25)
     add(engine, "a1", adapters["a1"])
     long_prompt = " ".join(PROMPTS * 3)
     length = len(engine.runner.tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
-    steps_at_chunk = []
-    prefill_chunk = engine.runner.prefill_chunk
+    steps_at_chunk, chunk_seconds, decode_seconds = [], [], []
+    prefill_chunk, decode = engine.runner.prefill_chunk, engine.runner.decode
 
     def counting(sequence, size):
         steps_at_chunk.append(engine.steps)
-        return prefill_chunk(sequence, size)
+        started = time.perf_counter()
+        try:
+            return prefill_chunk(sequence, size)
+        finally:
+            chunk_seconds.append(time.perf_counter() - started)
 
-    engine.runner.prefill_chunk = counting
+    def timed_decode(sequences):
+        started = time.perf_counter()
+        try:
+            return decode(sequences)
+        finally:
+            if engine._prefilling is not None:
+                decode_seconds.append(time.perf_counter() - started)
+
+    engine.runner.prefill_chunk, engine.runner.decode = counting, timed_decode
     try:
         running = Call(engine, prompt=PROMPTS[1], raw_prompt=True, max_new_tokens=200)
         while not running.deltas:
@@ -446,6 +458,9 @@ def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_running_streams_decode(
         # running stream between each two: it never waited for the whole prompt.
         assert len(steps_at_chunk) == -(-length // 8) > 3
         assert steps_at_chunk == sorted(set(steps_at_chunk))
+        # Paced: the chunks took about a quarter of the decoding time (the
+        # last chunk may overshoot; the engine's own clock includes a little more).
+        assert sum(chunk_seconds) <= 0.25 * sum(decode_seconds) * 1.2 + max(chunk_seconds)
     finally:
         engine.stop()
 

@@ -8,7 +8,7 @@ import pytest
 
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tunewire.services.inference.adapters import CAUSAL_LM, SEQ_CLS, AdapterRegistry, ServedAdapter
-from tunewire.services.inference.scheduler import Admission, Scheduler
+from tunewire.services.inference.scheduler import Admission, PrefillPacer, Scheduler
 
 
 @dataclass(eq=False)
@@ -89,6 +89,55 @@ def test_long_prompts_are_prefilled_in_chunks_one_at_a_time_while_short_ones_sti
     scheduler.add(late := Request(prompt_ids=[0] * 100))
     assert scheduler.admit([Request()] * 3, always).chunked is None and scheduler.queued() == 1
     assert scheduler.admit([], always).chunked is late
+
+
+def simulate_paced_prefill(share: float, decode_seconds: float, chunk_seconds: list[float]) -> tuple[list[float], int]:
+    """A stream decoding while a long prompt's chunks run, as the engine's
+    step does: a chunk when the pacer allows, then a decoding step. Returns
+    the stream's gaps between tokens and the steps the prefill took."""
+    pacer, chunks, gaps = PrefillPacer(share), list(chunk_seconds), []
+    pacer.start()
+    while chunks:
+        gap = 0.0
+        if pacer.may_prefill(decoding=True):
+            gap += (seconds := chunks.pop(0))
+            pacer.prefilled(seconds, decoding=True)
+        pacer.decoded(decode_seconds)
+        gaps.append(gap + decode_seconds)
+    return gaps, len(gaps)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0, 3.0])
+def test_paced_chunks_take_their_share_of_the_decoding_time_whatever_each_costs(share):
+    # Chunks late in a long prompt cost more (attention over what came before).
+    chunk_seconds = [0.05 + 0.02 * i for i in range(20)]
+    gaps, steps = simulate_paced_prefill(share, decode_seconds=0.04, chunk_seconds=chunk_seconds)
+    mean_gap = sum(gaps) / len(gaps)
+    # Within (1 + share) times the usual gap (each chunk paid for before it
+    # runs, at the price of the one before: a growing cost overshoots by the growth).
+    assert mean_gap <= (1 + share) * 0.04 + 0.02
+    assert mean_gap >= (1 + share) * 0.04 * 0.85  # and the prefill takes the share it is given
+    # No pause is longer than one decoding step and one chunk.
+    assert max(gaps) <= 0.04 + max(chunk_seconds)
+
+
+def test_without_decoding_streams_every_step_prefills_and_no_debt_carries_over():
+    pacer = PrefillPacer(0.5)
+    pacer.start()
+    assert pacer.may_prefill(decoding=True)  # the first chunk runs at once
+    pacer.prefilled(10.0, decoding=True)
+    assert not pacer.may_prefill(decoding=True)
+    assert pacer.may_prefill(decoding=False)  # no stream to keep pace for
+    pacer.prefilled(10.0, decoding=False)
+    pacer.decoded(4.0)
+    assert not pacer.may_prefill(decoding=True)  # 10 s owed, 2 s earned
+    pacer.decoded(36.0)
+    assert pacer.may_prefill(decoding=True)  # 10 s in hand: the next chunk's likely cost
+    # The next long prompt starts afresh: the scheduler starts the pacer when it admits one.
+    scheduler = Scheduler(max_batch_size=2, max_queued=4, max_prefill_tokens=1000, prefill_chunk_tokens=8, prefill_share=0.5)
+    scheduler.pacer.prefilled(10.0, decoding=True)
+    scheduler.add(Request(prompt_ids=[0] * 9))
+    assert scheduler.admit([], always).chunked is not None and scheduler.pacer.may_prefill(decoding=True)
 
 
 def test_a_request_whose_adapter_has_no_slot_waits_and_those_behind_it_go_first():

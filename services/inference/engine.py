@@ -73,8 +73,11 @@ class EngineLimits:
     # Prompt tokens (padded) prefilled together in one pass.
     max_prefill_tokens: int = 8192
     # A longer prompt is prefilled this many tokens a step, between decoding
-    # steps, so it does not stall the running streams for its whole length.
-    prefill_chunk_tokens: int = 512
+    # steps, so it does not stall the running streams for its whole length;
+    # while streams decode, its chunks take at most this share of their
+    # decoding time (scheduler.PrefillPacer).
+    prefill_chunk_tokens: int = 256
+    prefill_share: float = 0.75
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,11 @@ class BatchEngine:
         self.runner = ModelRunner(base_model_name, model_cache, self.limits, serving_on, serving_dtype(dtype, serving_on))
         self.registry = AdapterRegistry(self.limits.max_evicted_adapter_bytes)
         self.scheduler = Scheduler(
-            self.limits.max_batch_size, self.limits.max_queued_requests, self.limits.max_prefill_tokens, self.limits.prefill_chunk_tokens
+            self.limits.max_batch_size,
+            self.limits.max_queued_requests,
+            self.limits.max_prefill_tokens,
+            self.limits.prefill_chunk_tokens,
+            self.limits.prefill_share,
         )
         self._inbox = Inbox()
         self._running: list[_Sequence] = []  # the batch's rows, in the runner's order
@@ -426,8 +433,11 @@ class BatchEngine:
             self._running.extend(admitted)  # from here on, a failure fails them with the batch
             self._accept(admitted, self.runner.prefill(admitted))
         joined = len(admitted)
-        if self._prefilling:
+        pacer, decoding = self.scheduler.pacer, bool(self._running)
+        if self._prefilling and pacer.may_prefill(decoding):
+            started = time.monotonic()
             token = self.runner.prefill_chunk(self._prefilling, self.scheduler.prefill_chunk_tokens)
+            pacer.prefilled(time.monotonic() - started, decoding)
             if token is not None:  # its last chunk: it joins the batch
                 self._running.append(self._prefilling)
                 self._accept([self._prefilling], [token])
@@ -435,7 +445,10 @@ class BatchEngine:
         if self._running and len(self._running) > joined:
             # Rows prefilled this step already have their first token; decode
             # them too: every row is one token ahead of its cache.
+            started = time.monotonic()
             tokens = self.runner.decode(self._running)
+            if self._prefilling:
+                pacer.decoded(time.monotonic() - started)
             self.steps += 1
             telemetry.INFERENCE_BATCH_SIZE.observe(len(self._running))
             self._accept(self._running, tokens)

@@ -20,6 +20,9 @@ The policy:
 - a prompt longer than `prefill_chunk_tokens` is prefilled a chunk a step
   (chunked prefill), one such prompt at a time, so the running streams go on
   decoding between its chunks instead of stalling for the whole prompt;
+- while streams decode, those chunks are paced (PrefillPacer): they take at
+  most `prefill_share` of the decoding steps' time, so the streams' mean
+  inter-token latency stays within (1 + prefill_share) times its usual;
 - a request whose adapter cannot have a slot (every slot held by running
   adapters) waits, and those behind it may go first; one whose adapter cannot
   be placed at all fails alone.
@@ -58,13 +61,58 @@ class Admission:
     chunked: object | None = None  # a long prompt whose chunked prefill starts now
 
 
+class PrefillPacer:
+    """When a long prompt's next chunk may run while other streams decode.
+
+    On a CPU a forward pass costs about its tokens' compute, so a chunk
+    cannot ride along with a decoding step for free as it does on a GPU: a
+    256-token chunk late in a 4k-token prompt takes ten decoding steps' time.
+    Instead the prefill earns time as the streams decode, `share` of each
+    decoding step's seconds, and a chunk runs once its credit covers what the
+    chunk before it took (a prompt's chunks cost a little more each, as
+    attention reaches further back; the first runs at once). Over the
+    prefill the chunks take about `share` of the decoding time, whatever each
+    costs: the streams' mean inter-token latency stays within (1 + share)
+    times its usual, and the longest pause is one decoding step and one
+    chunk. With no stream decoding, every step prefills."""
+
+    def __init__(self, share: float):
+        self.share = share
+        self.credit = 0.0
+        self.last_chunk_seconds = 0.0
+
+    def start(self) -> None:
+        """A chunked prefill starts: no credit from an earlier one."""
+        self.credit = self.last_chunk_seconds = 0.0
+
+    def may_prefill(self, decoding: bool) -> bool:
+        return not decoding or self.credit >= self.last_chunk_seconds
+
+    def prefilled(self, seconds: float, decoding: bool) -> None:
+        self.last_chunk_seconds = seconds
+        if decoding:
+            self.credit -= seconds
+
+    def decoded(self, seconds: float) -> None:
+        """A decoding step ran while a chunked prefill was in progress."""
+        self.credit += self.share * seconds
+
+
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_queued: int, max_prefill_tokens: int, prefill_chunk_tokens: int | None = None):
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_queued: int,
+        max_prefill_tokens: int,
+        prefill_chunk_tokens: int | None = None,
+        prefill_share: float = 0.75,
+    ):
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.max_prefill_tokens = max_prefill_tokens
         # A chunk is one prefill pass: never over the pass's budget.
         self.prefill_chunk_tokens = min(prefill_chunk_tokens or max_prefill_tokens, max_prefill_tokens)
+        self.pacer = PrefillPacer(prefill_share)
         self._waiting: collections.deque = collections.deque()
         self._classifications: collections.deque = collections.deque()
 
@@ -131,6 +179,7 @@ class Scheduler:
             rows[sequence.project] += 1
             if long_prompt:
                 chunked = sequence
+                self.pacer.start()
             else:
                 admitted.append(sequence)
                 width = wider

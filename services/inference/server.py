@@ -39,6 +39,8 @@ class InferenceDeps:
             max_resident_adapters=settings.max_resident_adapters,
             max_evicted_adapter_bytes=settings.max_evicted_adapter_bytes,
             max_adapter_rank=settings.max_adapter_rank,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            prefill_share=settings.prefill_share,
         )
         if settings.inference_engine == "vllm":
             if not vllm_available():
