@@ -125,11 +125,17 @@ def many_adapters_run(client: InferenceClient, names: list[str], requests: int, 
     }
 
 
+# A text the model goes on counting from (no chat turn to end): the stream
+# must outlast the long prompt's prefill.
+ENDLESS_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
 def token_times(stream, times: list[float], stop: threading.Event | None = None) -> None:
-    """Appends the arrival time of each of a GenerateStream's messages; ends
+    """Appends the arrival time of each text delta of a GenerateStream; ends
     the stream once `stop` is set (closing it cancels the call)."""
-    for _message in stream:
-        times.append(time.perf_counter())
+    for message in stream:
+        if message.text_delta:
+            times.append(time.perf_counter())
         if stop is not None and stop.is_set():
             stream.close()
             return
@@ -142,19 +148,37 @@ def long_prompt_latency(client: InferenceClient, tokenizer, prompt_tokens: int) 
     words = " ".join(PROMPTS * 200)
     long_prompt = tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"][:prompt_tokens])
     alone: list[float] = []
-    token_times(client.generate_stream(PROMPTS[3], max_new_tokens=96), alone)
+    token_times(client.generate_stream(ENDLESS_PROMPT, raw_prompt=True, max_new_tokens=96), alone)
+    if len(alone) < 10:
+        raise RuntimeError(f"the stream alone ended after {len(alone)} tokens: too few to time")
     usual = statistics.mean(b - a for a, b in zip(alone[1:], alone[2:], strict=False))
     during: list[float] = []
+    failed: list[BaseException] = []
     stop = threading.Event()
-    reader = threading.Thread(target=token_times, args=(client.generate_stream(PROMPTS[3], max_new_tokens=2048), during, stop))
+
+    def read() -> None:
+        try:
+            token_times(client.generate_stream(ENDLESS_PROMPT, raw_prompt=True, max_new_tokens=2048), during, stop)
+        except BaseException as error:  # re-raised below
+            failed.append(error)
+
+    reader = threading.Thread(target=read)
     reader.start()
-    while len(during) < 8:
+    started = time.perf_counter()
+    while len(during) < 8 and reader.is_alive() and time.perf_counter() - started < 120:
         time.sleep(0.01)
+    if len(during) < 8:
+        stop.set()
+        reader.join()
+        raise RuntimeError(f"the running stream gave {len(during)} tokens before the long prompt: {failed or 'it ended'}")
     submitted = time.perf_counter()
     client.generate(long_prompt, raw_prompt=True, max_new_tokens=1)
     answered = time.perf_counter()
+    outlasted = reader.is_alive()
     stop.set()
     reader.join()
+    if failed or not outlasted:
+        raise RuntimeError(f"the running stream ended before the long prompt was answered: {failed or 'it finished'}")
     gaps = [b - a for a, b in zip(during, during[1:], strict=False) if submitted < b <= answered]
     return {"usual": usual, "mean": statistics.mean(gaps), "longest": max(gaps), "gaps": len(gaps), "wait": answered - submitted}
 

@@ -422,31 +422,57 @@ def test_prompts_over_the_prefill_budget_are_prefilled_in_turns(tiny_model_dir, 
         engine.stop()
 
 
-def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_running_streams_decode(tiny_model_dir, adapters, tmp_path):
-    engine = make_engine(tiny_model_dir, tmp_path, prefill_chunk_tokens=8, prefill_share=0.25)
+class PassClock:
+    """The engine's clock for pacing: it moves only when a pass runs, by a
+    fixed cost per prefill chunk and per decoding step, so the pacing is
+    the same on any machine. Records, at each chunk, the decoding steps and
+    the whole-prompt prefill passes run before it."""
+
+    def __init__(self, chunk_seconds: float, decode_seconds: float):
+        self.chunk_seconds, self.decode_seconds = chunk_seconds, decode_seconds
+        self.now = 0.0
+        self.prefills = 0
+        self.chunks: list[tuple[int, int]] = []  # (decoding steps, prefills) before each chunk
+
+    def __call__(self) -> float:
+        return self.now
+
+    def attach(self, engine: BatchEngine) -> None:
+        runner = engine.runner
+        prefill, prefill_chunk, decode = runner.prefill, runner.prefill_chunk, runner.decode
+
+        def whole(sequences):
+            self.prefills += 1
+            return prefill(sequences)
+
+        def chunk(sequence, size):
+            self.chunks.append((engine.steps, self.prefills))
+            self.now += self.chunk_seconds
+            return prefill_chunk(sequence, size)
+
+        def step(sequences):
+            self.now += self.decode_seconds
+            return decode(sequences)
+
+        runner.prefill, runner.prefill_chunk, runner.decode = whole, chunk, step
+
+
+def paced_engine(model_dir, tmp_path, **limits) -> tuple[BatchEngine, PassClock]:
+    clock = PassClock(chunk_seconds=1.0, decode_seconds=0.5)
+    engine = BatchEngine(str(model_dir), tmp_path / "cache", EngineLimits(prefill_chunk_tokens=8, prefill_share=0.5, **limits), clock=clock)
+    engine.load()
+    clock.attach(engine)
+    return engine, clock
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_at_a_time_paced_while_running_streams_decode(tiny_model_dir, adapters, tmp_path):
+    # A chunk costs 1 s and a decoding step 0.5 s: at share 0.5 a chunk
+    # earns the next one in four decoding steps.
+    engine, clock = paced_engine(tiny_model_dir, tmp_path)
+    engine.start()
     add(engine, "a1", adapters["a1"])
     long_prompt = " ".join(PROMPTS * 3)
     length = len(engine.runner.tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
-    steps_at_chunk, chunk_seconds, decode_seconds = [], [], []
-    prefill_chunk, decode = engine.runner.prefill_chunk, engine.runner.decode
-
-    def counting(sequence, size):
-        steps_at_chunk.append(engine.steps)
-        started = time.perf_counter()
-        try:
-            return prefill_chunk(sequence, size)
-        finally:
-            chunk_seconds.append(time.perf_counter() - started)
-
-    def timed_decode(sequences):
-        started = time.perf_counter()
-        try:
-            return decode(sequences)
-        finally:
-            if engine._prefilling is not None:
-                decode_seconds.append(time.perf_counter() - started)
-
-    engine.runner.prefill_chunk, engine.runner.decode = counting, timed_decode
     try:
         running = Call(engine, prompt=PROMPTS[1], raw_prompt=True, max_new_tokens=200)
         while not running.deltas:
@@ -454,13 +480,33 @@ def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_running_streams_decode(
         chunked = Call(engine, adapter="a1", prompt=long_prompt, raw_prompt=True, max_new_tokens=12)
         assert chunked.wait().text == plain_peft_greedy(tiny_model_dir, adapters["a1"], long_prompt, 12)
         assert running.wait().completion_tokens == 200
-        # One chunk of at most 8 tokens a step, and a decoding step of the
-        # running stream between each two: it never waited for the whole prompt.
-        assert len(steps_at_chunk) == -(-length // 8) > 3
-        assert steps_at_chunk == sorted(set(steps_at_chunk))
-        # Paced: the chunks took about a quarter of the decoding time (the
-        # last chunk may overshoot; the engine's own clock includes a little more).
-        assert sum(chunk_seconds) <= 0.25 * sum(decode_seconds) * 1.2 + max(chunk_seconds)
+        steps = [decoded for decoded, _ in clock.chunks]
+        # Chunks of at most 8 tokens, the running stream decoding between
+        # them: it never waited for the whole prompt. The first chunk runs at
+        # once, the second once the first is paid for and the next earned
+        # (8 steps), the rest four decoding steps apart.
+        assert len(steps) == -(-length // 8) > 3
+        assert [b - a for a, b in zip(steps, steps[1:], strict=False)] == [8] + [4] * (len(steps) - 2)
+    finally:
+        engine.stop()
+
+
+def test_a_long_prompt_is_prefilled_every_step_beside_requests_that_never_decode(tiny_model_dir, tmp_path):
+    # Requests that end with their first token never decode: no stream's
+    # pace to keep, so the long prompt's chunks run every step beside them.
+    engine, clock = paced_engine(tiny_model_dir, tmp_path, max_batch_size=4)
+    # Queued before the model thread starts: its first step sees them all.
+    long_call = Call(engine, prompt=" ".join(PROMPTS * 3), raw_prompt=True, max_new_tokens=1)
+    short_calls = [Call(engine, prompt=PROMPTS[i % len(PROMPTS)], raw_prompt=True, max_new_tokens=1) for i in range(30)]
+    engine.start()
+    try:
+        assert long_call.wait().completion_tokens == 1
+        assert all(c.wait().completion_tokens == 1 for c in short_calls)
+        assert engine.steps == 0 and len(clock.chunks) > clock.prefills > 3
+        # A pass of short prompts and a chunk every step while they lasted,
+        # not the long prompt held back until they were gone.
+        prefills_before = [prefills for _, prefills in clock.chunks]
+        assert prefills_before[: clock.prefills] == list(range(1, clock.prefills + 1))
     finally:
         engine.stop()
 

@@ -77,11 +77,12 @@ class Settings(BaseSettings):
     # not a disk read); 0 reads them from disk again.
     max_evicted_adapter_bytes: int = Field(2 << 30, ge=0)
     max_adapter_rank: int = Field(64, ge=1)
-    # A prompt longer than this is prefilled this many tokens a step; while
-    # other streams decode, its chunks take at most this share of their
-    # decoding time (their mean inter-token latency: at most 1 + share times).
+    # The built-in engine: a prompt longer than this is prefilled this many
+    # tokens a step; while other streams decode, its chunks take about this
+    # share of their decoding time (their mean inter-token latency: about
+    # 1 + share times its usual). vLLM chunks prefill its own way.
     prefill_chunk_tokens: int = Field(256, ge=16, le=8192)
-    prefill_share: float = Field(0.75, gt=0, le=100)
+    prefill_share: float = Field(0.75, ge=0.05, le=100)
     # Where the served model runs: auto is the first CUDA GPU when one is
     # visible, else the CPU; or cpu, cuda, cuda:N by name.
     inference_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -187,9 +188,11 @@ class BatchEngine:
         limits: EngineLimits | None = None,
         dtype: str = "float32",
         device: str = "cpu",
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.base_model_name = base_model_name
         self.limits = limits or EngineLimits()
+        self.clock = clock  # times the passes the pacing of chunked prefill weighs
         serving_on = serving_device(device)
         self.runner = ModelRunner(base_model_name, model_cache, self.limits, serving_on, serving_dtype(dtype, serving_on))
         self.registry = AdapterRegistry(self.limits.max_evicted_adapter_bytes)
@@ -433,11 +436,12 @@ class BatchEngine:
             self._running.extend(admitted)  # from here on, a failure fails them with the batch
             self._accept(admitted, self.runner.prefill(admitted))
         joined = len(admitted)
-        pacer, decoding = self.scheduler.pacer, bool(self._running)
+        # Rows admitted this step decode only beside rows that ran before (below).
+        pacer, decoding = self.scheduler.pacer, len(self._running) > joined
         if self._prefilling and pacer.may_prefill(decoding):
-            started = time.monotonic()
+            started = self.clock()
             token = self.runner.prefill_chunk(self._prefilling, self.scheduler.prefill_chunk_tokens)
-            pacer.prefilled(time.monotonic() - started, decoding)
+            pacer.prefilled(self.clock() - started, decoding)
             if token is not None:  # its last chunk: it joins the batch
                 self._running.append(self._prefilling)
                 self._accept([self._prefilling], [token])
@@ -445,10 +449,10 @@ class BatchEngine:
         if self._running and len(self._running) > joined:
             # Rows prefilled this step already have their first token; decode
             # them too: every row is one token ahead of its cache.
-            started = time.monotonic()
+            started = self.clock()
             tokens = self.runner.decode(self._running)
             if self._prefilling:
-                pacer.decoded(time.monotonic() - started)
+                pacer.decoded(self.clock() - started)
             self.steps += 1
             telemetry.INFERENCE_BATCH_SIZE.observe(len(self._running))
             self._accept(self._running, tokens)

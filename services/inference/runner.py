@@ -164,6 +164,8 @@ class ModelRunner:
         ).logits[:, -1]
         if end < len(sequence.prompt_ids):
             self._partial = (sequence, cache, end)
+            if self.device.type == "cuda":  # the chunk's time is its own, not the next pass's (the engine paces chunks by it)
+                torch.cuda.synchronize(self.device)
             return None
         self._partial = None
         if self._batch is None:

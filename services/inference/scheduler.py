@@ -20,9 +20,9 @@ The policy:
 - a prompt longer than `prefill_chunk_tokens` is prefilled a chunk a step
   (chunked prefill), one such prompt at a time, so the running streams go on
   decoding between its chunks instead of stalling for the whole prompt;
-- while streams decode, those chunks are paced (PrefillPacer): they take at
-  most `prefill_share` of the decoding steps' time, so the streams' mean
-  inter-token latency stays within (1 + prefill_share) times its usual;
+- while streams decode, those chunks are paced (PrefillPacer): they take
+  about `prefill_share` of the decoding steps' time, so the streams' mean
+  inter-token latency stays about (1 + prefill_share) times its usual;
 - a request whose adapter cannot have a slot (every slot held by running
   adapters) waits, and those behind it may go first; one whose adapter cannot
   be placed at all fails alone.
@@ -64,19 +64,21 @@ class Admission:
 class PrefillPacer:
     """When a long prompt's next chunk may run while other streams decode.
 
-    On a CPU a forward pass costs about its tokens' compute, so a chunk
-    cannot ride along with a decoding step for free as it does on a GPU: a
-    256-token chunk late in a 4k-token prompt takes ten decoding steps' time.
+    On a CPU a forward pass costs about its tokens' compute: a 256-token
+    chunk late in a 4k-token prompt takes ten decoding steps' time.
     Instead the prefill earns time as the streams decode, `share` of each
     decoding step's seconds, and a chunk runs once its credit covers what the
     chunk before it took (a prompt's chunks cost a little more each, as
     attention reaches further back; the first runs at once). Over the
     prefill the chunks take about `share` of the decoding time, whatever each
-    costs: the streams' mean inter-token latency stays within (1 + share)
-    times its usual, and the longest pause is one decoding step and one
-    chunk. With no stream decoding, every step prefills."""
+    costs: the streams' mean inter-token latency stays about (1 + share)
+    times its usual, and the longest pause is one step's decoding, short
+    prompts' prefill and one chunk. With no stream decoding, every step
+    prefills."""
 
     def __init__(self, share: float):
+        if share <= 0:
+            raise ValueError(f"prefill share must be positive, got {share}")
         self.share = share
         self.credit = 0.0
         self.last_chunk_seconds = 0.0
