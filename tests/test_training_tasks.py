@@ -120,6 +120,57 @@ def test_the_recipe_drops_prompt_words_of_chat_and_prompt_completion_rows_only(m
     assert (trained != rows) == changed
 
 
+def test_the_learning_rate_decays_by_the_steps_or_the_search_time_whichever_is_further_along():
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from tunewire.services.training.recipe import learning_rate_factor
+
+    # Outside a search: transformers' linear schedule with warm-up, step for step.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, 5, 50)
+    expected = [schedule.lr_lambdas[0](step) for step in range(51)]
+    assert [learning_rate_factor(step, 50, 5) for step in range(51)] == pytest.approx(expected)
+    # Half the search's time gone at a tenth of the steps: half decayed; all of it: none left.
+    assert learning_rate_factor(10, 105, 5, time_spent=0.5) == pytest.approx(0.5)
+    assert learning_rate_factor(10, 105, 5, time_spent=1.0) == 0.0
+    assert learning_rate_factor(100, 105, 5, time_spent=0.5) == pytest.approx(0.05)  # the steps further along
+    assert learning_rate_factor(2, 105, 5, time_spent=0.9) == pytest.approx(0.4)  # warm-up is by steps
+
+
+def test_a_search_trial_whose_time_runs_out_ends_its_training_there_validated_with_its_rate_decayed(monkeypatch):
+    import time
+
+    import torch
+
+    from tunewire.services.training.recipe import FineTuneRecipe, RecipeConfig, learning_rate_factor
+
+    training = resolve_config({"learning_rate": 1.0, "epochs": 10, "batch_size": 1, "ema_decay": 0.0}, 20)
+    config = RecipeConfig(
+        "job-test", "unused", "sft", "lora", "unused", 20, 0, 1, False, "unused", "unused", training, finish_by=time.time() + 0.5
+    )
+    recipe = FineTuneRecipe(config)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    recipe.device, recipe.trainable, recipe.ddp_model = "cpu", [weight], torch.nn.Linear(1, 1)
+    recipe.optimizer = torch.optim.SGD([weight], lr=1.0)
+    total = config.total_steps
+    recipe.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        recipe.optimizer, lambda step: learning_rate_factor(step, total, 0, recipe.time_spent())
+    )
+    monkeypatch.setattr(recipe, "_batches", lambda split: ([{"prompt": "p", "completion": "c"}] for _ in range(20)))
+    monkeypatch.setattr(recipe, "_loss", lambda rows: (time.sleep(0.01), (weight.sum() + 1.0, 1.0, 1.0))[1])
+    validated, outcomes = [], []
+    monkeypatch.setattr(recipe, "validate_and_checkpoint", lambda: validated.append(recipe.state.step) or False)
+    monkeypatch.setattr(recipe, "finish", outcomes.append)
+    recipe.train()
+    [outcome] = outcomes
+    # Cut short by the time (at most 50 steps of 10 ms fit in it, of 200), not
+    # by the schedule; validated at the step it ended, the rate near zero.
+    assert outcome["finished"] and 1 < outcome["step"] <= 50 < total
+    assert validated[-1] == outcome["step"]
+    assert recipe.scheduler.get_last_lr()[0] < 0.05
+
+
 def test_pretraining_trains_on_every_token_but_each_sequences_first(tokenizer):
     rows = [{"text": "the quick brown fox jumps over the lazy dog"}, {"text": "hello"}, {"text": "hi"}]
     batch = tasks.collate("continued_pretraining", rows, tokenizer, 64, {}, "cpu")

@@ -66,6 +66,19 @@ LOSS_TIE_WEIGHT = 0.01
 CHANGED_EXAMPLES = 5
 
 
+def learning_rate_factor(step: int, total: int, warmup: int, time_spent: float = 0.0) -> float:
+    """The share of the learning rate at `step`: a linear warm-up over
+    `warmup` steps, then a linear decay to 0 at `total`, or sooner where
+    `time_spent` (the share of a search's time gone) is further along than
+    the steps. A search trial on a slower machine than its budget was set
+    for then ends with its learning rate decayed and its weights settled,
+    not cut off mid-schedule at a high learning rate."""
+    if step < warmup:
+        return step / max(1, warmup)
+    done = max((step - warmup) / max(1, total - warmup), time_spent)
+    return max(0.0, 1.0 - done)
+
+
 class JobInputError(Exception):
     """The job's own inputs are at fault (model, data, hyperparameters): the
     orchestrator reports it as a user error, with what to change."""
@@ -96,6 +109,9 @@ class RecipeConfig:
     # From measure_base: the base model's general answers and perplexity.
     general_uri: str = ""
     base_perplexity: float = 0.0
+    # A search trial's end (wall-clock seconds; 0: none): its schedule fits
+    # the search's time (learning_rate_factor), and it finishes then.
+    finish_by: float = 0.0
 
     @property
     def has_validation(self) -> bool:
@@ -266,6 +282,7 @@ class FineTuneRecipe:
         self.reference = None  # general.GeneralReference, for generative tasks
         self.answer_rows: list[dict] | None = None  # the validation rows answered at each validation
         self.average = None  # averaging.WeightAverage of the trained weights (ema_decay), once set up
+        self.training_started: float | None = None  # wall-clock seconds, for a search trial's schedule
         self.rng = random.Random(self.training.seed + rank)
 
     def send(self, kind: str, data: dict) -> None:
@@ -321,7 +338,6 @@ class FineTuneRecipe:
         import ray.train
         import ray.train.torch
         import torch
-        from transformers import get_linear_schedule_with_warmup
 
         from tunewire.services.common.artifacts import ArtifactStore
 
@@ -354,7 +370,10 @@ class FineTuneRecipe:
         self.ddp_model = ray.train.torch.prepare_model(self.model, move_to_device=False)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=self.training.learning_rate, weight_decay=self.training.weight_decay)
         total = self.config.total_steps
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(self.training.warmup_fraction * total), total)
+        warmup = int(self.training.warmup_fraction * total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate_factor(step, total, warmup, self.time_spent())
+        )
         # A resumed epoch goes through its data again from the first batch (nothing
         # skipped); steps and the learning-rate schedule follow the data position.
         self.state.step = self.state.epoch * self.config.steps_per_epoch
@@ -372,6 +391,14 @@ class FineTuneRecipe:
             if self._kept_in_memory(split):
                 for _ in self._batches(split):
                     pass
+
+    def time_spent(self) -> float:
+        """The share of a search trial's time gone since its training began
+        (0 outside a search, and before training)."""
+        if not self.config.finish_by or self.training_started is None:
+            return 0.0
+        available = max(self.config.finish_by - self.training_started, 1e-9)
+        return min(1.0, max(0.0, (time.time() - self.training_started) / available))
 
     def all_sum(self, *values: float) -> list[float]:
         import torch
@@ -418,7 +445,8 @@ class FineTuneRecipe:
         config, training, state = self.config, self.training, self.state
         self.ddp_model.train()
         started, first_step = time.monotonic(), state.step
-        cancelled = stop = False
+        self.training_started = time.time()
+        cancelled = stop = out_of_time = False
         for epoch in range(state.epoch, training.epochs):
             state.epoch = epoch
             micro, trained_in_epoch = 0, 0.0
@@ -439,7 +467,10 @@ class FineTuneRecipe:
                 if self.average is not None:
                     self.average.update(state.step)
                 wants_cancel = float(self.rank == 0 and self.control is not None and self.control.qsize() > 0)
-                loss_total, loss_tokens, real_tokens, wants_cancel = self.all_sum(loss_total, loss_tokens, real_tokens, wants_cancel)
+                time_up = float(self.rank == 0 and bool(config.finish_by) and time.time() >= config.finish_by)
+                loss_total, loss_tokens, real_tokens, wants_cancel, time_up = self.all_sum(
+                    loss_total, loss_tokens, real_tokens, wants_cancel, time_up
+                )
                 elapsed, step_seconds = time.monotonic() - started, max(time.monotonic() - step_start, 1e-9)
                 self.send(
                     "step",
@@ -459,6 +490,9 @@ class FineTuneRecipe:
                 if wants_cancel:
                     cancelled = True
                     break
+                if time_up:
+                    out_of_time = True
+                    break
                 if training.eval_every_steps and state.step % training.eval_every_steps == 0:
                     if last:  # the epoch is done: its checkpoint resumes with the next, not this one again
                         state.epoch = epoch + 1
@@ -466,6 +500,15 @@ class FineTuneRecipe:
                         stop = True
                         break
                 step_start = time.monotonic()  # validation is not part of the next step
+            if out_of_time:
+                self.log(
+                    f"the search's time is up: training ends at step {state.step} of {config.total_steps}, "
+                    "its learning rate decayed with the time"
+                )
+                validated = state.history and state.history[-1]["step"] == state.step
+                if not validated:
+                    self.validate_and_checkpoint()
+                break
             if cancelled or stop:
                 break
             if not self.all_sum(trained_in_epoch)[0]:

@@ -41,6 +41,12 @@ def trial_name(index: int) -> str:
     return f"trial-{index + 1}"
 
 
+def finishing_seconds(max_seconds: float) -> float:
+    """How long past the search's time its trials may take to finish: a
+    last validation and checkpoint after their training ends."""
+    return max(60.0, 0.25 * max_seconds)
+
+
 def trial_config(recipe: RecipeConfig, plan: SearchPlan, run: str) -> RecipeConfig:
     """The recipe of one trial: the job's config with its candidate's values."""
     index = int(run.rsplit("-", 1)[1]) - 1
@@ -216,8 +222,14 @@ def run_search(
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    # Trials fit their schedules to the search's time and end their training
+    # by it (recipe.learning_rate_factor); Tune's own budget, a little later,
+    # lets the last validation finish and stops anything left.
+    finish_by = time.time() + plan.max_seconds
+
     def run_trial(config: dict) -> None:
-        make_trainer(trial_config(recipe, plan, config["candidate"]["run"]), callbacks=[TuneReportCallback()]).fit()
+        trial = trial_config(recipe.replace(finish_by=finish_by), plan, config["candidate"]["run"])
+        make_trainer(trial, callbacks=[TuneReportCallback()]).fit()
 
     runs = [trial_name(i) for i in range(len(plan.candidates))]
     candidates = [
@@ -247,7 +259,7 @@ def run_search(
                     mode="min",
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace, reduction_factor=REDUCTION_FACTOR),
                     max_concurrent_trials=concurrent,
-                    time_budget_s=plan.max_seconds,
+                    time_budget_s=plan.max_seconds + finishing_seconds(plan.max_seconds),
                 ),
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
