@@ -509,6 +509,9 @@ def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_to_a_first_co
         assert stop.stop_all()
         channels.started += 60  # 150 s left
         assert not stop.stop_all()
+        channels.started -= 200  # the search's time is up, and no trial reached its first comparison
+        stop.rung_seconds = None
+        assert stop.stop_all()
         channels.cancel.set()
         assert stop.stop_all() and stop("t2", {"epoch": 0.0})
     finally:

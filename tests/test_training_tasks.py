@@ -131,11 +131,12 @@ def test_the_learning_rate_decays_by_the_steps_or_the_search_time_whichever_is_f
     schedule = get_linear_schedule_with_warmup(optimizer, 5, 50)
     expected = [schedule.lr_lambdas[0](step) for step in range(51)]
     assert [learning_rate_factor(step, 50, 5) for step in range(51)] == pytest.approx(expected)
-    # Half the search's time gone at a tenth of the steps: half decayed; all of it: none left.
-    assert learning_rate_factor(10, 105, 5, time_spent=0.5) == pytest.approx(0.5)
+    # Half the search's time gone at a tenth of the steps: as at step 52.5; all of it: none left.
+    assert learning_rate_factor(10, 105, 5, time_spent=0.5) == pytest.approx(learning_rate_factor(52.5, 105, 5))
     assert learning_rate_factor(10, 105, 5, time_spent=1.0) == 0.0
     assert learning_rate_factor(100, 105, 5, time_spent=0.5) == pytest.approx(0.05)  # the steps further along
-    assert learning_rate_factor(2, 105, 5, time_spent=0.9) == pytest.approx(0.4)  # warm-up is by steps
+    assert learning_rate_factor(2, 105, 5, time_spent=0.01) == pytest.approx(0.4)  # warm-up by steps, while the time allows
+    assert learning_rate_factor(2, 105, 5, time_spent=0.99) == pytest.approx(1 - (103.95 - 5) / 100)
 
 
 def test_a_search_trial_whose_time_runs_out_ends_its_training_there_validated_with_its_rate_decayed(monkeypatch):
@@ -146,29 +147,33 @@ def test_a_search_trial_whose_time_runs_out_ends_its_training_there_validated_wi
     from tunewire.services.training.recipe import FineTuneRecipe, RecipeConfig, learning_rate_factor
 
     training = resolve_config({"learning_rate": 1.0, "epochs": 10, "batch_size": 1, "ema_decay": 0.0}, 20)
-    config = RecipeConfig(
-        "job-test", "unused", "sft", "lora", "unused", 20, 0, 1, False, "unused", "unused", training, finish_by=time.time() + 0.5
-    )
+    config = RecipeConfig("job-test", "unused", "sft", "lora", "unused", 20, 0, 1, False, "unused", "unused", training)
     recipe = FineTuneRecipe(config)
     weight = torch.nn.Parameter(torch.zeros(1))
     recipe.device, recipe.trainable, recipe.ddp_model = "cpu", [weight], torch.nn.Linear(1, 1)
     recipe.optimizer = torch.optim.SGD([weight], lr=1.0)
     total = config.total_steps
     recipe.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        recipe.optimizer, lambda step: learning_rate_factor(step, total, 0, recipe.time_spent())
+        recipe.optimizer, lambda step: learning_rate_factor(step, total, 0, recipe.time_share)
     )
     monkeypatch.setattr(recipe, "_batches", lambda split: ([{"prompt": "p", "completion": "c"}] for _ in range(20)))
-    monkeypatch.setattr(recipe, "_loss", lambda rows: (time.sleep(0.01), (weight.sum() + 1.0, 1.0, 1.0))[1])
+    monkeypatch.setattr(recipe, "_loss", lambda rows: (time.sleep(0.02), (weight.sum() + 1.0, 1.0, 1.0))[1])
     validated, outcomes = [], []
     monkeypatch.setattr(recipe, "validate_and_checkpoint", lambda: validated.append(recipe.state.step) or False)
     monkeypatch.setattr(recipe, "finish", outcomes.append)
+    recipe.config = config.replace(finish_by=time.time() + 3.0)
     recipe.train()
     [outcome] = outcomes
-    # Cut short by the time (at most 50 steps of 10 ms fit in it, of 200), not
-    # by the schedule; validated at the step it ended, the rate near zero.
-    assert outcome["finished"] and 1 < outcome["step"] <= 50 < total
+    # Cut short by the time (at most 150 steps of 20 ms fit in it, of 200),
+    # not by the schedule; validated at the step it ended, the rate near zero.
+    assert outcome["finished"] and outcome["out_of_time"] and 1 < outcome["step"] <= 150 < total
     assert validated[-1] == outcome["step"]
     assert recipe.scheduler.get_last_lr()[0] < 0.05
+    assert recipe.state.time_share == 1.0  # kept with the checkpoint's state
+    # A trial resumed at 60% of its time goes on from there over what is left.
+    recipe.config = config.replace(finish_by=time.time() + 100)
+    recipe.resumed_share, recipe.training_started = 0.6, time.time()
+    assert 0.6 <= recipe.time_spent() < 0.7
 
 
 def test_pretraining_trains_on_every_token_but_each_sequences_first(tokenizer):

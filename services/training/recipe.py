@@ -73,10 +73,10 @@ def learning_rate_factor(step: int, total: int, warmup: int, time_spent: float =
     the steps. A search trial on a slower machine than its budget was set
     for then ends with its learning rate decayed and its weights settled,
     not cut off mid-schedule at a high learning rate."""
-    if step < warmup:
-        return step / max(1, warmup)
-    done = max((step - warmup) / max(1, total - warmup), time_spent)
-    return max(0.0, 1.0 - done)
+    # The time's share counts as that share of the steps (warm-up included).
+    remaining = 1.0 - (max(step, time_spent * total) - warmup) / max(1, total - warmup)
+    warming = step / max(1, warmup) if step < warmup else 1.0
+    return max(0.0, min(warming, remaining))
 
 
 class JobInputError(Exception):
@@ -207,6 +207,8 @@ class TrainState:
     stopped_early: bool = False
     # Each validation: step, loss and, where measured, forgetting.
     history: list[dict] = field(default_factory=list)
+    # A search trial's share of its time gone (a resumed one goes on from it).
+    time_share: float = 0.0
 
 
 def list_checkpoints(artifacts, job_id: str, run: str = "") -> list[dict]:
@@ -282,7 +284,15 @@ class FineTuneRecipe:
         self.reference = None  # general.GeneralReference, for generative tasks
         self.answer_rows: list[dict] | None = None  # the validation rows answered at each validation
         self.average = None  # averaging.WeightAverage of the trained weights (ema_decay), once set up
-        self.training_started: float | None = None  # wall-clock seconds, for a search trial's schedule
+        # A search trial's clock: when this run's training began (wall-clock
+        # seconds), the time share it resumed at, and how long its last
+        # validation took (its training ends early enough for one more).
+        self.training_started: float | None = None
+        self.resumed_share = 0.0
+        self.validation_seconds = 0.0
+        # The share of a search trial's time gone, as rank 0 saw it at the last
+        # step: every worker decays its learning rate by the same value.
+        self.time_share = 0.0
         self.rng = random.Random(self.training.seed + rank)
 
     def send(self, kind: str, data: dict) -> None:
@@ -355,6 +365,7 @@ class FineTuneRecipe:
         optimizer_state = None
         if latest:
             self.state, optimizer_state = self._restore(Path(latest[-1]["uri"]))
+            self.time_share = self.state.time_share
             mid_epoch = self.state.step > self.state.epoch * self.config.steps_per_epoch
             self.log(
                 f"resumed from the checkpoint of step {self.state.step}: epoch {self.state.epoch + 1} "
@@ -372,7 +383,7 @@ class FineTuneRecipe:
         total = self.config.total_steps
         warmup = int(self.training.warmup_fraction * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(step, total, warmup, self.time_spent())
+            self.optimizer, lambda step: learning_rate_factor(step, total, warmup, self.time_share)
         )
         # A resumed epoch goes through its data again from the first batch (nothing
         # skipped); steps and the learning-rate schedule follow the data position.
@@ -393,12 +404,14 @@ class FineTuneRecipe:
                     pass
 
     def time_spent(self) -> float:
-        """The share of a search trial's time gone since its training began
-        (0 outside a search, and before training)."""
+        """The share of a search trial's time gone (0 outside a search, and
+        before training): from the share it resumed at, over the time from
+        this run's start to the search's end less one validation's length."""
         if not self.config.finish_by or self.training_started is None:
             return 0.0
-        available = max(self.config.finish_by - self.training_started, 1e-9)
-        return min(1.0, max(0.0, (time.time() - self.training_started) / available))
+        available = max(self.config.finish_by - 1.2 * self.validation_seconds - self.training_started, 1e-9)
+        share = min(1.0, max(0.0, (time.time() - self.training_started) / available))
+        return self.resumed_share + (1.0 - self.resumed_share) * share
 
     def all_sum(self, *values: float) -> list[float]:
         import torch
@@ -445,7 +458,7 @@ class FineTuneRecipe:
         config, training, state = self.config, self.training, self.state
         self.ddp_model.train()
         started, first_step = time.monotonic(), state.step
-        self.training_started = time.time()
+        self.training_started, self.resumed_share = time.time(), state.time_share
         cancelled = stop = out_of_time = False
         for epoch in range(state.epoch, training.epochs):
             state.epoch = epoch
@@ -467,10 +480,11 @@ class FineTuneRecipe:
                 if self.average is not None:
                     self.average.update(state.step)
                 wants_cancel = float(self.rank == 0 and self.control is not None and self.control.qsize() > 0)
-                time_up = float(self.rank == 0 and bool(config.finish_by) and time.time() >= config.finish_by)
-                loss_total, loss_tokens, real_tokens, wants_cancel, time_up = self.all_sum(
-                    loss_total, loss_tokens, real_tokens, wants_cancel, time_up
+                time_spent = self.time_spent() if self.rank == 0 else 0.0
+                loss_total, loss_tokens, real_tokens, wants_cancel, self.time_share = self.all_sum(
+                    loss_total, loss_tokens, real_tokens, wants_cancel, time_spent
                 )
+                state.time_share = self.time_share
                 elapsed, step_seconds = time.monotonic() - started, max(time.monotonic() - step_start, 1e-9)
                 self.send(
                     "step",
@@ -490,8 +504,10 @@ class FineTuneRecipe:
                 if wants_cancel:
                     cancelled = True
                     break
-                if time_up:
+                if self.time_share >= 1.0:
                     out_of_time = True
+                    if last:  # the epoch is done: a checkpoint resumes with the next
+                        state.epoch = epoch + 1
                     break
                 if training.eval_every_steps and state.step % training.eval_every_steps == 0:
                     if last:  # the epoch is done: its checkpoint resumes with the next, not this one again
@@ -505,9 +521,7 @@ class FineTuneRecipe:
                     f"the search's time is up: training ends at step {state.step} of {config.total_steps}, "
                     "its learning rate decayed with the time"
                 )
-                validated = state.history and state.history[-1]["step"] == state.step
-                if not validated:
-                    self.validate_and_checkpoint()
+                self.validate_and_checkpoint()
                 break
             if cancelled or stop:
                 break
@@ -529,6 +543,7 @@ class FineTuneRecipe:
                 "epoch": state.step / config.steps_per_epoch,
                 "train_seconds": time.monotonic() - started,
                 "stopped_early": state.stopped_early,
+                "out_of_time": out_of_time,
             }
         )
 
@@ -633,11 +648,16 @@ class FineTuneRecipe:
 
     def validate_and_checkpoint(self) -> bool:
         """Validation of the weights' average (ema_decay) where there is one,
-        else of the weights; see _validate_and_checkpoint."""
-        if self.average is None:
-            return self._validate_and_checkpoint()
-        with self.average.applied():
-            return self._validate_and_checkpoint()
+        else of the weights; see _validate_and_checkpoint. Timed: a search
+        trial ends its training early enough for one more."""
+        started = time.monotonic()
+        try:
+            if self.average is None:
+                return self._validate_and_checkpoint()
+            with self.average.applied():
+                return self._validate_and_checkpoint()
+        finally:
+            self.validation_seconds = time.monotonic() - started
 
     def _validate_and_checkpoint(self) -> bool:
         """Validation; forgetting measured when the candidate could become the

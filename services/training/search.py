@@ -42,9 +42,10 @@ def trial_name(index: int) -> str:
 
 
 def finishing_seconds(max_seconds: float) -> float:
-    """How long past the search's time its trials may take to finish: a
-    last validation and checkpoint after their training ends."""
-    return max(60.0, 0.25 * max_seconds)
+    """How long past the search's time Tune lets its trials run: they end
+    their training a validation's length before it, and this is the margin
+    for a validation slower than the one before."""
+    return max(60.0, min(0.1 * max_seconds, 600.0))
 
 
 def trial_config(recipe: RecipeConfig, plan: SearchPlan, run: str) -> RecipeConfig:
@@ -158,7 +159,11 @@ class ReportTrials(tune.Callback):
         state = trial_state(result, self.max_epochs)
         messages = {
             "FAILED": result.get("user_error", ""),
-            "DONE": "stopped early: no better checkpoint for a while" if result.get("stopped_early") else "",
+            "DONE": "stopped early: no better checkpoint for a while"
+            if result.get("stopped_early")
+            else "its training ended at the search's time, its learning rate decayed to it"
+            if result.get("out_of_time")
+            else "",
             "STOPPED": "stopped by the scheduler: it trailed the other trials, or the search ran out of time",
         }
         self._event(trial, state, messages.get(state, ""))
@@ -203,7 +208,7 @@ class StopSearch(Stopper):
         if channels is None:
             return False
         left = channels.started + self.max_seconds - time.monotonic()
-        out_of_time = not channels.running and self.rung_seconds is not None and self.rung_seconds > left
+        out_of_time = not channels.running and (left <= 0 or (self.rung_seconds is not None and self.rung_seconds > left))
         return out_of_time or channels.cancel.is_set()
 
 
@@ -228,6 +233,8 @@ def run_search(
     finish_by = time.time() + plan.max_seconds
 
     def run_trial(config: dict) -> None:
+        if time.time() >= finish_by:  # started as another trial finished: no time to train
+            return
         trial = trial_config(recipe.replace(finish_by=finish_by), plan, config["candidate"]["run"])
         make_trainer(trial, callbacks=[TuneReportCallback()]).fit()
 
