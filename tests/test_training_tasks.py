@@ -154,7 +154,7 @@ def test_a_search_trial_whose_time_runs_out_ends_its_training_there_validated_wi
     recipe.optimizer = torch.optim.SGD([weight], lr=1.0)
     total = config.total_steps
     recipe.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        recipe.optimizer, lambda step: learning_rate_factor(step, total, 0, recipe.time_share)
+        recipe.optimizer, lambda step: learning_rate_factor(step, total, 0, recipe.state.time_share)
     )
     monkeypatch.setattr(recipe, "_batches", lambda split: ([{"prompt": "p", "completion": "c"}] for _ in range(20)))
     monkeypatch.setattr(recipe, "_loss", lambda rows: (time.sleep(0.02), (weight.sum() + 1.0, 1.0, 1.0))[1])

@@ -290,9 +290,6 @@ class FineTuneRecipe:
         self.training_started: float | None = None
         self.resumed_share = 0.0
         self.validation_seconds = 0.0
-        # The share of a search trial's time gone, as rank 0 saw it at the last
-        # step: every worker decays its learning rate by the same value.
-        self.time_share = 0.0
         self.rng = random.Random(self.training.seed + rank)
 
     def send(self, kind: str, data: dict) -> None:
@@ -365,7 +362,6 @@ class FineTuneRecipe:
         optimizer_state = None
         if latest:
             self.state, optimizer_state = self._restore(Path(latest[-1]["uri"]))
-            self.time_share = self.state.time_share
             mid_epoch = self.state.step > self.state.epoch * self.config.steps_per_epoch
             self.log(
                 f"resumed from the checkpoint of step {self.state.step}: epoch {self.state.epoch + 1} "
@@ -383,7 +379,7 @@ class FineTuneRecipe:
         total = self.config.total_steps
         warmup = int(self.training.warmup_fraction * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(step, total, warmup, self.time_share)
+            self.optimizer, lambda step: learning_rate_factor(step, total, warmup, self.state.time_share)
         )
         # A resumed epoch goes through its data again from the first batch (nothing
         # skipped); steps and the learning-rate schedule follow the data position.
@@ -480,11 +476,11 @@ class FineTuneRecipe:
                 if self.average is not None:
                     self.average.update(state.step)
                 wants_cancel = float(self.rank == 0 and self.control is not None and self.control.qsize() > 0)
+                # Rank 0's clock decides: every worker decays its learning rate by the same share.
                 time_spent = self.time_spent() if self.rank == 0 else 0.0
-                loss_total, loss_tokens, real_tokens, wants_cancel, self.time_share = self.all_sum(
+                loss_total, loss_tokens, real_tokens, wants_cancel, state.time_share = self.all_sum(
                     loss_total, loss_tokens, real_tokens, wants_cancel, time_spent
                 )
-                state.time_share = self.time_share
                 elapsed, step_seconds = time.monotonic() - started, max(time.monotonic() - step_start, 1e-9)
                 self.send(
                     "step",
@@ -504,7 +500,7 @@ class FineTuneRecipe:
                 if wants_cancel:
                     cancelled = True
                     break
-                if self.time_share >= 1.0:
+                if state.time_share >= 1.0:
                     out_of_time = True
                     if last:  # the epoch is done: a checkpoint resumes with the next
                         state.epoch = epoch + 1
