@@ -75,7 +75,7 @@ class EngineLimits:
     max_prefill_tokens: int = 8192
     # A longer prompt is prefilled this many tokens a step, between decoding
     # steps, so it does not stall the running streams for its whole length;
-    # while streams decode, its chunks take at most this share of their
+    # while streams decode, its chunks take about this share of their
     # decoding time (scheduler.PrefillPacer).
     prefill_chunk_tokens: int = 256
     prefill_share: float = 0.75

@@ -66,7 +66,7 @@ class PrefillPacer:
 
     On a CPU a forward pass costs about its tokens' compute: a 256-token
     chunk late in a 4k-token prompt takes ten decoding steps' time.
-    Instead the prefill earns time as the streams decode, `share` of each
+    So the prefill earns time as the streams decode, `share` of each
     decoding step's seconds, and a chunk runs once its credit covers what the
     chunk before it took (a prompt's chunks cost a little more each, as
     attention reaches further back; the first runs at once). Over the
