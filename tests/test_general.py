@@ -170,6 +170,59 @@ def test_validation_is_scored_by_the_answers_first_then_the_loss():
     assert selection_score(validation_score(0.40, 0.9), 10, kept, budget) < selection_score(validation_score(0.30, 0.8), 5, kept, budget)
 
 
+def _lora_recipe(model_dir, given: dict):
+    """A LoRA prompt/completion recipe on a local model, set up (no Ray)."""
+    from tunewire.services.training.recipe import FineTuneRecipe, RecipeConfig
+
+    config = RecipeConfig(
+        job_id="job-test",
+        base_model=str(model_dir),
+        task="sft",
+        method="lora",
+        dataset_uri="unused",
+        train_rows=16,
+        validation_rows=0,
+        num_workers=1,
+        use_gpu=False,
+        model_cache="unused",
+        artifact_root="unused",
+        training=resolve_config(given, 16),
+    )
+    recipe = FineTuneRecipe(config)
+    recipe.setup_model()
+    return recipe
+
+
+def test_a_lora_recipe_answers_with_its_adapter_merged_into_a_copy(tiny_model_dir):
+    """On a CPU the answers (validation, probe, test split) come from a copy
+    with the adapter merged in: the same logits as the wrapped model, and the
+    model being trained is left as it was."""
+    recipe = _lora_recipe(tiny_model_dir, {"learning_rate": 1e-3, "precision": "float32"})
+    with torch.no_grad():
+        for name, p in recipe.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    recipe.model.eval()
+    before = {n: p.detach().clone() for n, p in recipe.model.named_parameters()}
+    ids = torch.tensor([general.prompt_ids(recipe.tokenizer, "What is the capital of France?")])
+    with torch.no_grad():
+        wrapped = recipe.model(input_ids=ids).logits
+        base = recipe.model.get_base_model()
+        with recipe.model.disable_adapter():
+            unadapted = recipe.model(input_ids=ids).logits
+        with recipe.answering_model() as answering:
+            assert answering is not recipe.model and answering is not base
+            assert not any("lora" in n for n, _ in answering.named_parameters())
+            merged = answering(input_ids=ids).logits
+    assert torch.allclose(merged, wrapped, atol=1e-4) and not torch.allclose(merged, unadapted, atol=1e-2)
+    assert all(torch.equal(before[n], p) for n, p in recipe.model.named_parameters())
+    assert any("lora_B" in n for n in before)
+    # Full fine-tuning has no adapter to merge: the model itself answers.
+    recipe.config = recipe.config.replace(method="full")
+    with recipe.answering_model() as answering:
+        assert answering is recipe.model
+
+
 def test_the_budget_is_validated():
     from tunewire.services.common.errors import InvalidArgument
 
@@ -238,7 +291,6 @@ def test_the_retention_penalty_keeps_what_the_base_model_knew(knowing_model_dir)
     """The mitigation, end to end on a tiny model: the same fine-tune on an
     unrelated task with and without the penalty; the base model's answers to
     probe questions that training never saw are kept with it, lost without."""
-    from tunewire.services.training.recipe import FineTuneRecipe, RecipeConfig
 
     tokenizer = tasks.load_tokenizer(str(knowing_model_dir))
     base = _model(knowing_model_dir)
@@ -267,23 +319,7 @@ def test_the_retention_penalty_keeps_what_the_base_model_knew(knowing_model_dir)
     def kept_after_training(weight: float) -> int:
         # The penalty alone: no other regulariser in play.
         given = {"learning_rate": 1e-2, "retention_weight": weight, "precision": "float32", "lora_dropout": 0.0, "prompt_word_dropout": 0.0}
-        training = resolve_config(given, 16)
-        config = RecipeConfig(
-            job_id="job-test",
-            base_model=str(knowing_model_dir),
-            task="sft",
-            method="lora",
-            dataset_uri="unused",
-            train_rows=16,
-            validation_rows=0,
-            num_workers=1,
-            use_gpu=False,
-            model_cache="unused",
-            artifact_root="unused",
-            training=training,
-        )
-        recipe = FineTuneRecipe(config)
-        recipe.setup_model()
+        recipe = _lora_recipe(knowing_model_dir, given)
         recipe.ddp_model, recipe.reference = recipe.model, reference
         optimizer = torch.optim.AdamW([p for p in recipe.model.parameters() if p.requires_grad], lr=1e-2)
         recipe.model.train()

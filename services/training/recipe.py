@@ -25,6 +25,8 @@ for a cancellation. A job's own inputs at fault end the run with a
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -40,7 +42,7 @@ from pathlib import Path
 
 from tunewire.services.common import layout
 from tunewire.services.common.models import hub_name
-from tunewire.services.training.config import CLASSIFY, FULL, SFT, TrainingConfig
+from tunewire.services.training.config import CLASSIFY, FULL, LORA, SFT, TrainingConfig
 from tunewire.services.training.model_card import model_card
 
 log = logging.getLogger(__name__)
@@ -329,6 +331,27 @@ class FineTuneRecipe:
         from tunewire.services.training import tasks
 
         return tasks.mixed_precision(self.device, self.dtype)
+
+    @contextlib.contextmanager
+    def answering_model(self):
+        """The model to generate answers with (validation answers, the general
+        probe, the test split), as the inference service serves it. On a CPU,
+        a generative LoRA model's adapter is merged into a copy whose weights
+        are in the compute dtype: no adapter operations beside each layer and
+        no casts inside autocast, about twice as fast as the wrapped model for
+        the bundled one (a 270 MB copy while it answers). Elsewhere (a GPU,
+        whose memory a copy would take; QLoRA; full fine-tuning) the model
+        itself under autocast. Losses stay on the model as it trains."""
+        if self.device.type != "cpu" or self.config.method != LORA or not self.config.generative:
+            with self.autocast():
+                yield self.model
+            return
+        merged = copy.deepcopy(self.model).merge_and_unload().to(self.dtype)
+        merged.eval()
+        try:
+            yield merged
+        finally:
+            del merged
 
     def load_general_reference(self) -> None:
         from tunewire.services.common.artifacts import read_text
@@ -621,8 +644,8 @@ class FineTuneRecipe:
             if self.answer_rows is None:
                 # A small split's rows in their stored order, else the first rows seen.
                 self.answer_rows = (self.cached.get("validation") or seen)[:wanted]
-            with self.autocast():
-                recall_sum, answered = tasks.answer_recall_sum(self.model, self.tokenizer, self.answer_rows, self.device)
+            with self.answering_model() as model:
+                recall_sum, answered = tasks.answer_recall_sum(model, self.tokenizer, self.answer_rows, self.device)
         total, count, recall_sum, answered = self.all_sum(total, count, recall_sum, answered)
         return (total / count if count else None), (recall_sum / answered if answered else None)
 
@@ -635,8 +658,9 @@ class FineTuneRecipe:
             return None, None
         result, kept, perplexity = None, 0.0, 0.0
         if self.rank == 0:
+            with self.answering_model() as model:
+                result = general.check_probe(model, self.tokenizer, self.reference, self.device)
             with self.autocast():
-                result = general.check_probe(self.model, self.tokenizer, self.reference, self.device)
                 perplexity = tasks.reference_perplexity(self.model, self.tokenizer, self.training.max_seq_length, self.device)
             kept = result.kept(self.reference)[0]
         kept, perplexity = self.all_sum(kept, perplexity)
@@ -834,17 +858,25 @@ class FineTuneRecipe:
         from tunewire.services.training import general, tasks
 
         config, training = self.config, self.training
-        with self.autocast():
+        with self.answering_model() as answering, self.autocast():
             out = {
                 "test_metrics": tasks.test_metrics(
-                    config.task, self.model, self.tokenizer, self.test_rows(), training.max_seq_length, self.label_ids, self.device
+                    config.task,
+                    self.model,
+                    self.tokenizer,
+                    self.test_rows(),
+                    training.max_seq_length,
+                    self.label_ids,
+                    self.device,
+                    answering,
                 )
             }
             if config.generative:
                 out["reference_perplexity"] = tasks.reference_perplexity(self.model, self.tokenizer, training.max_seq_length, self.device)
-            if probe and self.reference is not None:
-                result = general.check_probe(self.model, self.tokenizer, self.reference, self.device, every_question=True)
-                out["probe"] = {"correct": result.correct, "answers": result.answers}
+        if probe and self.reference is not None:
+            with self.answering_model() as answering:
+                result = general.check_probe(answering, self.tokenizer, self.reference, self.device, every_question=True)
+            out["probe"] = {"correct": result.correct, "answers": result.answers}
         return out
 
     def report(self, base: dict, tuned: dict, extras: dict) -> dict:
@@ -1004,8 +1036,8 @@ def measure_base(config: RecipeConfig) -> dict:
         if not retention and not store.exists(*parts):
             parts = (*parts[:-1], parts[-1] + "-probe")
         if not store.exists(*parts):
-            with recipe.autocast():
-                reference = general.build_reference(recipe.model, recipe.tokenizer, recipe.device, retention=retention)
+            with recipe.answering_model() as answering:
+                reference = general.build_reference(answering, recipe.tokenizer, recipe.device, retention=retention)
             with store.staged_dir() as staged:
                 (staged / layout.GENERAL_FILE).write_text(reference.to_json())
                 store.publish_dir(staged, *parts)

@@ -372,8 +372,11 @@ def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
         tokenizer.padding_side = side
 
 
-def test_metrics(task: str, model, tokenizer, rows: list[dict], max_length: int, label_ids: dict[str, int], device) -> dict[str, float]:
-    """The task's metrics on held-out rows (generation on at most MAX_TEST_GENERATIONS)."""
+def test_metrics(
+    task: str, model, tokenizer, rows: list[dict], max_length: int, label_ids: dict[str, int], device, answering=None
+) -> dict[str, float]:
+    """The task's metrics on held-out rows: losses from `model`, answers
+    (on at most MAX_TEST_GENERATIONS rows) from `answering` (default: `model`)."""
     if not rows:
         return {}
     model.eval()
@@ -388,7 +391,7 @@ def test_metrics(task: str, model, tokenizer, rows: list[dict], max_length: int,
         out = metrics.loss_metrics(*loss_sum(task, model, rows, tokenizer, max_length, label_ids, device))
         if task == PRETRAIN:
             return out
-        _, references, predictions = generate_answers(model, tokenizer, rows[:MAX_TEST_GENERATIONS], device)
+        _, references, predictions = generate_answers(answering or model, tokenizer, rows[:MAX_TEST_GENERATIONS], device)
         out |= metrics.rouge(predictions, references) if task == SUMMARIZE else metrics.exact_match(predictions, references)
         return out
     finally:
