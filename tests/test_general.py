@@ -237,6 +237,9 @@ def test_diagnostics_name_underfitting_overfitting_and_forgetting():
     falling = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}, {"step": 15, "loss": 1.2}]
     assert diagnostics.underfitting(falling, stopped_early=False)["kind"] == "underfitting"
     assert diagnostics.underfitting(falling, stopped_early=True) is None
+    # Ended by the search's time: the advice names that, and what to change.
+    cut = diagnostics.underfitting(falling, stopped_early=False, cut_by_time=(1.8, 10, 360))["message"]
+    assert "epoch 1.8 of 10" in cut and "360 s" in cut and "max_seconds" in cut and "more epochs" not in cut
     assert diagnostics.overfitting(falling, best_step=15) is None
     rising = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.1}, {"step": 15, "loss": 1.4}]
     assert diagnostics.underfitting(rising, stopped_early=False) is None

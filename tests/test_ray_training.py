@@ -581,17 +581,18 @@ def test_a_trial_tune_made_but_never_started_is_summarised_as_not_started():
     from tunewire.services.training import search
 
     candidates = [{"run": f"trial-{i}", "learning_rate": lr, "lora_rank": 16} for i, lr in ((1, 2e-3), (2, 1e-3), (3, 4e-3))]
-    done = {"epoch": 10.0, "finished": True, "objective": 0.1, "config": {"candidate": candidates[0]}}
+    # trial-1 finished when the search's time came (its schedule fitted to it).
+    done = {"epoch": 6.0, "finished": True, "out_of_time": True, "objective": 0.1, "config": {"candidate": candidates[0]}}
     cut = {"epoch": 2.0, "objective": 0.6, "config": {"candidate": candidates[1]}}
     results = [Result(metrics=m, checkpoint=None, error=None, path="unused") for m in (done, cut, {})]
     events = search.TrialEvents()
     events.put(candidates[2] | {"state": "STOPPED", "message": search.NOT_STARTED})  # ReportTrials' end of the made one
     summaries, user_error = search.summarize_trials(results, candidates, 10, events, add_unstarted=True)
     assert user_error is None
-    assert [(s["run"], s["state"], s["epoch"]) for s in summaries] == [
-        ("trial-1", "DONE", 10.0),
-        ("trial-2", "STOPPED", 2.0),
-        ("trial-3", "STOPPED", 0.0),
+    assert [(s["run"], s["state"], s["epoch"], s.get("out_of_time")) for s in summaries] == [
+        ("trial-1", "DONE", 6.0, True),
+        ("trial-2", "STOPPED", 2.0, False),
+        ("trial-3", "STOPPED", 0.0, False),
     ]
     assert [e["run"] for e in events.drain()] == ["trial-3"]  # not announced twice
 

@@ -19,8 +19,11 @@ def _loss_points(history: list[dict]) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in sorted(history, key=lambda h: h["step"]) if h.get("loss") is not None]
 
 
-def underfitting(history: list[dict], stopped_early: bool) -> dict | None:
-    """The validation loss was still falling steeply when training ended."""
+def underfitting(history: list[dict], stopped_early: bool, cut_by_time: tuple[float, int, float] | None = None) -> dict | None:
+    """The validation loss was still falling steeply when training ended.
+    `cut_by_time`: (epoch reached, epochs planned, the search's seconds) when
+    the search's time ended the run before its last epoch, which the advice
+    then names."""
     points = _loss_points(history)
     if stopped_early or len(points) < 2:
         return None
@@ -32,7 +35,12 @@ def underfitting(history: list[dict], stopped_early: bool) -> dict | None:
             "kind": "underfitting",
             "message": (
                 f"validation loss was still falling at the end ({before:.3f} at step {step_before}, {last:.3f} at step {step_last}): "
-                "more epochs or a higher learning rate would likely help"
+                + (
+                    f"the search's time ({cut_by_time[2]:g} s) ended training at epoch {cut_by_time[0]:.1f} of {cut_by_time[1]}; "
+                    "a search with more time (max_seconds), or the learning rate set (one run, no time limit), would let it finish"
+                    if cut_by_time
+                    else "more epochs or a higher learning rate would likely help"
+                )
             ),
         }
     return None

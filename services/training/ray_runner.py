@@ -458,6 +458,8 @@ class _Phases:
         self.stop = threading.Event()  # the search's: set on cancel
         self.history: dict[str, list[dict]] = {}
         self.stopped_early: dict[str, bool] = {}
+        # Search trials whose training the search's time ended: their epoch reached.
+        self.ended_by_time: dict[str, float] = {}
         self.outcomes: dict[str, dict] = {}  # each run's typed result (recipe.finish)
 
     def close(self) -> None:
@@ -630,6 +632,8 @@ class _Phases:
             raise JobFailed(f"every trial of the search failed; the first: {summaries[0]['error']}")
         for summary in summaries:
             self.stopped_early[summary["run"]] = summary.get("stopped_early", False)
+            if summary.get("out_of_time"):
+                self.ended_by_time[summary["run"]] = summary["epoch"]
         return summaries
 
     async def evaluate_and_publish(self, recipe: RecipeConfig, plan, trials: list[dict], base: dict, final: tuple[str, ...]) -> None:
@@ -645,8 +649,9 @@ class _Phases:
         run = chosen["run"]
         config = trial_config(recipe, plan, run) if plan is not None else recipe
         history = _merged(self.history.get(run, []), json.loads(read_text(f"{chosen['uri']}/{layout.STATE_FILE}")).get("history", []))
+        cut_by_time = (self.ended_by_time[run], config.training.epochs, plan.max_seconds) if run in self.ended_by_time else None
         found_here = [
-            diagnostics.underfitting(history, self.stopped_early.get(run, False)),
+            diagnostics.underfitting(history, self.stopped_early.get(run, False), cut_by_time),
             diagnostics.overfitting(history, chosen["step"]),
         ]
         extras = {

@@ -313,13 +313,14 @@ def summarize_trials(
                 "state": state,
                 "epoch": float(metrics.get("epoch", 0.0)),
                 "stopped_early": bool(metrics.get("stopped_early")),
+                "out_of_time": bool(metrics.get("out_of_time")),
                 "error": _innermost(result.error) if result.error else "",
             }
         )
     ran = {s["run"] for s in summaries}
     for candidate in candidates:
         if candidate["run"] not in ran and add_unstarted and not user_error:
-            summaries.append(candidate | {"state": "STOPPED", "epoch": 0.0, "stopped_early": False, "error": ""})
+            summaries.append(candidate | {"state": "STOPPED", "epoch": 0.0, "stopped_early": False, "out_of_time": False, "error": ""})
             if candidate["run"] not in events.ended:  # ReportTrials ends those Tune made
                 events.put(candidate | {"state": "STOPPED", "epoch": 0.0, "step": 0, "best_objective": 0.0, "message": NOT_STARTED})
     return sorted(summaries, key=lambda s: s["run"]), user_error
