@@ -62,6 +62,8 @@ def test_the_reference_round_trips_and_holds_the_base_models_answers(tiny):
     target = reference.retention[0]
     assert len(target.top_ids) == len(target.input_ids) - target.answer_start == len(target.top_logprobs)
     assert all(len(row) == general.TOP_K for row in target.top_ids)
+    # Answers made one way are cached apart from answers made another.
+    assert general.reference_version("merged-bfloat16") != general.reference_version("as-trained-bfloat16")
 
 
 def test_a_reference_for_a_job_without_retention_holds_the_same_probe_answers_only(tiny_model_dir):
@@ -210,17 +212,26 @@ def test_a_lora_recipe_answers_with_its_adapter_merged_into_a_copy(tiny_model_di
         base = recipe.model.get_base_model()
         with recipe.model.disable_adapter():
             unadapted = recipe.model(input_ids=ids).logits
-        with recipe.answering_model() as answering:
-            assert answering is not recipe.model and answering is not base
-            assert not any("lora" in n for n, _ in answering.named_parameters())
-            merged = answering(input_ids=ids).logits
-    assert torch.allclose(merged, wrapped, atol=1e-4) and not torch.allclose(merged, unadapted, atol=1e-2)
-    assert all(torch.equal(before[n], p) for n, p in recipe.model.named_parameters())
-    assert any("lora_B" in n for n in before)
+        seen = []
+
+        def answer(model):
+            seen.append(model)
+            return model(input_ids=ids).logits
+
+        merged = recipe.with_answering_model(answer)
+        assert seen[0] is not recipe.model and seen[0] is not base and seen[0].dtype == torch.float32
+        assert not any("lora" in n for n, _ in seen[0].named_parameters())
+        assert torch.allclose(merged, wrapped, atol=1e-4) and not torch.allclose(merged, unadapted, atol=1e-2)
+        assert all(torch.equal(before[n], p) for n, p in recipe.model.named_parameters())
+        assert any("lora_B" in n for n in before)
+        # In bfloat16 the copy's weights are bfloat16: close to the wrapped model's answers, not the base's.
+        recipe.dtype = torch.bfloat16
+        in_bf16 = recipe.with_answering_model(answer).float()
+        assert seen[1].dtype == torch.bfloat16 and recipe.answering == "merged-bfloat16"
+        assert (in_bf16 - wrapped).abs().mean() < (in_bf16 - unadapted).abs().mean() / 4
     # Full fine-tuning has no adapter to merge: the model itself answers.
     recipe.config = recipe.config.replace(method="full")
-    with recipe.answering_model() as answering:
-        assert answering is recipe.model
+    assert recipe.with_answering_model(lambda model: model) is recipe.model and recipe.answering == "as-trained-bfloat16"
 
 
 def test_the_budget_is_validated():

@@ -39,9 +39,8 @@ PROBE_MATCH_TOKENS = 16
 RETENTION_ANSWER_TOKENS = 16
 TOP_K = 32
 GENERATION_BATCH = 32
-# Bumped when what a reference holds, or how it is made, changes (2: the
-# answers of the model as served, merged in the compute dtype on a CPU).
-FORMAT = 2
+# Bumped when what a reference holds, or how it is made, changes.
+FORMAT = 1
 
 
 def _data(name: str) -> str:
@@ -57,10 +56,12 @@ def retention_prompts() -> list[str]:
     return json.loads(_data("general_prompts.json"))
 
 
-def reference_version() -> str:
-    """Names a cached reference: the bundled prompts and how they are answered."""
+def reference_version(answering: str) -> str:
+    """Names a cached reference: the bundled prompts and how they are
+    answered (`answering`: the job's way of generating answers, which a
+    tuned model's answers are compared in, FineTuneRecipe.answering)."""
     made_with = json.dumps(
-        [FORMAT, PROBE_ANSWER_TOKENS, PROBE_MATCH_TOKENS, RETENTION_ANSWER_TOKENS, TOP_K, probe_questions(), retention_prompts()]
+        [FORMAT, PROBE_ANSWER_TOKENS, PROBE_MATCH_TOKENS, RETENTION_ANSWER_TOKENS, TOP_K, probe_questions(), retention_prompts(), answering]
     )
     return hashlib.sha256(made_with.encode()).hexdigest()[:16]
 
@@ -170,9 +171,12 @@ def _text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def build_reference(model, tokenizer, device, retention: bool = True) -> GeneralReference:
+def build_reference(model, tokenizer, device, retention: bool = True, retention_model=None) -> GeneralReference:
     """The base model's answers to the probe and (with `retention`) the
-    retention prompts (the model must be the base: a fresh LoRA wrapper is)."""
+    retention prompts (the model must be the base: a fresh LoRA wrapper is).
+    `retention_model` (default `model`) answers the retention prompts: their
+    answers and scores are the KL penalty's targets, so they come from the
+    model as it trains where the probe's come from a copy made to answer."""
     questions = probe_questions()
     probe_prompts = [prompt_ids(tokenizer, q["prompt"]) for q in questions]
     probe = []
@@ -188,7 +192,8 @@ def build_reference(model, tokenizer, device, retention: bool = True) -> General
         return GeneralReference(probe, [])
     prompts = [prompt_ids(tokenizer, p) for p in retention_prompts()]
     targets = []
-    for prompt, (answer, scores) in zip(prompts, _generate(model, tokenizer, prompts, RETENTION_ANSWER_TOKENS, device, True), strict=True):
+    answers = _generate(retention_model or model, tokenizer, prompts, RETENTION_ANSWER_TOKENS, device, True)
+    for prompt, (answer, scores) in zip(prompts, answers, strict=True):
         if not answer:
             continue
         top = [s.topk(TOP_K) for s in scores]

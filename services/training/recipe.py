@@ -25,7 +25,6 @@ for a cancellation. A job's own inputs at fault end the run with a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -332,26 +331,34 @@ class FineTuneRecipe:
 
         return tasks.mixed_precision(self.device, self.dtype)
 
-    @contextlib.contextmanager
-    def answering_model(self):
-        """The model to generate answers with (validation answers, the general
-        probe, the test split), as the inference service serves it. On a CPU,
-        a generative LoRA model's adapter is merged into a copy whose weights
-        are in the compute dtype: no adapter operations beside each layer and
-        no casts inside autocast, about twice as fast as the wrapped model for
-        the bundled one (a 270 MB copy while it answers). Elsewhere (a GPU,
-        whose memory a copy would take; QLoRA; full fine-tuning) the model
-        itself under autocast. Losses stay on the model as it trains."""
-        if self.device.type != "cpu" or self.config.method != LORA or not self.config.generative:
+    @property
+    def answers_merged(self) -> bool:
+        """Whether answers come from a merged copy (with_answering_model)."""
+        return self.device.type == "cpu" and self.config.method == LORA and self.config.generative
+
+    @property
+    def answering(self) -> str:
+        """How this recipe generates answers: the base model's cached answers
+        are kept apart by it, as a tuned model's are compared with them."""
+        return f"{'merged' if self.answers_merged else 'as-trained'}-{str(self.dtype).removeprefix('torch.')}"
+
+    def with_answering_model(self, answer):
+        """`answer(model)` with the model to generate answers with (validation
+        answers, the general probe, the test split). On a CPU, a generative
+        LoRA model's adapter is merged into a copy whose weights are in the
+        compute dtype: no adapter operations beside each layer and no casts
+        inside autocast, about twice as fast as the wrapped model (the copy
+        lives while `answer` runs: for the bundled model 270 MB, float32's
+        540 MB while it is made). Merging rounds the adapter's change into
+        the weights' dtype, as a merged bfloat16 export would; base and tuned
+        answers are made alike. Elsewhere (a GPU, whose memory a copy would
+        take; QLoRA; full fine-tuning) the model itself under autocast.
+        Losses stay on the model as it trains."""
+        if not self.answers_merged:
             with self.autocast():
-                yield self.model
-            return
+                return answer(self.model)
         merged = copy.deepcopy(self.model).merge_and_unload().to(self.dtype)
-        merged.eval()
-        try:
-            yield merged
-        finally:
-            del merged
+        return answer(merged.eval())
 
     def load_general_reference(self) -> None:
         from tunewire.services.common.artifacts import read_text
@@ -644,8 +651,10 @@ class FineTuneRecipe:
             if self.answer_rows is None:
                 # A small split's rows in their stored order, else the first rows seen.
                 self.answer_rows = (self.cached.get("validation") or seen)[:wanted]
-            with self.answering_model() as model:
-                recall_sum, answered = tasks.answer_recall_sum(model, self.tokenizer, self.answer_rows, self.device)
+            if self.answer_rows:
+                recall_sum, answered = self.with_answering_model(
+                    lambda model: tasks.answer_recall_sum(model, self.tokenizer, self.answer_rows, self.device)
+                )
         total, count, recall_sum, answered = self.all_sum(total, count, recall_sum, answered)
         return (total / count if count else None), (recall_sum / answered if answered else None)
 
@@ -658,8 +667,7 @@ class FineTuneRecipe:
             return None, None
         result, kept, perplexity = None, 0.0, 0.0
         if self.rank == 0:
-            with self.answering_model() as model:
-                result = general.check_probe(model, self.tokenizer, self.reference, self.device)
+            result = self.with_answering_model(lambda model: general.check_probe(model, self.tokenizer, self.reference, self.device))
             with self.autocast():
                 perplexity = tasks.reference_perplexity(self.model, self.tokenizer, self.training.max_seq_length, self.device)
             kept = result.kept(self.reference)[0]
@@ -858,9 +866,10 @@ class FineTuneRecipe:
         from tunewire.services.training import general, tasks
 
         config, training = self.config, self.training
-        with self.answering_model() as answering, self.autocast():
-            out = {
-                "test_metrics": tasks.test_metrics(
+
+        def measure(answering) -> dict:
+            with self.autocast():  # for the losses (a merged copy answers the same under it)
+                test_metrics = tasks.test_metrics(
                     config.task,
                     self.model,
                     self.tokenizer,
@@ -870,14 +879,17 @@ class FineTuneRecipe:
                     self.device,
                     answering,
                 )
-            }
-            if config.generative:
-                out["reference_perplexity"] = tasks.reference_perplexity(self.model, self.tokenizer, training.max_seq_length, self.device)
-        if probe and self.reference is not None:
-            with self.answering_model() as answering:
-                result = general.check_probe(answering, self.tokenizer, self.reference, self.device, every_question=True)
-            out["probe"] = {"correct": result.correct, "answers": result.answers}
-        return out
+                out = {"test_metrics": test_metrics}
+                if config.generative:
+                    out["reference_perplexity"] = tasks.reference_perplexity(
+                        self.model, self.tokenizer, training.max_seq_length, self.device
+                    )
+                if probe and self.reference is not None:
+                    result = general.check_probe(answering, self.tokenizer, self.reference, self.device, every_question=True)
+                    out["probe"] = {"correct": result.correct, "answers": result.answers}
+            return out
+
+        return self.with_answering_model(measure)
 
     def report(self, base: dict, tuned: dict, extras: dict) -> dict:
         """The evaluation report: base against tuned, and what the search and
@@ -1028,7 +1040,7 @@ def measure_base(config: RecipeConfig) -> dict:
     out = recipe.evaluate(probe=False)
     if config.generative:
         store = ArtifactStore(config.artifact_root)
-        parts = layout.general_parts(config.base_model, general.reference_version())
+        parts = layout.general_parts(config.base_model, general.reference_version(recipe.answering))
         # A job without the retention penalty needs only the probe's answers
         # (the retention prompts' are most of the work): cached apart, so a
         # later job with the penalty still builds the whole reference.
@@ -1036,8 +1048,12 @@ def measure_base(config: RecipeConfig) -> dict:
         if not retention and not store.exists(*parts):
             parts = (*parts[:-1], parts[-1] + "-probe")
         if not store.exists(*parts):
-            with recipe.answering_model() as answering:
-                reference = general.build_reference(answering, recipe.tokenizer, recipe.device, retention=retention)
+
+            def build(answering):
+                with recipe.autocast():  # the retention targets come from the model as it trains
+                    return general.build_reference(answering, recipe.tokenizer, recipe.device, retention, retention_model=recipe.model)
+
+            reference = recipe.with_answering_model(build)
             with store.staged_dir() as staged:
                 (staged / layout.GENERAL_FILE).write_text(reference.to_json())
                 store.publish_dir(staged, *parts)

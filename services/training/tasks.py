@@ -391,7 +391,9 @@ def test_metrics(
         out = metrics.loss_metrics(*loss_sum(task, model, rows, tokenizer, max_length, label_ids, device))
         if task == PRETRAIN:
             return out
-        _, references, predictions = generate_answers(answering or model, tokenizer, rows[:MAX_TEST_GENERATIONS], device)
+        _, references, predictions = generate_answers(
+            answering if answering is not None else model, tokenizer, rows[:MAX_TEST_GENERATIONS], device
+        )
         out |= metrics.rouge(predictions, references) if task == SUMMARIZE else metrics.exact_match(predictions, references)
         return out
     finally:
