@@ -227,11 +227,17 @@ def test_a_lora_recipe_answers_with_its_adapter_merged_into_a_copy(tiny_model_di
         # In bfloat16 the copy's weights are bfloat16: close to the wrapped model's answers, not the base's.
         recipe.dtype = torch.bfloat16
         in_bf16 = recipe.with_answering_model(answer).float()
-        assert seen[1].dtype == torch.bfloat16 and recipe.answering == "merged-bfloat16"
+        assert seen[1].dtype == torch.bfloat16 and recipe.answering == "merged-lora-cpu-bfloat16"
         assert (in_bf16 - wrapped).abs().mean() < (in_bf16 - unadapted).abs().mean() / 4
     # Full fine-tuning has no adapter to merge: the model itself answers.
     recipe.config = recipe.config.replace(method="full")
-    assert recipe.with_answering_model(lambda model: model) is recipe.model and recipe.answering == "as-trained-bfloat16"
+    assert recipe.with_answering_model(lambda model: model) is recipe.model and recipe.answering == "as-trained-full-cpu-bfloat16"
+    # Each way of answering names its own cache of the base model's answers (QLoRA's 4-bit model answers apart).
+    keys = set()
+    for method in ("lora", "qlora", "full"):
+        recipe.config = recipe.config.replace(method=method)
+        keys.add(general.reference_version(recipe.answering))
+    assert len(keys) == 3
 
 
 def test_the_budget_is_validated():

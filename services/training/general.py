@@ -40,7 +40,7 @@ RETENTION_ANSWER_TOKENS = 16
 TOP_K = 32
 GENERATION_BATCH = 32
 # Bumped when what a reference holds, or how it is made, changes.
-FORMAT = 1
+FORMAT = 2
 
 
 def _data(name: str) -> str:
@@ -171,12 +171,15 @@ def _text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def build_reference(model, tokenizer, device, retention: bool = True, retention_model=None) -> GeneralReference:
+def build_reference(model, tokenizer, device, retention: bool = True) -> GeneralReference:
     """The base model's answers to the probe and (with `retention`) the
-    retention prompts (the model must be the base: a fresh LoRA wrapper is).
-    `retention_model` (default `model`) answers the retention prompts: their
-    answers and scores are the KL penalty's targets, so they come from the
-    model as it trains where the probe's come from a copy made to answer."""
+    retention prompts (the model must be the base: a fresh LoRA wrapper is)."""
+    return GeneralReference(probe_answers(model, tokenizer, device), retention_targets(model, tokenizer, device) if retention else [])
+
+
+def probe_answers(model, tokenizer, device) -> list[ProbeAnswer]:
+    """The base model's answers to the probe, made the way a tuned model's
+    will be (check_probe)."""
     questions = probe_questions()
     probe_prompts = [prompt_ids(tokenizer, q["prompt"]) for q in questions]
     probe = []
@@ -188,11 +191,15 @@ def build_reference(model, tokenizer, device, retention: bool = True, retention_
         upto = next((k for k in range(1, len(answer) + 1) if is_correct(_text(tokenizer, answer[:k]), q["answer"])), None)
         correct = upto is not None and upto <= PROBE_MATCH_TOKENS
         probe.append(ProbeAnswer(q["prompt"], q["answer"], text, correct, prompt, answer[:upto] if correct else []))
-    if not retention:
-        return GeneralReference(probe, [])
+    return probe
+
+
+def retention_targets(model, tokenizer, device) -> list[RetentionTarget]:
+    """The base model's answers to the retention prompts, with the scores
+    the KL penalty pulls towards: made by the model as it trains."""
     prompts = [prompt_ids(tokenizer, p) for p in retention_prompts()]
     targets = []
-    answers = _generate(retention_model or model, tokenizer, prompts, RETENTION_ANSWER_TOKENS, device, True)
+    answers = _generate(model, tokenizer, prompts, RETENTION_ANSWER_TOKENS, device, True)
     for prompt, (answer, scores) in zip(prompts, answers, strict=True):
         if not answer:
             continue
@@ -205,7 +212,7 @@ def build_reference(model, tokenizer, device, retention: bool = True, retention_
                 top_logprobs=[[round(v, 4) for v in t.values.tolist()] for t in top],
             )
         )
-    return GeneralReference(probe, targets)
+    return targets
 
 
 # Probe checks

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tunewire.services.common import layout
 from tunewire.services.common.models import hub_name
-from tunewire.services.training.config import CLASSIFY, FULL, LORA, SFT, TrainingConfig
+from tunewire.services.training.config import CLASSIFY, FULL, LORA, PRETRAIN, SFT, TrainingConfig
 from tunewire.services.training.model_card import model_card
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,8 @@ class FineTuneRecipe:
     def answering(self) -> str:
         """How this recipe generates answers: the base model's cached answers
         are kept apart by it, as a tuned model's are compared with them."""
-        return f"{'merged' if self.answers_merged else 'as-trained'}-{str(self.dtype).removeprefix('torch.')}"
+        way = "merged" if self.answers_merged else "as-trained"
+        return f"{way}-{self.config.method}-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
 
     def with_answering_model(self, answer):
         """`answer(model)` with the model to generate answers with (validation
@@ -629,9 +630,9 @@ class FineTuneRecipe:
 
         if not self.config.has_validation:
             return None, None
-        answering = self.config.task == SFT
+        scores_answers = self.config.task == SFT
         # The rows to answer are picked at the first validation, then kept.
-        wanted = math.ceil(MAX_VALIDATION_ANSWERS / self.world) if answering and self.answer_rows is None else 0
+        wanted = math.ceil(MAX_VALIDATION_ANSWERS / self.world) if scores_answers and self.answer_rows is None else 0
         seen: list[dict] = []
         self.ddp_model.eval()
         total = count = 0.0
@@ -647,7 +648,7 @@ class FineTuneRecipe:
                     count += batch.targets
         self.ddp_model.train()
         recall_sum = answered = 0.0
-        if answering:
+        if scores_answers:
             if self.answer_rows is None:
                 # A small split's rows in their stored order, else the first rows seen.
                 self.answer_rows = (self.cached.get("validation") or seen)[:wanted]
@@ -866,6 +867,7 @@ class FineTuneRecipe:
         from tunewire.services.training import general, tasks
 
         config, training = self.config, self.training
+        rows = self.test_rows()
 
         def measure(answering) -> dict:
             with self.autocast():  # for the losses (a merged copy answers the same under it)
@@ -873,7 +875,7 @@ class FineTuneRecipe:
                     config.task,
                     self.model,
                     self.tokenizer,
-                    self.test_rows(),
+                    rows,
                     training.max_seq_length,
                     self.label_ids,
                     self.device,
@@ -889,7 +891,9 @@ class FineTuneRecipe:
                     out["probe"] = {"correct": result.correct, "answers": result.answers}
             return out
 
-        return self.with_answering_model(measure)
+        # A copy to answer with only where something is answered.
+        answers = (probe and self.reference is not None) or (config.task not in (PRETRAIN, CLASSIFY) and rows)
+        return self.with_answering_model(measure) if answers else measure(self.model)
 
     def report(self, base: dict, tuned: dict, extras: dict) -> dict:
         """The evaluation report: base against tuned, and what the search and
@@ -1048,12 +1052,12 @@ def measure_base(config: RecipeConfig) -> dict:
         if not retention and not store.exists(*parts):
             parts = (*parts[:-1], parts[-1] + "-probe")
         if not store.exists(*parts):
-
-            def build(answering):
-                with recipe.autocast():  # the retention targets come from the model as it trains
-                    return general.build_reference(answering, recipe.tokenizer, recipe.device, retention, retention_model=recipe.model)
-
-            reference = recipe.with_answering_model(build)
+            probe = recipe.with_answering_model(lambda model: general.probe_answers(model, recipe.tokenizer, recipe.device))
+            targets = []
+            if retention:  # the KL penalty's targets: from the model as it trains
+                with recipe.autocast():
+                    targets = general.retention_targets(recipe.model, recipe.tokenizer, recipe.device)
+            reference = general.GeneralReference(probe, targets)
             with store.staged_dir() as staged:
                 (staged / layout.GENERAL_FILE).write_text(reference.to_json())
                 store.publish_dir(staged, *parts)
