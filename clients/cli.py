@@ -18,6 +18,7 @@ from rich.progress import DownloadColumn, Progress
 from rich.table import Column, Table
 
 from tunewire.clients import sdk
+from tunewire.services.training.config import DEFAULT_MAX_TRIALS, DEFAULT_SEARCH_SECONDS
 
 app = typer.Typer(help="tunewire: fine-tune language models as gRPC microservices.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
@@ -383,8 +384,10 @@ def jobs_create(
         None, help="decay of the published average of the weights (default 0.9; full fine-tuning 0; 0: off)"
     ),
     search: str = typer.Option("auto", help="auto (search when --learning-rate is unset), on or off"),
-    max_trials: int = typer.Option(0, help="search trials at most (0: 3)"),
-    search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),
+    max_trials: int = typer.Option(0, help=f"search trials at most (0: {DEFAULT_MAX_TRIALS})"),
+    search_seconds: int = typer.Option(
+        0, help=f"the search's time budget in seconds (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS})"
+    ),
     search_learning_rates: str = typer.Option("", help="learning rates to try, comma-separated (default: tunewire's)"),
     search_lora_ranks: str = typer.Option("", help="LoRA ranks to try, comma-separated (default: the job's)"),
     workers: int = WORKERS,
@@ -428,8 +431,10 @@ def jobs_estimate(
     batch_size: int | None = BATCH_SIZE,
     learning_rate: float | None = LEARNING_RATE,
     search: str = typer.Option("auto", help="auto, on or off"),
-    max_trials: int = typer.Option(0, help="search trials at most (0: 3)"),
-    search_seconds: int = typer.Option(0, help="the search's time budget in seconds (0: 360)"),
+    max_trials: int = typer.Option(0, help=f"search trials at most (0: {DEFAULT_MAX_TRIALS})"),
+    search_seconds: int = typer.Option(
+        0, help=f"the search's time budget in seconds (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS})"
+    ),
     workers: int = WORKERS,
     gpu: bool = GPU,
     address: str = TRAINING,

@@ -177,8 +177,21 @@ SEARCH_MODES = (SEARCH_AUTO, SEARCH_ON, SEARCH_OFF)
 # bar the early-stopping scheduler holds the others to).
 SEARCH_LEARNING_RATES = {LORA: [2e-3, 1e-3, 4e-3], QLORA: [2e-3, 1e-3, 4e-3], FULL: [2e-5, 6e-5, 7e-6]}
 DEFAULT_MAX_TRIALS = 3
-DEFAULT_SEARCH_SECONDS = 360
+# The default time of a search: a second per training row a trial sees
+# (rows × epochs), at least 400 s. About what one trial takes on 2 CPU
+# cores with its validations (a ~50-row set: 10 epochs of 38 rows), so a
+# larger set is not cut off a fraction of the way through its epochs. A
+# bound: a faster machine finishes sooner.
+DEFAULT_SEARCH_SECONDS = 400
+SEARCH_SECONDS_PER_ROW_SEEN = 1.0
+MAX_SEARCH_SECONDS = 7 * 86400
 MAX_TRIALS = 64
+
+
+def default_search_seconds(rows_seen: int) -> int:
+    """The search's time when the job leaves it unset, for trials that each
+    see rows_seen training rows (rows × epochs)."""
+    return min(MAX_SEARCH_SECONDS, max(DEFAULT_SEARCH_SECONDS, round(SEARCH_SECONDS_PER_ROW_SEEN * rows_seen)))
 
 
 @dataclass(frozen=True)
@@ -212,9 +225,13 @@ def resolve_search(search: dict, given: dict, method: str = LORA, train_rows: in
     max_trials = search.get("max_trials") or DEFAULT_MAX_TRIALS
     if not 1 <= max_trials <= MAX_TRIALS:
         bad("max_trials", f"must be in [1, {MAX_TRIALS}] (0: {DEFAULT_MAX_TRIALS}), got {max_trials}")
-    max_seconds = search.get("max_seconds") or DEFAULT_SEARCH_SECONDS
-    if not 30 <= max_seconds <= 7 * 86400:
-        bad("max_seconds", f"must be in [30, 604800] (0: {DEFAULT_SEARCH_SECONDS}), got {max_seconds}")
+    epochs = given.get("epochs") or auto_epochs(train_rows)
+    max_seconds = search.get("max_seconds") or default_search_seconds(train_rows * epochs)
+    if not 30 <= max_seconds <= MAX_SEARCH_SECONDS:
+        bad(
+            "max_seconds",
+            f"must be in [30, {MAX_SEARCH_SECONDS}] (0: {default_search_seconds(train_rows * epochs)} for this dataset), got {max_seconds}",
+        )
     concurrent = search.get("max_concurrent_trials") or 0
     if not 0 <= concurrent <= MAX_TRIALS:
         bad("max_concurrent_trials", f"must be in [0, {MAX_TRIALS}] (0: as the cluster has room), got {concurrent}")
@@ -238,9 +255,8 @@ def resolve_search(search: dict, given: dict, method: str = LORA, train_rows: in
     grid = [(i + j, rate, rank) for i, rate in enumerate(dict.fromkeys(rates)) for j, rank in enumerate(dict.fromkeys(ranks or [0]))]
     candidates = []
     # Spread over both lists first when the budget cannot take every pair.
-    epochs = {} if "epochs" in given else {"epochs": auto_epochs(train_rows)}
     for _, rate, rank in sorted(grid, key=lambda g: g[0]):
-        candidate = {"learning_rate": rate} | epochs
+        candidate = {"learning_rate": rate} | ({} if "epochs" in given else {"epochs": epochs})
         if rank:
             candidate |= {"lora_rank": rank} | ({} if "lora_alpha" in given else {"lora_alpha": 2.0 * rank})
         candidates.append(candidate)
