@@ -226,12 +226,10 @@ def resolve_search(search: dict, given: dict, method: str = LORA, train_rows: in
     if not 1 <= max_trials <= MAX_TRIALS:
         bad("max_trials", f"must be in [1, {MAX_TRIALS}] (0: {DEFAULT_MAX_TRIALS}), got {max_trials}")
     epochs = given.get("epochs") or auto_epochs(train_rows)
-    max_seconds = search.get("max_seconds") or default_search_seconds(train_rows * epochs)
+    default_seconds = default_search_seconds(train_rows * epochs)
+    max_seconds = search.get("max_seconds") or default_seconds
     if not 30 <= max_seconds <= MAX_SEARCH_SECONDS:
-        bad(
-            "max_seconds",
-            f"must be in [30, {MAX_SEARCH_SECONDS}] (0: {default_search_seconds(train_rows * epochs)} for this dataset), got {max_seconds}",
-        )
+        bad("max_seconds", f"must be in [30, {MAX_SEARCH_SECONDS}] (0: {default_seconds} for this dataset), got {max_seconds}")
     concurrent = search.get("max_concurrent_trials") or 0
     if not 0 <= concurrent <= MAX_TRIALS:
         bad("max_concurrent_trials", f"must be in [0, {MAX_TRIALS}] (0: as the cluster has room), got {concurrent}")
