@@ -33,6 +33,11 @@ from tunewire.services.training.recipe import RecipeConfig
 
 # Trials run at least this many epochs before the scheduler may stop them.
 GRACE_EPOCHS = 2
+# A trial starts only when the search's time left would take it through this
+# share of its epochs: one squeezed into the last minutes of the search
+# trains a far shorter schedule than the trial it is compared with, and on
+# one machine it never won, only made the job wait (about 80 s of the demo's).
+MIN_SCHEDULE_SHARE = 0.5
 NOT_STARTED = "not started: the search's time ran out first"
 REDUCTION_FACTOR = 2
 
@@ -188,19 +193,22 @@ class ReportTrials(tune.Callback):
 class StopSearch(Stopper):
     """Ends a trial that reports a user error (every trial would hit it), and
     the whole search once its job is cancelled, or when no trial is running
-    and the next could not reach its first comparison (the scheduler's grace
-    epochs) in the time left, judged by what the first trial took to get
-    there: a trial the time budget would cut before then is wasted time."""
+    and the next could not get through its first comparison (the scheduler's
+    grace epochs) and MIN_SCHEDULE_SHARE of its epochs in the time left, at
+    the pace the first trial took to its first comparison: a trial the time
+    budget would cut before then is wasted time."""
 
-    def __init__(self, job_id: str, max_seconds: float, grace_epochs: int):
+    def __init__(self, job_id: str, max_seconds: float, grace_epochs: int, max_epochs: int):
         self.job_id = job_id
         self.max_seconds = max_seconds
         self.grace_epochs = grace_epochs
-        self.rung_seconds: float | None = None
+        self.needed_epochs = max(grace_epochs, MIN_SCHEDULE_SHARE * max_epochs)
+        self.epoch_seconds: float | None = None
 
     def __call__(self, trial_id, result) -> bool:
-        if self.rung_seconds is None and result.get("epoch", 0) >= self.grace_epochs:
-            self.rung_seconds = float(result.get("time_total_s", 0.0))
+        epoch = result.get("epoch", 0)
+        if self.epoch_seconds is None and epoch >= self.grace_epochs:
+            self.epoch_seconds = float(result.get("time_total_s", 0.0)) / epoch
         return bool(result.get("user_error")) or self.stop_all()
 
     def stop_all(self) -> bool:
@@ -208,8 +216,8 @@ class StopSearch(Stopper):
         if channels is None:
             return False
         left = channels.started + self.max_seconds - time.monotonic()
-        out_of_time = not channels.running and (left <= 0 or (self.rung_seconds is not None and self.rung_seconds > left))
-        return out_of_time or channels.cancel.is_set()
+        too_short = self.epoch_seconds is not None and self.epoch_seconds * self.needed_epochs > left
+        return (not channels.running and (left <= 0 or too_short)) or channels.cancel.is_set()
 
 
 def run_search(
@@ -271,8 +279,8 @@ def run_search(
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
                     storage_path=storage_path,
-                    stop=StopSearch(recipe.job_id, plan.max_seconds, grace),
-                    callbacks=[ReportTrials(recipe.job_id, scheduler_epochs(recipe, plan)[1])],
+                    stop=StopSearch(recipe.job_id, plan.max_seconds, grace, max_epochs),
+                    callbacks=[ReportTrials(recipe.job_id, max_epochs)],
                     verbose=0,
                     failure_config=tune.FailureConfig(max_failures=1),
                 ),
