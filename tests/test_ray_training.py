@@ -493,24 +493,24 @@ def test_a_search_stopped_by_a_cancel_or_its_orchestrator_resumes_its_trials_whe
     assert "adapter_model.safetensors" in files
 
 
-def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_through_half_its_epochs():
+def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_through_a_quarter_of_its_epochs():
     from tunewire.services.training import search
 
     channels = search._Channels(search.TrialEvents(), threading.Event())
     search._CHANNELS["job-x"] = channels
     try:
-        stop = search.StopSearch("job-x", max_seconds=300, grace_epochs=2, max_epochs=6)
+        stop = search.StopSearch("job-x", max_seconds=300, grace_epochs=2, max_epochs=12)
         channels.running.add("t1")
         assert not stop("t1", {"epoch": 1.0, "time_total_s": 60.0}) and stop.epoch_seconds is None
         assert not stop("t1", {"epoch": 2.0, "time_total_s": 100.0}) and stop.epoch_seconds == 50.0
-        channels.started -= 160  # 140 s left: a trial needs 150 s for 3 of its 6 epochs
+        channels.started -= 160  # 140 s left: a trial needs 150 s for 3 of its 12 epochs
         assert not stop.stop_all(), "a running trial goes on (Tune's own budget ends it)"
         channels.running.clear()
         assert stop.stop_all()
         channels.started += 20  # 160 s left
         assert not stop.stop_all()
-        # Short schedules need their first comparison at least: 2 epochs of 3.
-        assert search.StopSearch("job-x", 300, grace_epochs=2, max_epochs=3).needed_epochs == 2
+        # Short schedules need their first comparison at least: 2 epochs of 6.
+        assert search.StopSearch("job-x", 300, grace_epochs=2, max_epochs=6).needed_epochs == 2
         channels.started -= 200  # the search's time is up, and no trial reached its first comparison
         stop.epoch_seconds = None
         assert stop.stop_all()
