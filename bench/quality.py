@@ -20,7 +20,7 @@ Contenders:
 - tunewire, no hyperparameters: the learning rate searched on Ray Tune, the
   forgetting guard on (its defaults);
 - tunewire before the search and guard: its former automatic choice
-  (learning rate 2e-4, automatic epochs), no retention, no budget, no
+  (learning rate 2e-4, 10 epochs as its automatic epochs were), no retention, no budget, no
   prompt word dropout, the last step's weights (no average);
 - a plain Hugging Face `Trainer` + PEFT script with the libraries' defaults
   (TrainingArguments: lr 5e-5, 3 epochs, batch 8; LoraConfig: rank 8 on the
@@ -54,7 +54,14 @@ ENCODER_MODEL = "all-minilm-l6-v2"
 ANSWER_TOKENS = 40
 MAX_LENGTH = 512
 # What tunewire chose before the search and the forgetting guard existed.
-BEFORE = {"learning_rate": 2e-4, "retention_weight": 0.0, "forgetting_budget": 1.0, "prompt_word_dropout": 0.0, "ema_decay": 0.0}
+BEFORE = {
+    "learning_rate": 2e-4,
+    "epochs": 10,
+    "retention_weight": 0.0,
+    "forgetting_budget": 1.0,
+    "prompt_word_dropout": 0.0,
+    "ema_decay": 0.0,
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -374,7 +374,7 @@ def jobs_create(
     early_stopping_patience: int | None = typer.Option(None, help="validations without a better score before training stops (unset: 3)"),
     precision: str | None = typer.Option(None, help="auto (bfloat16 where the hardware computes it natively), float32 or bfloat16"),
     forgetting_budget: float | None = typer.Option(
-        None, help="share of the base model's correct general answers that may be lost (default 0.05)"
+        None, help="share of the base model's correct general answers that may be lost (default 0.1)"
     ),
     retention_weight: float | None = typer.Option(None, help="weight of the penalty that keeps general answers (default 3; 0: off)"),
     prompt_word_dropout: float | None = typer.Option(

@@ -243,7 +243,7 @@ def test_a_lora_recipe_answers_with_its_adapter_merged_into_a_copy(tiny_model_di
 def test_the_budget_is_validated():
     from tunewire.services.common.errors import InvalidArgument
 
-    assert resolve_config({}, 100).forgetting_budget == 0.05
+    assert resolve_config({}, 100).forgetting_budget == 0.1
     for field, value in (("forgetting_budget", 1.5), ("forgetting_budget", -0.1), ("retention_weight", -1.0)):
         with pytest.raises(InvalidArgument) as caught:
             resolve_config({field: value}, 100)
