@@ -33,11 +33,13 @@ from tunewire.services.training.recipe import RecipeConfig
 
 # Trials run at least this many epochs before the scheduler may stop them.
 GRACE_EPOCHS = 2
-# A trial starts only when the search's time left would take it through its
-# first comparison and this share of its epochs: one squeezed into the
-# search's last minute or two cannot win, only make the job wait (80 s of
-# the demo's at 10 epochs). A trial started with a third of the time left
-# after the first stopped early can: it won on one fact set.
+# With no trial running, the search ends when its time left would not take
+# the next trial through its first comparison and this share of its epochs:
+# one squeezed into the search's last minute or two cannot win, only make
+# the job wait (80 s of the demo's at 10 epochs). One started with a third
+# of the time left after the first stopped early can: it won on one fact
+# set. (On one machine Tune often starts the next trial before this is
+# checked with none running; deciding it in the trial itself is still open.)
 MIN_SCHEDULE_SHARE = 0.25
 NOT_STARTED = "not started: the search's time ran out first"
 REDUCTION_FACTOR = 2
