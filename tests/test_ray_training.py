@@ -493,22 +493,28 @@ def test_a_search_stopped_by_a_cancel_or_its_orchestrator_resumes_its_trials_whe
     assert "adapter_model.safetensors" in files
 
 
-def test_a_search_does_not_start_a_trial_its_time_left_cannot_take_through_a_quarter_of_its_epochs():
+def test_a_search_ends_a_trial_started_when_its_time_left_cannot_take_it_through_a_quarter_of_its_epochs():
     from tunewire.services.training import search
 
     channels = search._Channels(search.TrialEvents(), threading.Event())
     search._CHANNELS["job-x"] = channels
     try:
         stop = search.StopSearch("job-x", max_seconds=300, grace_epochs=2, max_epochs=12)
-        channels.running.add("t1")
+        channels.running["t1"] = channels.started
         assert not stop("t1", {"epoch": 1.0, "time_total_s": 60.0}) and stop.epoch_seconds is None
         assert not stop("t1", {"epoch": 2.0, "time_total_s": 100.0}) and stop.epoch_seconds == 50.0
         channels.started -= 160  # 140 s left: a trial needs 150 s for 3 of its 12 epochs
-        assert not stop.stop_all(), "a running trial goes on (Tune's own budget ends it)"
-        channels.running.clear()
+        channels.running["t1"] = channels.started  # (the clock moved on with it)
+        assert not stop.stop_all(), "a trial started in time goes on (Tune's own budget ends it)"
+        # Tune starts the next trial as the first ends: that one is not worth running.
+        del channels.running["t1"]
+        channels.running["t2"] = time.monotonic()
         assert stop.stop_all()
-        channels.started += 20  # 160 s left
+        channels.started += 20  # 160 s left at t2's start (and now)
+        channels.running["t2"] = time.monotonic()
         assert not stop.stop_all()
+        channels.running.clear()
+        assert not stop.stop_all(), "with no trial running, the next could still start"
         # Short schedules need their first comparison at least: 2 epochs of 6.
         assert search.StopSearch("job-x", 300, grace_epochs=2, max_epochs=6).needed_epochs == 2
         channels.started -= 200  # the search's time is up, and no trial reached its first comparison
@@ -540,9 +546,18 @@ def test_each_trial_ends_once_on_the_event_stream_a_budget_cut_one_as_stopped():
         report.on_trial_complete(0, [], done)
         # Tune's time budget marks a running trial terminated with no completion callback.
         never = trial("trial-3", "PENDING", None)
-        report.on_experiment_end([done, cut, never])
-        ends = [(e["run"], e["state"]) for e in channels.events.drain() if e["state"] != "RUNNING"]
-        assert ends == [("trial-1", "DONE"), ("trial-2", "STOPPED"), ("trial-3", "STOPPED")]
+        # Started as trial-1 ended, too late to be worth running: stopped before its first result.
+        late = trial("trial-4", "TERMINATED", None)
+        report.on_trial_start(0, [], late)
+        report.on_experiment_end([done, cut, never, late])
+        ends = [(e["run"], e["state"], e["message"]) for e in channels.events.drain() if e["state"] != "RUNNING"]
+        assert [(run, state) for run, state, _ in ends] == [
+            ("trial-1", "DONE"),
+            ("trial-2", "STOPPED"),
+            ("trial-3", "STOPPED"),
+            ("trial-4", "STOPPED"),
+        ]
+        assert ends[3][2] == search.NOT_STARTED and not channels.running
     finally:
         search._CHANNELS.pop("job-y")
 

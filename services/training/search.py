@@ -33,13 +33,11 @@ from tunewire.services.training.recipe import RecipeConfig
 
 # Trials run at least this many epochs before the scheduler may stop them.
 GRACE_EPOCHS = 2
-# With no trial running, the search ends when its time left would not take
-# the next trial through its first comparison and this share of its epochs:
-# one squeezed into the search's last minute or two cannot win, only make
-# the job wait (80 s of the demo's at 10 epochs). One started with a third
-# of the time left after the first stopped early can: it won on one fact
-# set. (On one machine Tune often starts the next trial before this is
-# checked with none running; deciding it in the trial itself is still open.)
+# A trial needs the time to get through its first comparison and this share
+# of its epochs: one squeezed into the search's last minute or two cannot
+# win, only make the job wait (80 s of the demo's at 10 epochs). One started
+# with a third of the time left after the first stopped early can: it won on
+# one fact set.
 MIN_SCHEDULE_SHARE = 0.25
 NOT_STARTED = "not started: the search's time ran out first"
 REDUCTION_FACTOR = 2
@@ -111,7 +109,10 @@ class TrialEvents:
 class _Channels:
     events: TrialEvents
     cancel: threading.Event
-    running: set[str] = field(default_factory=set)  # trial ids started and not ended
+    # Trial ids started and not ended, with when each started: Tune starts
+    # the next trial as one ends, so whether a trial was worth starting is
+    # judged from the time left at its start.
+    running: dict[str, float] = field(default_factory=dict)
     # As Tune's time budget, counted from this run of the search (a restored one starts again).
     started: float = field(default_factory=time.monotonic)
 
@@ -150,12 +151,12 @@ class ReportTrials(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.job_id in _CHANNELS:
-            _CHANNELS[self.job_id].running.add(trial.trial_id)
+            _CHANNELS[self.job_id].running[trial.trial_id] = time.monotonic()
         self._event(trial, "RUNNING")
 
     def _ended(self, trial) -> None:
         if self.job_id in _CHANNELS:
-            _CHANNELS[self.job_id].running.discard(trial.trial_id)
+            _CHANNELS[self.job_id].running.pop(trial.trial_id, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "objective" in result:
@@ -186,19 +187,25 @@ class ReportTrials(tune.Callback):
         # those it does not start.
         channels = _CHANNELS.get(self.job_id)
         running = set(channels.running) if channels else set()
+        # A trial started too late to be worth running (StopSearch) ends here
+        # too, as not started.
         for trial in trials:
-            if trial.trial_id in running:
+            if trial.config["candidate"]["run"] in (channels.events.ended if channels else ()):
+                continue
+            if trial.last_result and trial.trial_id in running:
                 self.on_trial_complete(0, trials, trial)
             elif not trial.last_result and trial.status != "ERROR":
+                self._ended(trial)
                 self._event(trial, "STOPPED", NOT_STARTED)
 
 
 class StopSearch(Stopper):
     """Ends a trial that reports a user error (every trial would hit it), and
-    the whole search once its job is cancelled, or when no trial is running
-    and the next could not get through its first comparison (the scheduler's
-    grace epochs) and MIN_SCHEDULE_SHARE of its epochs in the time left, at
-    the pace the first trial took to its first comparison: a trial the time
+    the whole search once its job is cancelled, or when no trial worth
+    running is running and the next would not be. A trial is worth running
+    when the time left at its start took it through its first comparison
+    (the scheduler's grace epochs) and MIN_SCHEDULE_SHARE of its epochs, at
+    the pace the first trial took to its first comparison: one the time
     budget would cut before then is wasted time."""
 
     def __init__(self, job_id: str, max_seconds: float, grace_epochs: int, max_epochs: int):
@@ -218,9 +225,13 @@ class StopSearch(Stopper):
         channels = _CHANNELS.get(self.job_id)
         if channels is None:
             return False
-        left = channels.started + self.max_seconds - time.monotonic()
-        too_short = self.epoch_seconds is not None and self.epoch_seconds * self.needed_epochs > left
-        return (not channels.running and (left <= 0 or too_short)) or channels.cancel.is_set()
+        ends = channels.started + self.max_seconds
+        worth_running = [began for began in channels.running.values() if not self._too_short(ends - began)]
+        return (not worth_running and self._too_short(ends - time.monotonic())) or channels.cancel.is_set()
+
+    def _too_short(self, seconds_left: float) -> bool:
+        needed = 0.0 if self.epoch_seconds is None else self.epoch_seconds * self.needed_epochs
+        return seconds_left <= needed
 
 
 def run_search(
