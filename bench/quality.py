@@ -252,7 +252,7 @@ def main() -> None:
         notes=(
             "1 Ray Train worker per job (per trial), 2-core CPU. Wall time: CreateJob to the job's end for tunewire "
             "(the first job of a base model also builds its general reference, ~1 min); model load and training for Trainer. "
-            "facts: 30 held-out paraphrases, 40 general questions of the bench's own and tunewire's 44-question probe "
+            "facts: 30 held-out paraphrases, 40 general questions of the bench's own and tunewire's 133-question probe "
             "(kept = base-correct answers still correct), greedy answers of at most 40 tokens. "
             "sentiment: the dataset service's default test split."
         ),

@@ -11,7 +11,7 @@ def test_defaults_fill_what_is_unset_and_say_so():
     assert config.learning_rate == 1e-3
     assert config.batch_size == DEFAULTS["batch_size"]
     assert "learning_rate" not in config.auto and "epochs" in config.auto and "batch_size" in config.auto
-    assert config.epochs == auto_epochs(100) == 10
+    assert config.epochs == auto_epochs(100) == 12
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_all_bad_fields_are_reported_at_once():
 
 
 def test_auto_epochs_shrink_as_data_grows():
-    assert auto_epochs(10) == 10 and auto_epochs(500) == 4 and auto_epochs(5000) == 2 and auto_epochs(50000) == 1
+    assert auto_epochs(10) == 12 and auto_epochs(500) == 4 and auto_epochs(5000) == 2 and auto_epochs(50000) == 1
 
 
 def test_steps_per_epoch_counts_each_workers_share():
@@ -75,8 +75,9 @@ def test_the_default_search_time_grows_with_the_rows_a_trial_sees():
 
     # A second per training row a trial sees (rows × epochs), at least the default.
     assert resolve_search({}, {}, "lora", 20).max_seconds == DEFAULT_SEARCH_SECONDS
-    assert resolve_search({}, {}, "lora", 38).max_seconds == DEFAULT_SEARCH_SECONDS  # 38 × 10 epochs
-    assert resolve_search({}, {}, "lora", 150).max_seconds == 150 * 10
+    assert resolve_search({}, {}, "lora", 30).max_seconds == DEFAULT_SEARCH_SECONDS  # 30 × 12 epochs
+    assert resolve_search({}, {}, "lora", 38).max_seconds == 38 * 12
+    assert resolve_search({}, {}, "lora", 150).max_seconds == 150 * 12
     # Epochs the job set count, and a time the job set wins.
     assert resolve_search({}, {"epochs": 1}, "lora", 150).max_seconds == DEFAULT_SEARCH_SECONDS
     assert resolve_search({"max_seconds": 60}, {}, "lora", 150).max_seconds == 60
