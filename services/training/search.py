@@ -184,13 +184,13 @@ class ReportTrials(tune.Callback):
     def on_experiment_end(self, trials, **info):
         # The search's time budget ends running trials (Tune marks them
         # terminated) without a completion callback, and StopSearch ends
-        # those it does not start.
+        # those it does not start, or started too late to be worth running.
         channels = _CHANNELS.get(self.job_id)
-        running = set(channels.running) if channels else set()
-        # A trial started too late to be worth running (StopSearch) ends here
-        # too, as not started.
+        if channels is None:  # nowhere to report to
+            return
+        running = set(channels.running)
         for trial in trials:
-            if trial.config["candidate"]["run"] in (channels.events.ended if channels else ()):
+            if trial.config["candidate"]["run"] in channels.events.ended:
                 continue
             if trial.last_result and trial.trial_id in running:
                 self.on_trial_complete(0, trials, trial)
