@@ -151,7 +151,7 @@ def test_the_forgetting_budget_rule():
     perplexity_too_high = Forgetting(kept=30, base_correct=30, perplexity=36.0, base_perplexity=29.0)  # +24%
     assert kept.within(budget) and not lost_too_many.within(budget) and not perplexity_too_high.within(budget)
     # Within the budget, the validation score ranks; any of those beats any over it.
-    assert selection_score(2.5, 10, kept, budget) == 2.5
+    assert selection_score(2.5, 10, kept, budget) < selection_score(2.6, 10, kept, budget)
     over = selection_score(0.1, 10, lost_too_many, budget)
     assert over > OVER_BUDGET > selection_score(50.0, 10, kept, budget)
     # Over it, the one that forgot less ranks first (13% of answers lost against +24% perplexity).
@@ -161,6 +161,26 @@ def test_the_forgetting_budget_rule():
     forgot_everything = Forgetting(kept=0, base_correct=30, perplexity=90.0, base_perplexity=29.0)
     assert forgot_everything.within(1.0) and not forgot_everything.within(0.99)
     assert selection_score(0.3, 10, forgot_everything, 1.0) == 0.3
+
+
+def test_what_a_checkpoint_forgot_breaks_near_ties_within_the_budget():
+    budget = 0.1
+    forgot_little = Forgetting(kept=70, base_correct=71, perplexity=29.2, base_perplexity=29.0)
+    forgot_more = Forgetting(kept=65, base_correct=71, perplexity=29.4, base_perplexity=29.0)  # both within 10%
+    # Answers alike, losses a hair apart (late in a run): the one that forgot less ranks first.
+    assert selection_score(validation_score(0.0116, 1.0), 55, forgot_little, budget) < selection_score(
+        validation_score(0.0112, 1.0), 60, forgot_more, budget
+    )
+    # A validation answer's word more (1 of 48 words) still beats forgetting less.
+    assert selection_score(validation_score(0.05, 1.0), 60, forgot_more, budget) < selection_score(
+        validation_score(0.05, 47 / 48), 55, forgot_little, budget
+    )
+    # And so does a clearly lower loss: 0.1 nats against five answers.
+    assert selection_score(validation_score(0.05, 1.0), 60, forgot_more, budget) < selection_score(
+        validation_score(0.15, 1.0), 55, forgot_little, budget
+    )
+    # With the guard off, forgetting does not rank at all.
+    assert selection_score(0.3, 10, forgot_more, 1.0) == selection_score(0.3, 10, forgot_little, 1.0) == 0.3
 
 
 def test_validation_is_scored_by_the_answers_first_then_the_loss():
