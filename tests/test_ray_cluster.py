@@ -194,7 +194,7 @@ def test_a_two_worker_job_across_both_nodes_survives_its_orchestrator_and_a_node
     the worker node is killed: the job goes on from its latest checkpoint."""
     cluster = token_cluster
     env = _service_env(cluster, tmp_path, tiny_model_dir)
-    hyperparameters = {"epochs": 6, "batch_size": 4, "eval_every_steps": 2, "early_stopping_patience": 0, "learning_rate": 1e-2}
+    hyperparameters = {"epochs": 6, "batch_size": 4, "eval_every_steps": 4, "early_stopping_patience": 0, "learning_rate": 1e-2}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:
             dataset = client.upload(prompt_completion_jsonl(60), name="sums").dataset

@@ -78,8 +78,10 @@ def make_job(
     )
 
 
-async def train(runner, job, cancel_when=None):
-    events, cancel = [], asyncio.Event()
+async def train(runner, job, cancel_when=None, events=None):
+    """Runs a job to its end: (events, the published directory's files). A
+    list passed as `events` keeps them when the job fails or is cancelled."""
+    events, cancel = ([] if events is None else events), asyncio.Event()
 
     async def emit(kind, data):
         events.append((kind, data))
@@ -401,31 +403,6 @@ def test_rows_truncated_to_nothing_are_the_users_error(runner, tiny_model_dir, t
     assert caught.value.user_error and "max_seq_length=16" in str(caught.value)
 
 
-def test_a_search_runs_its_trials_on_ray_tune_and_publishes_the_best(runner, tiny_model_dir, tmp_path):
-    # The learning rate left unset: a search of two candidates, one of which cannot learn in two epochs.
-    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, learning_rate=None, search={"learning_rates": [5e-3, 1e-6]})
-    events, files = asyncio.run(train(runner, job))
-    trials = of(events, "trial")
-    assert {t["run"] for t in trials} == {"trial-1", "trial-2"}
-    assert [t["learning_rate"] for t in trials if t["run"] == "trial-2"][0] == 1e-6
-    assert {t["state"] for t in trials} >= {"RUNNING", "DONE"}
-    assert {e["run"] for e in of(events, "eval")} == {"trial-1", "trial-2"} and {s["run"] for s in of(events, "step")} == {
-        "trial-1",
-        "trial-2",
-    }
-    [evaluation] = of(events, "evaluation")
-    assert evaluation["run"] == "trial-1" and evaluation["learning_rate"] == 5e-3
-    assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
-    best = best_validation([e for e in of(events, "eval") if e["run"] == "trial-1"])
-    assert evaluation["best_step"] == best["step"] and evaluation["best_validation_loss"] == pytest.approx(best["loss"])
-    assert evaluation["best_answer_recall"] == pytest.approx(best["answer_recall"])
-    assert all("best_validation_loss" in t for t in trials if t["state"] == "DONE")
-    assert json.loads(files["evaluation.json"]) == evaluation
-    assert json.loads(files["tunewire_adapter.json"])["run"] == "trial-1"
-    checkpoints = runner.checkpoints(job.id)
-    assert {c["run"] for c in checkpoints} == {"trial-1", "trial-2"}
-
-
 def test_no_checkpoint_within_the_budget_publishes_the_least_forgetting_and_says_so(runner, tiny_model_dir, tmp_path):
     # One token over and over, learnt by full fine-tuning at a high learning
     # rate with no retention penalty: the model comes to predict little else,
@@ -454,43 +431,37 @@ def test_no_checkpoint_within_the_budget_publishes_the_least_forgetting_and_says
     assert over and not any(c["within_budget"] for c in over)
 
 
-def test_a_search_stopped_by_a_cancel_or_its_orchestrator_resumes_its_trials_where_they_stopped(runner, tiny_model_dir, tmp_path):
-    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=4, learning_rate=None, search={"learning_rates": [5e-3, 1e-3]})
+def test_a_search_runs_its_trials_on_ray_tune_resumes_them_after_a_cancel_and_publishes_the_best(runner, tiny_model_dir, tmp_path):
+    # The learning rate left unset: a search of two candidates, one of which cannot learn.
+    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=4, learning_rate=None, search={"learning_rates": [5e-3, 1e-6]})
+    cancelled: list = []
     with pytest.raises(JobCancelled):
-        asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint" and data["step"] >= 10))
+        asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint" and data["step"] >= 10, events=cancelled))
     saved = {c["run"]: c["step"] for c in runner.checkpoints(job.id)}
     assert saved.get("trial-1", 0) >= 10
-
-    async def orchestrator_stops_at_the_first_step():
-        # As the scheduler stops a job when the orchestrator shuts down: its task is cancelled.
-        events, started = [], asyncio.Event()
-
-        async def emit(kind, data):
-            events.append((kind, data))
-            if kind == "step":
-                started.set()
-
-        async def run():
-            async with runner.run(job, emit, asyncio.Event()):
-                pass
-
-        task = asyncio.create_task(run())
-        await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return [d["step"] for k, d in events if k == "step"]
-
-    assert asyncio.run(orchestrator_stops_at_the_first_step())[0] == saved["trial-1"] + 1
-    # Run again (as after an orchestrator restart): the interrupted trial goes
-    # on from its checkpoint (Tune's record of the trials it stopped, which
-    # would end them, is not restored), to its last step.
+    # Run again (as a resume after a cancel, or an orchestrator's restart:
+    # test_recovery kills one): the interrupted trial goes on from its
+    # checkpoint (Tune's record of the trials it stopped, which would end
+    # them, is not restored), to its last step; then the next trial runs.
     events, files = asyncio.run(train(runner, job))
     steps = [s["step"] for s in of(events, "step") if s["run"] == "trial-1"]
     assert steps and steps[0] == saved["trial-1"] + 1 and steps[-1] == 36  # 4 epochs of 9 steps
+    trials = of(events, "trial")
+    assert {t["run"] for t in trials} == {"trial-1", "trial-2"}
+    assert [t["learning_rate"] for t in trials if t["run"] == "trial-2"][0] == 1e-6
+    assert {t["state"] for t in trials} >= {"RUNNING", "DONE"}
+    assert all("best_validation_loss" in t for t in trials if t["state"] == "DONE")
+    assert {e["run"] for e in of(events, "eval")} == {s["run"] for s in of(events, "step")} == {"trial-1", "trial-2"}
     [evaluation] = of(events, "evaluation")
+    assert evaluation["run"] == "trial-1" and evaluation["learning_rate"] == 5e-3
     assert [t["run"] for t in evaluation["trials"]] == ["trial-1", "trial-2"]
+    best = best_validation([e for e in of(cancelled + events, "eval") if e["run"] == "trial-1"])
+    assert evaluation["best_step"] == best["step"] and evaluation["best_validation_loss"] == pytest.approx(best["loss"])
+    assert evaluation["best_answer_recall"] == pytest.approx(best["answer_recall"])
+    assert json.loads(files["evaluation.json"]) == evaluation
+    assert json.loads(files["tunewire_adapter.json"])["run"] == "trial-1"
     assert "adapter_model.safetensors" in files
+    assert {c["run"] for c in runner.checkpoints(job.id)} == {"trial-1", "trial-2"}
 
 
 def test_a_search_ends_a_trial_started_when_its_time_left_cannot_take_it_through_a_quarter_of_its_epochs():

@@ -104,7 +104,8 @@ def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_
 def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model_dir):
     """The same for a job whose learning rate is searched: Ray Tune's saved
     state is restored, the interrupted trial resumes from its checkpoint and
-    the search ends with every trial in the report."""
+    the search ends with it in the report. One candidate: that the next trial
+    runs after a resume is test_ray_training's cancelled search."""
     env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=free_port(), training_port=free_port()), _SUMS
     hyperparameters = {"epochs": 2, "batch_size": 4, "eval_every_steps": 4, "early_stopping_patience": 0, "warmup_fraction": 0.0}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
@@ -112,7 +113,7 @@ def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model
             dataset = client.upload(rows, name="sums").dataset
         first = LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs")
         with first, TrainingClient(first.address("training")) as training:
-            job = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters, search={"learning_rates": [1e-2, 5e-3]})
+            job = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters, search={"learning_rates": [1e-2]})
             checkpoint_step = None
             for event in training.stream_events(job.id, timeout=300):
                 if event.WhichOneof("event") == "checkpoint" and event.checkpoint.run == "trial-1" and event.checkpoint.step >= 4:
@@ -138,7 +139,7 @@ def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model
     first_run = [e.step for e in events[:restart] if e.WhichOneof("event") == "step" and e.step.run == "trial-1"]
     resumed = [e.step for e in after if e.WhichOneof("event") == "step" and e.step.run == "trial-1"]
     assert resumed[0].step == (resumed_at[0] // 12) * 12 + 1 and resumed[0].loss < first_run[0].loss - 0.2
-    assert [t.run for t in job.evaluation.trials] == ["trial-1", "trial-2"]
+    assert [t.run for t in job.evaluation.trials] == ["trial-1"]
 
 
 def test_what_a_crash_leaves_in_the_store_and_caches_is_swept(tmp_path):
