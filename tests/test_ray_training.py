@@ -98,7 +98,9 @@ def of(events, kind):
 
 
 def best_validation(evals: list[dict]) -> dict:
-    """The validation checkpoints are chosen by (the earliest of equals)."""
+    """The validation checkpoints are chosen by (the earliest of equals), with
+    the forgetting guard off (forgetting_budget=1); with it on, what each
+    forgot also breaks near-ties."""
     return min(evals, key=lambda e: (validation_score(e["loss"], e.get("answer_recall")), e["step"]))
 
 
@@ -191,7 +193,9 @@ def test_early_stopping_publishes_the_best_checkpoint(runner, tiny_model_dir, tm
     # Validation answers contradict training answers: the better the model
     # fits train, the worse validation gets.
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": "Arr, yes." if i % 5 else "No, never, nothing."} for i in range(60)]
-    job = make_job(tmp_path, tiny_model_dir, rows, epochs=6, eval_every_steps=1, early_stopping_patience=2, learning_rate=2e-2)
+    job = make_job(
+        tmp_path, tiny_model_dir, rows, epochs=6, eval_every_steps=1, early_stopping_patience=2, learning_rate=2e-2, forgetting_budget=1.0
+    )
     events, files = asyncio.run(train(runner, job))
     evals = of(events, "eval")
     [evaluation] = of(events, "evaluation")
@@ -433,7 +437,16 @@ def test_no_checkpoint_within_the_budget_publishes_the_least_forgetting_and_says
 
 def test_a_search_runs_its_trials_on_ray_tune_resumes_them_after_a_cancel_and_publishes_the_best(runner, tiny_model_dir, tmp_path):
     # The learning rate left unset: a search of two candidates, one of which cannot learn.
-    job = make_job(tmp_path, tiny_model_dir, sums(60), workers=1, epochs=4, learning_rate=None, search={"learning_rates": [5e-3, 1e-6]})
+    job = make_job(
+        tmp_path,
+        tiny_model_dir,
+        sums(60),
+        workers=1,
+        epochs=4,
+        learning_rate=None,
+        forgetting_budget=1.0,
+        search={"learning_rates": [5e-3, 1e-6]},
+    )
     cancelled: list = []
     with pytest.raises(JobCancelled):
         asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint" and data["step"] >= 10, events=cancelled))
