@@ -220,50 +220,24 @@ def test_classification_on_an_encoder(runner, tmp_path):
     assert of(events, "eval") and all("answer_recall" not in e for e in of(events, "eval"))  # classes, not answers
 
 
-def test_full_fine_tuning_publishes_a_whole_model(runner, tiny_model_dir, tmp_path):
-    job = make_job(tmp_path, tiny_model_dir, sums(40), workers=1, method="full", learning_rate=1e-3)
+def test_full_fine_tuning_of_a_summarization_task_publishes_a_whole_model(runner, tiny_model_dir, tmp_path):
+    # Each causal task is trained and scored by its own metric somewhere in
+    # this file: summarization (ROUGE) here, plain text (perplexity) in the
+    # forgetting-budget test, chat below, prompt/completion everywhere else.
+    rows = [{"document": f"the quick brown fox number {i} jumps over the lazy dog", "summary": f"fox {i} jumps"} for i in range(40)]
+    job = make_job(tmp_path, tiny_model_dir, rows, fmt="summarization", workers=1, method="full", learning_rate=1e-3)
     events, files = asyncio.run(train(runner, job))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files) and "adapter_config.json" not in files
     [evaluation] = of(events, "evaluation")
-    assert evaluation["tuned_metrics"]["loss"] < evaluation["base_metrics"]["loss"]
+    assert "rougeL" in evaluation["tuned_metrics"] and evaluation["tuned_metrics"]["loss"] < evaluation["base_metrics"]["loss"]
 
 
-@pytest.mark.parametrize(
-    "fmt, rows, metric",
-    [
-        ("text", [{"text": f"the quick brown fox number {i} jumps over the lazy dog"} for i in range(40)], "perplexity"),
-        (
-            "summarization",
-            [{"document": f"the quick brown fox number {i} jumps over the lazy dog", "summary": f"fox {i} jumps"} for i in range(40)],
-            "rougeL",
-        ),
-        (
-            "chat",
-            [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "Arr!"}]} for i in range(40)],
-            "exact_match",
-        ),
-    ],
-)
-def test_each_causal_task(runner, tiny_model_dir, tmp_path, fmt, rows, metric):
-    job = make_job(tmp_path, tiny_model_dir, rows, fmt=fmt, workers=1)
+def test_a_chat_task_is_scored_by_exact_match(runner, tiny_model_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "Arr!"}]} for i in range(40)]
+    job = make_job(tmp_path, tiny_model_dir, rows, fmt="chat", workers=1)
     events, _ = asyncio.run(train(runner, job))
     [evaluation] = of(events, "evaluation")
-    assert metric in evaluation["tuned_metrics"] and evaluation["tuned_metrics"]["loss"] < evaluation["base_metrics"]["loss"]
-
-
-def test_cancel_then_resume_from_the_checkpoint(runner, tiny_model_dir, tmp_path):
-    # Validated every 5 steps, an epoch's length: the checkpoint of step 5 is
-    # taken at the first epoch's last step, and the resumed run starts the next.
-    job = make_job(tmp_path, tiny_model_dir, sums(60), epochs=4, eval_every_steps=5)
-    with pytest.raises(JobCancelled):
-        asyncio.run(train(runner, job, cancel_when=lambda kind, data: kind == "checkpoint"))
-    [saved] = runner.checkpoints(job.id)
-    assert saved["step"] == 5
-    # The orchestrator runs the job again (as after a restart): it resumes.
-    events, _ = asyncio.run(train(runner, job))
-    assert any("resuming from the checkpoint of step 5" in d["message"] for d in of(events, "log"))
-    assert any("epoch 2 starts" in d["message"] for d in of(events, "log"))
-    assert of(events, "step")[0]["step"] == 6 and of(events, "step")[-1]["step"] == 20
+    assert "exact_match" in evaluation["tuned_metrics"] and evaluation["tuned_metrics"]["loss"] < evaluation["base_metrics"]["loss"]
 
 
 class ListQueue:
@@ -428,7 +402,7 @@ def test_no_checkpoint_within_the_budget_publishes_the_least_forgetting_and_says
     )
     events, files = asyncio.run(train(runner, job))
     [evaluation] = of(events, "evaluation")
-    assert evaluation["within_forgetting_budget"] is False
+    assert evaluation["within_forgetting_budget"] is False and "perplexity" in evaluation["tuned_metrics"]
     assert any(d["kind"] == "over_budget" for d in of(events, "diagnostic"))
     assert any(e.get("within_forgetting_budget") is False for e in of(events, "eval"))
     over = [c for c in runner.checkpoints(job.id)]

@@ -1,9 +1,10 @@
-"""The orchestrator killed (SIGKILL) in the middle of a job: after a restart
-the job resumes from its last checkpoint and succeeds; it is never left
-RUNNING and does not start over."""
+"""The orchestrator killed (SIGKILL) in the middle of its jobs: after a
+restart each resumes from its last checkpoint and succeeds; none is left
+RUNNING or starts over."""
 
 import json
 import re
+import threading
 
 import psutil
 
@@ -45,34 +46,54 @@ def _stack_env(tmp_path, tiny_model_dir, dataset_port: int, training_port: int) 
     }
 
 
-def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
-    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=free_port(), training_port=free_port()), _SUMS
+def _first_checkpoint(training: TrainingClient, job_id: str, run: str, reached: dict) -> None:
+    """Follows a job's events until its `run` saves a checkpoint of step 4 or later."""
+    for event in training.stream_events(job_id, timeout=300):
+        if event.WhichOneof("event") == "checkpoint" and event.checkpoint.run == run and event.checkpoint.step >= 4:
+            reached[job_id] = event.checkpoint.step
+            return
+
+
+def _resumed(events: list, run: str, restart: int, pattern: str) -> tuple[int, list, list]:
+    """(the step resumed from, `run`'s steps before the restart, and after it)."""
+    logs = [e.log for e in events[restart:] if e.WhichOneof("event") == "log"]
+    resumed_at = [int(m.group(1)) for line in logs if (m := re.search(pattern, line))]
+    assert resumed_at, logs
+    before = [e.step for e in events[:restart] if e.WhichOneof("event") == "step" and e.step.run == run]
+    after = [e.step for e in events[restart:] if e.WhichOneof("event") == "step" and e.step.run == run]
+    return resumed_at[0], before, after
+
+
+def test_orchestrator_killed_mid_job_and_mid_search_resumes_both_after_restart(tmp_path, tiny_model_dir):
+    """Two jobs side by side, one trained once and one whose learning rate is
+    searched (Ray Tune's saved state restored, the interrupted trial resumed
+    from its checkpoint; one candidate: that the next trial runs after a
+    resume is test_ray_training's cancelled search). The orchestrator is
+    killed once both have a checkpoint."""
+    env = _stack_env(tmp_path, tiny_model_dir, dataset_port=free_port(), training_port=free_port()) | {"TUNEWIRE_MAX_CONCURRENT_JOBS": "2"}
+    # 60 rows, 48 in training: 12 steps an epoch in batches of 4. The plain job
+    # trains 4 epochs: still training when the search, slower to start, saves its first checkpoint.
+    hyperparameters = {"epochs": 2, "batch_size": 4, "eval_every_steps": 4, "early_stopping_patience": 0, "warmup_fraction": 0.0}
     with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
         with DatasetClient(datasets.address("dataset")) as client:
-            dataset = client.upload(rows, name="sums").dataset
+            dataset = client.upload(_SUMS, name="sums").dataset
         first = LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs")
         with first, TrainingClient(first.address("training")) as training:
-            job = training.create_job(
-                str(tiny_model_dir),
-                dataset.id,
-                {
-                    "epochs": 2,
-                    "batch_size": 4,
-                    "eval_every_steps": 4,
-                    "early_stopping_patience": 0,
-                    "learning_rate": 1e-2,
-                    "warmup_fraction": 0.0,
-                },
-            )
-            checkpoint_step = None
-            for event in training.stream_events(job.id, timeout=300):
-                if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 4:
-                    checkpoint_step = event.checkpoint.step
-                    break
+            plain = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters | {"epochs": 4, "learning_rate": 1e-2})
+            search = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters, search={"learning_rates": [1e-2]})
+            reached: dict[str, int] = {}
+            followers = [
+                threading.Thread(target=_first_checkpoint, args=(training, job.id, run, reached))
+                for job, run in ((plain, "train"), (search, "trial-1"))
+            ]
+            for follower in followers:
+                follower.start()
+            for follower in followers:
+                follower.join()
             children = _ray_processes_of(first.processes["training"].pid)
             first.processes["training"].kill()  # SIGKILL: no chance to clean up
             first.processes["training"].wait()
-        assert checkpoint_step is not None
+        assert set(reached) == {plain.id, search.id}
         # Ray's processes share the orchestrator's fate: nothing trains on unseen.
         psutil.wait_procs([p for p in children if _is_training(p)], timeout=60)
         assert not [p for p in children if _is_training(p)]
@@ -81,65 +102,34 @@ def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_
             LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs") as second,
             TrainingClient(second.address("training")) as training,
         ):
-            events = list(training.stream_events(job.id, timeout=600))
-            job = training.get_job(job.id)
-    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
-    logs = [e.log for e in events if e.WhichOneof("event") == "log"]
-    assert any("orchestrator running this job stopped" in line for line in logs), logs
-    # From the latest checkpoint written before the kill (the stream may lag the workers).
-    resumed_at = [int(m.group(1)) for line in logs if (m := re.search(r"resuming from the checkpoint of step (\d+)", line))]
-    assert resumed_at and resumed_at[0] >= checkpoint_step, logs
-    states = [training_pb2.JobState.Name(e.state) for e in events if e.WhichOneof("event") == "state"]
-    assert states[-3:] == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
-    # After the restart the checkpoint's epoch runs again from its first batch
-    # (nothing skipped), with the trained weights: not a start from scratch.
-    restart = max(i for i, e in enumerate(events) if e.WhichOneof("event") == "log" and "resuming" in e.log)
-    first_run = [e.step for e in events[:restart] if e.WhichOneof("event") == "step"]
-    resumed = [e.step for e in events[restart:] if e.WhichOneof("event") == "step"]
-    epoch_start = (resumed_at[0] // 12) * 12  # 48 training rows, batches of 4: 12 steps an epoch
-    assert resumed[0].step == epoch_start + 1 and resumed[-1].step == job.latest_step.total_steps
-    assert resumed[0].loss < first_run[0].loss - 0.2
+            events = {job.id: list(training.stream_events(job.id, timeout=600)) for job in (plain, search)}
+            plain, search = training.get_job(plain.id), training.get_job(search.id)
 
+    for job in (plain, search):
+        assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+        logs = [e.log for e in events[job.id] if e.WhichOneof("event") == "log"]
+        assert any("orchestrator running this job stopped" in line for line in logs), logs
+        states = [training_pb2.JobState.Name(e.state) for e in events[job.id] if e.WhichOneof("event") == "state"]
+        assert states[-3:] == ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
 
-def test_orchestrator_killed_mid_search_restores_the_search(tmp_path, tiny_model_dir):
-    """The same for a job whose learning rate is searched: Ray Tune's saved
-    state is restored, the interrupted trial resumes from its checkpoint and
-    the search ends with it in the report. One candidate: that the next trial
-    runs after a resume is test_ray_training's cancelled search."""
-    env, rows = _stack_env(tmp_path, tiny_model_dir, dataset_port=free_port(), training_port=free_port()), _SUMS
-    hyperparameters = {"epochs": 2, "batch_size": 4, "eval_every_steps": 4, "early_stopping_patience": 0, "warmup_fraction": 0.0}
-    with LocalStack(env=env, services=("dataset",), log_dir=tmp_path / "logs") as datasets:
-        with DatasetClient(datasets.address("dataset")) as client:
-            dataset = client.upload(rows, name="sums").dataset
-        first = LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs")
-        with first, TrainingClient(first.address("training")) as training:
-            job = training.create_job(str(tiny_model_dir), dataset.id, hyperparameters, search={"learning_rates": [1e-2]})
-            checkpoint_step = None
-            for event in training.stream_events(job.id, timeout=300):
-                if event.WhichOneof("event") == "checkpoint" and event.checkpoint.run == "trial-1" and event.checkpoint.step >= 4:
-                    checkpoint_step = event.checkpoint.step
-                    break
-            first.processes["training"].kill()
-            first.processes["training"].wait()
-        assert checkpoint_step is not None
-        with (
-            LocalStack(env=env, services=("training",), log_dir=tmp_path / "logs") as second,
-            TrainingClient(second.address("training")) as training,
-        ):
-            events = list(training.stream_events(job.id, timeout=600))
-            job = training.get_job(job.id)
-    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
-    restart = max(i for i, e in enumerate(events) if e.WhichOneof("event") == "log" and "orchestrator running this job stopped" in e.log)
-    after = events[restart:]
-    logs = [e.log for e in after if e.WhichOneof("event") == "log"]
-    resumed_at = [int(m.group(1)) for line in logs if (m := re.search(r"resumed from the checkpoint of step (\d+)", line))]
-    assert resumed_at and resumed_at[0] >= checkpoint_step, logs
-    # trial-1 went on from its checkpoint: its epoch again from the first
-    # batch (48 training rows, batches of 4: 12 steps an epoch), with the trained weights.
-    first_run = [e.step for e in events[:restart] if e.WhichOneof("event") == "step" and e.step.run == "trial-1"]
-    resumed = [e.step for e in after if e.WhichOneof("event") == "step" and e.step.run == "trial-1"]
-    assert resumed[0].step == (resumed_at[0] // 12) * 12 + 1 and resumed[0].loss < first_run[0].loss - 0.2
-    assert [t.run for t in job.evaluation.trials] == ["trial-1"]
+    # From the latest checkpoint written before the kill (the stream may lag
+    # the workers); its epoch again from the first batch (nothing skipped),
+    # with the trained weights: not a start from scratch.
+    job_events = events[plain.id]
+    restart = max(i for i, e in enumerate(job_events) if e.WhichOneof("event") == "log" and "resuming" in e.log)
+    resumed_at, before, after = _resumed(job_events, "train", restart, r"resuming from the checkpoint of step (\d+)")
+    assert resumed_at >= reached[plain.id]
+    assert after[0].step == (resumed_at // 12) * 12 + 1 and after[-1].step == plain.latest_step.total_steps == 48
+    assert after[0].loss < before[0].loss - 0.2
+
+    job_events = events[search.id]
+    restart = max(
+        i for i, e in enumerate(job_events) if e.WhichOneof("event") == "log" and "orchestrator running this job stopped" in e.log
+    )
+    resumed_at, before, after = _resumed(job_events, "trial-1", restart, r"resumed from the checkpoint of step (\d+)")
+    assert resumed_at >= reached[search.id]
+    assert after[0].step == (resumed_at // 12) * 12 + 1 and after[0].loss < before[0].loss - 0.2
+    assert [t.run for t in search.evaluation.trials] == ["trial-1"]
 
 
 def test_what_a_crash_leaves_in_the_store_and_caches_is_swept(tmp_path):

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from pathlib import Path
 from tunewire.services.common.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
+
+# transformers resolves its names lazily, and two threads resolving them at
+# once can each see the other's half-imported module ("cannot import name
+# 'AutoConfig'"): a service's threads import from it under this lock.
+TRANSFORMERS_IMPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,8 @@ def _converted_gguf(name: str, gguf_path: Path, cache_dir: Path) -> Path:
         for leftover in cache_dir.glob(f".{name}.*"):
             shutil.rmtree(leftover, ignore_errors=True)
         log.info("converting %s from GGUF (once; cached in %s)", name, target)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        with TRANSFORMERS_IMPORT_LOCK:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
         tokenizer = AutoTokenizer.from_pretrained(**gguf)

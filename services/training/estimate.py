@@ -20,9 +20,10 @@ def estimate_job(
     model_cache: Path | None = None,
     plan: SearchPlan | None = None,
 ) -> dict:
-    from transformers import AutoConfig
+    from tunewire.services.common.models import TRANSFORMERS_IMPORT_LOCK, loading_requested_model, resolve_model
 
-    from tunewire.services.common.models import loading_requested_model, resolve_model
+    with TRANSFORMERS_IMPORT_LOCK:  # AutoTokenizer: for tasks.load_tokenizer
+        from transformers import AutoConfig, AutoTokenizer  # noqa: F401
     from tunewire.services.training import general, tasks
     from tunewire.services.training.recipe import RETENTION_PER_ROW, read_split
 
@@ -84,9 +85,12 @@ def count_parameters(model_config, task: str, method: str, config: TrainingConfi
     """The model's parameters and the trainable part of them, built on the
     meta device: no weights are allocated or read."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from tunewire.services.common.models import TRANSFORMERS_IMPORT_LOCK
     from tunewire.services.training import tasks
+
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     with torch.device("meta"):
         if task == CLASSIFY:

@@ -183,7 +183,9 @@ def probe_answers(model, tokenizer, device) -> list[ProbeAnswer]:
     questions = probe_questions()
     probe_prompts = [prompt_ids(tokenizer, q["prompt"]) for q in questions]
     probe = []
-    answers = _generate(model, tokenizer, probe_prompts, PROBE_ANSWER_TOKENS, device)
+    # A question counts only when it is answered within PROBE_MATCH_TOKENS:
+    # the rest of an answer could not change that (the report shows its start).
+    answers = _generate(model, tokenizer, probe_prompts, PROBE_MATCH_TOKENS, device)
     for q, prompt, (answer, _) in zip(questions, probe_prompts, answers, strict=True):
         text = _text(tokenizer, answer)
         # The shortest prefix whose text is already correct: a tuned model

@@ -368,14 +368,14 @@ def worker_memory_floor(recipe: RecipeConfig) -> int | None:
     trainable part's gradients and optimizer state (activations come on top).
     None where the model's config is not on this machine (a hub id, a bundled
     model not converted yet): the workers find out as they load it."""
-    from transformers import AutoConfig
-
-    from tunewire.services.common.models import local_model_dir
+    from tunewire.services.common.models import TRANSFORMERS_IMPORT_LOCK, local_model_dir
     from tunewire.services.training.estimate import count_parameters, weights_bytes
 
     path = local_model_dir(recipe.base_model, Path(recipe.model_cache))
     if path is None:
         return None
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoConfig
     parameters, trainable = count_parameters(
         AutoConfig.from_pretrained(path), recipe.task, recipe.method, recipe.training, len(recipe.labels)
     )
