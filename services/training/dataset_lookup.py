@@ -3,6 +3,8 @@ its answers and errors into domain terms."""
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 
 from tunewire.services.common.channels import call_metadata, open_channel
@@ -28,8 +30,14 @@ class GrpcDatasetLookup:
         self.address = address
         self.settings = settings
         self.timeout = timeout
-        self._channel = open_channel(address, settings)
-        self._stub = dataset_pb2_grpc.DatasetServiceStub(self._channel)
+        # Opened at the first call, not here: the orchestrator starts Ray
+        # before any gRPC channel or server of its own runs (server.py).
+        self._channel = None
+
+    @functools.cached_property
+    def _stub(self) -> dataset_pb2_grpc.DatasetServiceStub:
+        self._channel = open_channel(self.address, self.settings)
+        return dataset_pb2_grpc.DatasetServiceStub(self._channel)
 
     async def get(self, project: str, dataset_id: str) -> DatasetRef:
         return await self._call(self._get, project, dataset_id)
@@ -82,4 +90,5 @@ class GrpcDatasetLookup:
             raise Unavailable(f"dataset service at {self.address}: {exc.code().name}: {exc.details()}; retry when it is up") from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()

@@ -57,8 +57,15 @@ def tracking_from(settings: Settings, artifacts: ArtifactStore) -> Tracking:
 
 async def create_server(settings: Settings, deps: TrainingDeps, port: int | None = None) -> ServerHandle:
     """The server bound to settings.host and `port` (default
-    settings.training_port; 0 picks one). Its start() starts Ray and the
-    scheduler before health says SERVING."""
+    settings.training_port; 0 picks one), once Ray is up. Its start() starts
+    the scheduler before health says SERVING."""
+    start_ray = getattr(deps.runner, "start", None)
+    if start_ray is not None:
+        # Before this process runs any gRPC server or channel: Ray starts its
+        # processes (GCS, raylet, dashboard) by fork with Python code run
+        # before exec, which hangs or aborts while another thread is inside
+        # gRPC (Ray's start then times out, or its dashboard dies).
+        await asyncio.to_thread(start_ray)
     jobs = JobManager(
         deps.store,
         deps.datasets,
@@ -84,9 +91,6 @@ async def create_server(settings: Settings, deps: TrainingDeps, port: int | None
     async def ready() -> None:
         nonlocal scheduler_task
         await sweep_crash_leftovers(deps.artifacts)
-        start = getattr(deps.runner, "start", None)
-        if start is not None:
-            await asyncio.to_thread(start)
         scheduler_task = asyncio.create_task(scheduler.run_forever(), name="scheduler")
 
     async def close() -> None:
