@@ -22,8 +22,8 @@ def estimate_job(
 ) -> dict:
     from tunewire.services.common.models import TRANSFORMERS_IMPORT_LOCK, loading_requested_model, resolve_model
 
-    with TRANSFORMERS_IMPORT_LOCK:  # AutoTokenizer: for tasks.load_tokenizer
-        from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoConfig
     from tunewire.services.training import general, tasks
     from tunewire.services.training.recipe import RETENTION_PER_ROW, read_split
 

@@ -22,7 +22,10 @@ MAX_NEW_TOKENS_EVAL = 64
 
 
 def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
+    from tunewire.services.common.models import TRANSFORMERS_IMPORT_LOCK
+
+    with TRANSFORMERS_IMPORT_LOCK:  # the orchestrator calls this on threads (estimates)
+        from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
