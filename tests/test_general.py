@@ -21,6 +21,31 @@ def test_an_answer_is_correct_when_it_holds_every_term_as_a_word():
     assert not metrics.is_correct("Red and Blue.", ["red", "blue", "yellow"])
     assert not metrics.is_correct("It ended in 1945.", ["4"])  # not a word of its own
     assert not metrics.is_correct("The capital of France is Tromsø.", ["Paris"])
+    # A number is not the start or the end of a longer one.
+    assert not metrics.is_correct("15 divided by 3 is 5.5.", ["5"])
+    assert not metrics.is_correct("It costs 1,500 dollars.", ["500"])
+    assert metrics.is_correct("15 divided by 3 is 5.", ["5"]) and metrics.is_correct("Paris, France", ["Paris"])
+    # While an answer is written, a term counts once what follows shows it whole.
+    assert not metrics.is_correct("15 divided by 3 is 5", ["5"], more_may_follow=True)
+    assert not metrics.is_correct("15 divided by 3 is 5.", ["5"], more_may_follow=True)
+    assert metrics.is_correct("15 divided by 3 is 5. That", ["5"], more_may_follow=True)
+
+
+def test_a_base_answer_counts_only_when_its_term_is_whole(monkeypatch):
+    # Token by token, as the base model wrote them; "<end>" ends the turn.
+    answers = {
+        "15/3?": ["15 / 3 is", " 5", ".5", "."],
+        "10/2?": ["10 / 2 is", " 5", ".", " Done", "."],
+        "20/4?": ["20 / 4 is", " 5", "<end>"],
+    }
+    monkeypatch.setattr(general, "probe_questions", lambda: [{"prompt": q, "answer": ["5"]} for q in answers])
+    monkeypatch.setattr(general, "prompt_ids", lambda tokenizer, prompt: [prompt])
+    monkeypatch.setattr(general, "_generate", lambda model, tokenizer, prompts, *args, **kwargs: [(answers[p[0]], None) for p in prompts])
+    monkeypatch.setattr(general, "_text", lambda tokenizer, ids: "".join(t for t in ids if t != "<end>"))
+    probe = general.probe_answers(None, None, "cpu")
+    assert [p.base_correct for p in probe] == [False, True, True]
+    # What a tuned model must still predict: up to what shows the term whole.
+    assert probe[1].answer_ids == ["10 / 2 is", " 5", ".", " Done"] and probe[2].answer_ids == answers["20/4?"]
 
 
 def test_the_bundled_sets_are_apart():

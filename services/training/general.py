@@ -43,7 +43,7 @@ RETENTION_ANSWER_TOKENS = 32
 TOP_K = 32
 GENERATION_BATCH = 32
 # Bumped when what a reference holds, or how it is made, changes.
-FORMAT = 2
+FORMAT = 3
 
 
 def _data(name: str) -> str:
@@ -127,7 +127,9 @@ class _AnswerFound:
 
     def __call__(self, input_ids, scores, **kwargs):
         texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
-        return torch.tensor([is_correct(t, terms) for t, terms in zip(texts, self.terms, strict=True)], device=input_ids.device)
+        return torch.tensor(
+            [is_correct(t, terms, more_may_follow=True) for t, terms in zip(texts, self.terms, strict=True)], device=input_ids.device
+        )
 
 
 def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, with_scores: bool = False, terms=None):
@@ -192,8 +194,17 @@ def probe_answers(model, tokenizer, device) -> list[ProbeAnswer]:
     for q, prompt, (answer, _) in zip(questions, probe_prompts, answers, strict=True):
         text = _text(tokenizer, answer)
         # The shortest prefix whose text is already correct: a tuned model
-        # that still predicts these tokens greedily still answers correctly.
-        upto = next((k for k in range(1, len(answer) + 1) if is_correct(_text(tokenizer, answer[:k]), q["answer"])), None)
+        # that still predicts these tokens greedily still answers correctly
+        # (the answer's whole text where its last term ends it: "is 5" then
+        # the end of turn, not "is 5" then ".5").
+        upto = next(
+            (
+                k
+                for k in range(1, len(answer) + 1)
+                if is_correct(_text(tokenizer, answer[:k]), q["answer"], more_may_follow=k < len(answer))
+            ),
+            None,
+        )
         correct = upto is not None and upto <= PROBE_MATCH_TOKENS
         probe.append(ProbeAnswer(q["prompt"], q["answer"], text, correct, prompt, answer[:upto] if correct else []))
     return probe

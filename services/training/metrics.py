@@ -70,10 +70,21 @@ def loss_metrics(loss_sum: float, tokens: float) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
-def is_correct(answer: str, terms: list[str]) -> bool:
+# A term is a word of its own: no letter or digit beside it, and a number is
+# not the start or the end of a longer one ("5" is not found in "5.5" or "1,500").
+_TERM_BEFORE = r"(?<![0-9A-Za-z])(?<![0-9][.,])"
+_TERM_AFTER = r"(?![0-9A-Za-z])(?![.,][0-9])"
+# While an answer is being written, a term counts once what follows it shows it
+# is whole: "is 5" may still become "is 5.5", "is 5." may too.
+_TERM_AFTER_SETTLED = r"(?=[^0-9A-Za-z.,]|[.,][^0-9])"
+
+
+def is_correct(answer: str, terms: list[str], more_may_follow: bool = False) -> bool:
     """Every term (or one of its '|' alternatives) appears in the answer as a
-    word of its own: "4" is not found in "1945"."""
+    word of its own: "4" is not found in "1945", nor "5" in "5.5".
+    `more_may_follow`: the answer is a prefix of one still being generated."""
+    after = _TERM_AFTER_SETTLED if more_may_follow else _TERM_AFTER
     return all(
-        any(re.search(rf"(?<![0-9A-Za-z]){re.escape(alt.strip())}(?![0-9A-Za-z])", answer, re.IGNORECASE) for alt in term.split("|"))
+        any(re.search(rf"{_TERM_BEFORE}{re.escape(alt.strip())}{after}", answer, re.IGNORECASE) for alt in term.split("|"))
         for term in terms
     )
