@@ -37,8 +37,9 @@ PROBE_ANSWER_TOKENS = 32
 PROBE_MATCH_TOKENS = 16
 # How much of each base answer the KL penalty holds. At 16 tokens the form of
 # general answers drifted, arithmetic most often ("To find 9 times 9, we can
-# use..." where the base gives the number); holding 32 kept more of the
-# probe's answers on each of four fact sets, for about 12% more tokens a step.
+# use..." where the base gives the number); holding 32 kept as many of the
+# probe's answers or more on four fact sets (up to four more of 72), for
+# about 12% more tokens a step.
 RETENTION_ANSWER_TOKENS = 32
 TOP_K = 32
 GENERATION_BATCH = 32
