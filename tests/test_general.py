@@ -72,9 +72,9 @@ def tiny(tiny_model_dir):
     for p in reference.probe[:12]:
         ids, _ = general._generate(model, tokenizer, [p.prompt_ids], 8, "cpu")[0]
         words = re.findall(r"[0-9A-Za-z]+", general._text(tokenizer, ids))
-        if not words:
+        upto = general.answered_within(tokenizer, ids, words[:1]) if words else None
+        if upto is None:
             continue
-        upto = next(k for k in range(1, len(ids) + 1) if metrics.is_correct(general._text(tokenizer, ids[:k]), [words[0]]))
         probe.append(general.ProbeAnswer(p.prompt, [words[0]], general._text(tokenizer, ids), True, p.prompt_ids, ids[:upto]))
     assert len(probe) >= 4
     return tokenizer, general.GeneralReference(probe, reference.retention)
@@ -368,7 +368,7 @@ def test_the_retention_penalty_keeps_what_the_base_model_knew(knowing_model_dir)
         ids, _ = general._generate(base, tokenizer, [prompt], 12, "cpu")[0]
         city = row["completion"].split()[-1].rstrip(".")
         text = general._text(tokenizer, ids)
-        upto = next((k for k in range(1, len(ids) + 1) if metrics.is_correct(general._text(tokenizer, ids[:k]), [city])), None)
+        upto = general.answered_within(tokenizer, ids, [city])
         probe.append(general.ProbeAnswer(row["prompt"], [city], text, upto is not None, prompt, ids[:upto] if upto else []))
     prompts = [general.prompt_ids(tokenizer, r["prompt"]) for r in retained_rows]
     retention = []

@@ -177,6 +177,17 @@ def _text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def answered_within(tokenizer, answer: list[int], terms: list[str]) -> int | None:
+    """How many of the answer's tokens make it correct (None: it is not): a
+    tuned model that still predicts these greedily still answers correctly.
+    Where its last term ends the answer, the whole answer ("is 5" then the
+    end of turn, not "is 5" then ".5")."""
+    for k in range(1, len(answer) + 1):
+        if is_correct(_text(tokenizer, answer[:k]), terms, more_may_follow=k < len(answer)):
+            return k
+    return None
+
+
 def build_reference(model, tokenizer, device, retention: bool = True) -> GeneralReference:
     """The base model's answers to the probe and (with `retention`) the
     retention prompts (the model must be the base: a fresh LoRA wrapper is)."""
@@ -194,18 +205,7 @@ def probe_answers(model, tokenizer, device) -> list[ProbeAnswer]:
     answers = _generate(model, tokenizer, probe_prompts, PROBE_MATCH_TOKENS, device)
     for q, prompt, (answer, _) in zip(questions, probe_prompts, answers, strict=True):
         text = _text(tokenizer, answer)
-        # The shortest prefix whose text is already correct: a tuned model
-        # that still predicts these tokens greedily still answers correctly
-        # (the answer's whole text where its last term ends it: "is 5" then
-        # the end of turn, not "is 5" then ".5").
-        upto = next(
-            (
-                k
-                for k in range(1, len(answer) + 1)
-                if is_correct(_text(tokenizer, answer[:k]), q["answer"], more_may_follow=k < len(answer))
-            ),
-            None,
-        )
+        upto = answered_within(tokenizer, answer, q["answer"])
         correct = upto is not None and upto <= PROBE_MATCH_TOKENS
         probe.append(ProbeAnswer(q["prompt"], q["answer"], text, correct, prompt, answer[:upto] if correct else []))
     return probe
