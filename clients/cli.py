@@ -386,7 +386,8 @@ def jobs_create(
     search: str = typer.Option("auto", help="auto (search when --learning-rate is unset), on or off"),
     max_trials: int = typer.Option(0, help=f"search trials at most (0: {DEFAULT_MAX_TRIALS})"),
     search_seconds: int = typer.Option(
-        0, help=f"the search's time budget in seconds (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS})"
+        0,
+        help=f"the search's time in seconds, a bound on every trial (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS}, which bounds only the trials after the first)",
     ),
     search_learning_rates: str = typer.Option("", help="learning rates to try, comma-separated (default: tunewire's)"),
     search_lora_ranks: str = typer.Option("", help="LoRA ranks to try, comma-separated (default: the job's)"),
@@ -433,7 +434,8 @@ def jobs_estimate(
     search: str = typer.Option("auto", help="auto, on or off"),
     max_trials: int = typer.Option(0, help=f"search trials at most (0: {DEFAULT_MAX_TRIALS})"),
     search_seconds: int = typer.Option(
-        0, help=f"the search's time budget in seconds (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS})"
+        0,
+        help=f"the search's time in seconds, a bound on every trial (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS}, which bounds only the trials after the first)",
     ),
     workers: int = WORKERS,
     gpu: bool = GPU,

@@ -484,6 +484,33 @@ def test_a_search_ends_a_trial_started_when_its_time_left_cannot_take_it_through
         search._CHANNELS.pop("job-x")
 
 
+def test_under_the_default_search_time_the_first_trial_trains_past_it_and_no_later_one_starts():
+    from types import SimpleNamespace
+
+    from tunewire.services.training import search
+    from tunewire.services.training.config import resolve_search
+
+    assert search.unbounded_run(resolve_search({}, {}, "lora", 38)) == "trial-1"
+    assert search.unbounded_run(resolve_search({"max_seconds": 456}, {}, "lora", 38)) == ""
+    channels = search._Channels(search.TrialEvents(), threading.Event())
+    search._CHANNELS["job-z"] = channels
+    try:
+        report = search.ReportTrials("job-z", max_epochs=12, unbounded_run="trial-1")
+        stop = search.StopSearch("job-z", max_seconds=456, grace_epochs=2, max_epochs=12)
+        candidate = {"run": "trial-1", "learning_rate": 2e-3, "lora_rank": 16}
+        first = SimpleNamespace(trial_id="t1", status="RUNNING", last_result=None, config={"candidate": candidate})
+        report.on_trial_start(0, [], first)
+        assert not stop("t1", {"epoch": 2.0, "time_total_s": 400.0})  # a slow machine: 200 s an epoch
+        channels.started -= 600  # the search's time is past
+        assert not stop.stop_all(), "the first trial trains on"
+        channels.unbounded.clear()
+        assert stop.stop_all(), "a trial the time bounds would end here"
+        channels.running.clear()  # the first trial ended: no time for another
+        assert stop.stop_all()
+    finally:
+        search._CHANNELS.pop("job-z")
+
+
 def test_each_trial_ends_once_on_the_event_stream_a_budget_cut_one_as_stopped():
     from types import SimpleNamespace
 

@@ -70,8 +70,8 @@ def test_a_job_searches_when_its_learning_rate_is_unset():
     assert [c["learning_rate"] for c in one.candidates] == [1e-3]
 
 
-def test_the_default_search_time_grows_with_the_rows_a_trial_sees():
-    from tunewire.services.training.config import DEFAULT_SEARCH_SECONDS, resolve_search
+def test_the_default_search_time_grows_with_the_rows_a_trial_sees_and_bounds_the_trials_after_the_first():
+    from tunewire.services.training.config import DEFAULT_SEARCH_SECONDS, SearchPlan, resolve_search
 
     # A second per training row a trial sees (rows × epochs), at least the default.
     assert resolve_search({}, {}, "lora", 20).max_seconds == DEFAULT_SEARCH_SECONDS
@@ -81,6 +81,11 @@ def test_the_default_search_time_grows_with_the_rows_a_trial_sees():
     # Epochs the job set count, and a time the job set wins.
     assert resolve_search({}, {"epochs": 1}, "lora", 150).max_seconds == DEFAULT_SEARCH_SECONDS
     assert resolve_search({"max_seconds": 60}, {}, "lora", 150).max_seconds == 60
+    # The default bounds only the trials after the first; a time the job set
+    # bounds every trial (as did every plan saved before the rule).
+    assert not resolve_search({}, {}, "lora", 38).time_bounds_first_trial
+    assert resolve_search({"max_seconds": 456}, {}, "lora", 38).time_bounds_first_trial
+    assert SearchPlan.from_dict({"candidates": [{"learning_rate": 1e-3}], "max_seconds": 60}).time_bounds_first_trial
 
 
 def test_a_bad_search_is_refused_naming_each_field():

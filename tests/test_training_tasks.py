@@ -355,6 +355,11 @@ def test_estimate_counts_parameters_tokens_and_steps(tiny_model_dir, tmp_path):
     searched = estimate_job(spec, dataset, 2, config, 100.0, plan=plan)
     assert searched["trials"] == 2 and searched["search_max_seconds"] == 60
     assert searched["eta_seconds"] == pytest.approx(min(estimate["eta_seconds"] * 2, 60))
+    # Under the default time the first trial takes its whole schedule however long.
+    half = estimate["eta_seconds"] / 2
+    bounded = estimate_job(spec, dataset, 2, config, 100.0, plan=SearchPlan(plan.candidates, half))
+    default = estimate_job(spec, dataset, 2, config, 100.0, plan=SearchPlan(plan.candidates, half, time_bounds_first_trial=False))
+    assert bounded["eta_seconds"] == pytest.approx(half) and default["eta_seconds"] == pytest.approx(estimate["eta_seconds"])
 
 
 def test_qlora_without_bitsandbytes_names_the_package_and_the_extra(tiny_model_dir, tokenizer, monkeypatch):

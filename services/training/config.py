@@ -185,9 +185,11 @@ SEARCH_LEARNING_RATES = {LORA: [2e-3, 1e-3, 4e-3], QLORA: [2e-3, 1e-3, 4e-3], FU
 DEFAULT_MAX_TRIALS = 3
 # The default time of a search: a second per training row a trial sees
 # (rows × epochs), at least 400 s. About what one trial takes on 2 CPU
-# cores with its validations (a ~50-row set: 12 epochs of 38 rows), so a
-# larger set is not cut off a fraction of the way through its epochs. A
-# bound: a faster machine finishes sooner.
+# cores with its validations (a ~50-row set: 12 epochs of 38 rows). Left
+# to its default it decides only whether more trials start: the first
+# trial trains its whole schedule, so a slower machine than it was set for
+# takes longer rather than publishing a model cut off part way. A time the
+# job sets bounds every trial.
 DEFAULT_SEARCH_SECONDS = 400
 SEARCH_SECONDS_PER_ROW_SEEN = 1.0
 MAX_SEARCH_SECONDS = 7 * 86400
@@ -208,6 +210,9 @@ class SearchPlan:
     candidates: list[dict]
     max_seconds: int
     max_concurrent_trials: int = 0  # 0: as many as the cluster has room for
+    # False where max_seconds is the default: the first trial then trains
+    # all its epochs, and the time decides only whether later trials start.
+    time_bounds_first_trial: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,4 +269,4 @@ def resolve_search(search: dict, given: dict, method: str = LORA, train_rows: in
         if rank:
             candidate |= {"lora_rank": rank} | ({} if "lora_alpha" in given else {"lora_alpha": 2.0 * rank})
         candidates.append(candidate)
-    return SearchPlan(candidates[:max_trials], max_seconds, concurrent)
+    return SearchPlan(candidates[:max_trials], max_seconds, concurrent, time_bounds_first_trial=bool(search.get("max_seconds")))

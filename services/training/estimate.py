@@ -60,10 +60,13 @@ def estimate_job(
     if measured_tokens_per_second > 0:
         eta = tokens_to_process / measured_tokens_per_second
         basis = f"measured {measured_tokens_per_second:,.0f} tokens/s on earlier jobs of this model, method and worker count"
-        if plan:
+        if plan and plan.time_bounds_first_trial:
             # The scheduler stops trailing trials early: this is the most it takes.
             eta = min(eta * trials, plan.max_seconds)
             basis += f"; at most {trials} trials within the search's {plan.max_seconds} s"
+        elif plan:
+            eta = max(eta, min(eta * trials, plan.max_seconds))
+            basis += f"; the first trial's whole schedule, then more of {trials} trials while the search's {plan.max_seconds} s last"
     else:
         eta, basis = 0.0, "no earlier job of this model, method and worker count has run yet: no throughput measured"
     return {

@@ -624,10 +624,12 @@ class _Phases:
             + (f", rank {c['lora_rank']}" if "lora_rank" in c else "")
             for i, c in enumerate(plan.candidates)
         )
-        await self.emit(
-            "log",
-            {"message": f"searching {len(plan.candidates)} trials ({described}), {concurrent} at a time, within {plan.max_seconds} s"},
+        budget = (
+            f"within {plan.max_seconds} s"
+            if plan.time_bounds_first_trial
+            else f"the first through all its epochs, the others started while the search's {plan.max_seconds} s last"
         )
+        await self.emit("log", {"message": f"searching {len(plan.candidates)} trials ({described}), {concurrent} at a time, {budget}"})
         needs = run_needs(recipe)  # a trial's
         await self._say_if_waiting(needs)
         trainer = functools.partial(make_trainer, progress=self.progress, control=self.control)

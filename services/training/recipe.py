@@ -305,8 +305,9 @@ class FineTuneRecipe:
         self.answer_rows: list[dict] | None = None  # the validation rows answered at each validation
         self.average = None  # averaging.WeightAverage of the trained weights (ema_decay), once set up
         # A search trial's clock: when this run's training began (wall-clock
-        # seconds), the time share it resumed at, and how long its last
-        # validation took (its training ends early enough for one more).
+        # seconds), the time share it resumed at, and how long its longest
+        # validation took (its training ends early enough for one more: the
+        # forgetting is measured at some validations and not others).
         self.training_started: float | None = None
         self.resumed_share = 0.0
         self.validation_seconds = 0.0
@@ -452,7 +453,7 @@ class FineTuneRecipe:
     def time_spent(self) -> float:
         """The share of a search trial's time gone (0 outside a search, and
         before training): from the share it resumed at, over the time from
-        this run's start to the search's end less one validation's length."""
+        this run's start to the search's end less its longest validation."""
         if not self.config.finish_by or self.training_started is None:
             return 0.0
         available = max(self.config.finish_by - 1.2 * self.validation_seconds - self.training_started, 1e-9)
@@ -705,7 +706,7 @@ class FineTuneRecipe:
             with self.average.applied():
                 return self._validate_and_checkpoint()
         finally:
-            self.validation_seconds = time.monotonic() - started
+            self.validation_seconds = max(self.validation_seconds, time.monotonic() - started)
 
     def _validate_and_checkpoint(self) -> bool:
         """Validation; forgetting measured when the candidate could become the

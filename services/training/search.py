@@ -47,6 +47,12 @@ def trial_name(index: int) -> str:
     return f"trial-{index + 1}"
 
 
+def unbounded_run(plan: SearchPlan) -> str:
+    """The trial no time bounds ("" for none): the first, when the search's
+    time is the default."""
+    return "" if plan.time_bounds_first_trial else trial_name(0)
+
+
 def finishing_seconds(max_seconds: float) -> float:
     """How long past the search's time Tune lets its trials run: they end
     their training a validation's length before it, and this is the margin
@@ -113,6 +119,8 @@ class _Channels:
     # the next trial as one ends, so whether a trial was worth starting is
     # judged from the time left at its start.
     running: dict[str, float] = field(default_factory=dict)
+    # Trial ids with no time bound (the first, under the default time): always worth running.
+    unbounded: set[str] = field(default_factory=set)
     # As Tune's time budget, counted from this run of the search (a restored one starts again).
     started: float = field(default_factory=time.monotonic)
 
@@ -123,9 +131,10 @@ _CHANNELS: dict[str, _Channels] = {}
 class ReportTrials(tune.Callback):
     """Trial lifecycle as `trial` events (run, state, hyperparameters, progress)."""
 
-    def __init__(self, job_id: str, max_epochs: int):
+    def __init__(self, job_id: str, max_epochs: int, unbounded_run: str = ""):
         self.job_id = job_id
         self.max_epochs = max_epochs
+        self.unbounded_run = unbounded_run
 
     def _event(self, trial, state: str, message: str = "") -> None:
         channels = _CHANNELS.get(self.job_id)
@@ -150,8 +159,11 @@ class ReportTrials(tune.Callback):
         )
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if self.job_id in _CHANNELS:
-            _CHANNELS[self.job_id].running[trial.trial_id] = time.monotonic()
+        channels = _CHANNELS.get(self.job_id)
+        if channels is not None:
+            channels.running[trial.trial_id] = time.monotonic()
+            if trial.config["candidate"]["run"] == self.unbounded_run:
+                channels.unbounded.add(trial.trial_id)
         self._event(trial, "RUNNING")
 
     def _ended(self, trial) -> None:
@@ -206,7 +218,8 @@ class StopSearch(Stopper):
     when the time left at its start took it through its first comparison
     (the scheduler's grace epochs) and MIN_SCHEDULE_SHARE of its epochs, at
     the pace the first trial took to its first comparison: one the time
-    budget would cut before then is wasted time."""
+    budget would cut before then is wasted time. A trial with no time bound
+    (the first, under the default time) is always worth running."""
 
     def __init__(self, job_id: str, max_seconds: float, grace_epochs: int, max_epochs: int):
         self.job_id = job_id
@@ -226,7 +239,9 @@ class StopSearch(Stopper):
         if channels is None:
             return False
         ends = channels.started + self.max_seconds
-        worth_running = [began for began in channels.running.values() if not self._too_short(ends - began)]
+        worth_running = [
+            began for trial_id, began in channels.running.items() if trial_id in channels.unbounded or not self._too_short(ends - began)
+        ]
         return (not worth_running and self._too_short(ends - time.monotonic())) or channels.cancel.is_set()
 
     def _too_short(self, seconds_left: float) -> bool:
@@ -251,13 +266,18 @@ def run_search(
 
     # Trials fit their schedules to the search's time and end their training
     # by it (recipe.learning_rate_factor); Tune's own budget, a little later,
-    # lets the last validation finish and stops anything left.
+    # lets the last validation finish and stops anything left. Under the
+    # default time the first trial trains its whole schedule, and no time
+    # stops it: the time decides only whether later trials start.
     finish_by = time.time() + plan.max_seconds
+    unbounded = unbounded_run(plan)
 
     def run_trial(config: dict) -> None:
-        if time.time() >= finish_by:  # started as another trial finished: no time to train
+        run = config["candidate"]["run"]
+        bounded = run != unbounded
+        if bounded and time.time() >= finish_by:  # started as another trial finished: no time to train
             return
-        trial = trial_config(recipe.replace(finish_by=finish_by), plan, config["candidate"]["run"])
+        trial = trial_config(recipe.replace(finish_by=finish_by if bounded else 0.0), plan, run)
         make_trainer(trial, callbacks=[TuneReportCallback()]).fit()
 
     runs = [trial_name(i) for i in range(len(plan.candidates))]
@@ -288,13 +308,13 @@ def run_search(
                     mode="min",
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace, reduction_factor=REDUCTION_FACTOR),
                     max_concurrent_trials=concurrent,
-                    time_budget_s=plan.max_seconds + finishing_seconds(plan.max_seconds),
+                    time_budget_s=None if unbounded else plan.max_seconds + finishing_seconds(plan.max_seconds),
                 ),
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
                     storage_path=storage_path,
                     stop=StopSearch(recipe.job_id, plan.max_seconds, grace, max_epochs),
-                    callbacks=[ReportTrials(recipe.job_id, max_epochs)],
+                    callbacks=[ReportTrials(recipe.job_id, max_epochs, unbounded)],
                     verbose=0,
                     failure_config=tune.FailureConfig(max_failures=1),
                 ),
