@@ -447,7 +447,7 @@ def jobs_estimate(
     plan = _search(search, max_trials, search_seconds, "", "")
     with sdk.TrainingClient(address, **CREDENTIALS) as client, _api_errors():
         e = client.estimate(base_model, dataset_id, given, workers, gpu, method_number, search=plan)
-    runs = f"; a search of {e.trials} trials of up to that many steps each, within {e.search_max_seconds:,} s" if e.trials > 1 else ""
+    runs = f"; a search of {e.trials} trials of up to that many steps each, its time {e.search_max_seconds:,} s" if e.trials > 1 else ""
     console.print(
         f"{e.train_rows:,} training rows, {e.train_tokens:,} tokens; {e.steps:,} steps of {e.resolved_hyperparameters.batch_size} rows x {workers} worker(s){runs}"
     )

@@ -66,7 +66,9 @@ def estimate_job(
             basis += f"; at most {trials} trials within the search's {plan.max_seconds} s"
         elif plan:
             eta = max(eta, min(eta * trials, plan.max_seconds))
-            basis += f"; the first trial's whole schedule, then more of {trials} trials while the search's {plan.max_seconds} s last"
+            basis += (
+                f"; the first of {trials} trials takes its whole schedule, the others start while the search's {plan.max_seconds} s last"
+            )
     else:
         eta, basis = 0.0, "no earlier job of this model, method and worker count has run yet: no throughput measured"
     return {
