@@ -358,6 +358,10 @@ EPOCHS = typer.Option(None, help="passes over the training rows (unset: from the
 BATCH_SIZE = typer.Option(None, help="rows per step and worker (unset: 8)")
 WORKERS = typer.Option(1, help="Ray Train workers (data parallel)")
 GPU = typer.Option(False, help="train on GPU workers")
+SEARCH_SECONDS = typer.Option(
+    0,
+    help=f"the search's time in seconds, a bound on every trial (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS}, which bounds only the trials after the first)",
+)
 
 
 @jobs_app.command("create")
@@ -385,10 +389,7 @@ def jobs_create(
     ),
     search: str = typer.Option("auto", help="auto (search when --learning-rate is unset), on or off"),
     max_trials: int = typer.Option(0, help=f"search trials at most (0: {DEFAULT_MAX_TRIALS})"),
-    search_seconds: int = typer.Option(
-        0,
-        help=f"the search's time in seconds, a bound on every trial (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS}, which bounds only the trials after the first)",
-    ),
+    search_seconds: int = SEARCH_SECONDS,
     search_learning_rates: str = typer.Option("", help="learning rates to try, comma-separated (default: tunewire's)"),
     search_lora_ranks: str = typer.Option("", help="LoRA ranks to try, comma-separated (default: the job's)"),
     workers: int = WORKERS,
@@ -433,10 +434,7 @@ def jobs_estimate(
     learning_rate: float | None = LEARNING_RATE,
     search: str = typer.Option("auto", help="auto, on or off"),
     max_trials: int = typer.Option(0, help=f"search trials at most (0: {DEFAULT_MAX_TRIALS})"),
-    search_seconds: int = typer.Option(
-        0,
-        help=f"the search's time in seconds, a bound on every trial (0: a second per training row a trial sees, at least {DEFAULT_SEARCH_SECONDS}, which bounds only the trials after the first)",
-    ),
+    search_seconds: int = SEARCH_SECONDS,
     workers: int = WORKERS,
     gpu: bool = GPU,
     address: str = TRAINING,
