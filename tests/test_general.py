@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from tunewire.services.training import diagnostics, general, metrics, tasks
+from tunewire.services.training import decoding, diagnostics, general, metrics, tasks
 from tunewire.services.training.config import resolve_config
 from tunewire.services.training.recipe import OVER_BUDGET, Forgetting, selection_score, validation_score
 
@@ -40,7 +40,9 @@ def test_a_base_answer_counts_only_when_its_term_is_whole(monkeypatch):
     }
     monkeypatch.setattr(general, "probe_questions", lambda: [{"prompt": q, "answer": ["5"]} for q in answers])
     monkeypatch.setattr(general, "prompt_ids", lambda tokenizer, prompt: [prompt])
-    monkeypatch.setattr(general, "_generate", lambda model, tokenizer, prompts, *args, **kwargs: [(answers[p[0]], None) for p in prompts])
+    monkeypatch.setattr(
+        decoding, "greedy_answers", lambda model, tokenizer, prompts, *args, **kwargs: [decoding.Answer(answers[p[0]]) for p in prompts]
+    )
     monkeypatch.setattr(general, "_text", lambda tokenizer, ids: "".join(t for t in ids if t != "<end>"))
     probe = general.probe_answers(None, None, "cpu")
     assert [p.base_correct for p in probe] == [False, True, True]
@@ -70,7 +72,7 @@ def tiny(tiny_model_dir):
     # "correct" by declaring its own first word the reference term.
     probe = []
     for p in reference.probe[:12]:
-        ids, _ = general._generate(model, tokenizer, [p.prompt_ids], 8, "cpu")[0]
+        ids = decoding.greedy_answers(model, tokenizer, [p.prompt_ids], 8, "cpu")[0].tokens
         words = re.findall(r"[0-9A-Za-z]+", general._text(tokenizer, ids))
         upto = general.answered_within(tokenizer, ids, words[:1]) if words else None
         if upto is None:
@@ -109,8 +111,8 @@ def test_the_probes_fast_path_agrees_with_generating_every_answer(tiny, tiny_mod
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     result = general.check_probe(model, tokenizer, reference, "cpu")
-    generated = general._generate(model, tokenizer, [p.prompt_ids for p in reference.probe], general.PROBE_ANSWER_TOKENS, "cpu")
-    truth = [metrics.is_correct(general._text(tokenizer, ids), p.terms) for p, (ids, _) in zip(reference.probe, generated, strict=True)]
+    generated = decoding.greedy_answers(model, tokenizer, [p.prompt_ids for p in reference.probe], general.PROBE_ANSWER_TOKENS, "cpu")
+    truth = [metrics.is_correct(general._text(tokenizer, a.tokens), p.terms) for p, a in zip(reference.probe, generated, strict=True)]
     assert result.correct == truth and not all(truth)
 
 
@@ -125,13 +127,13 @@ def test_the_reports_probe_counts_the_base_correct_answers_as_training_does(tiny
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     calls = []
-    generate = general._generate
+    generate = decoding.greedy_answers
 
     def recording(model, tokenizer, prompts, *args, **kwargs):
         calls.append(prompts)
         return generate(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(general, "_generate", recording)
+    monkeypatch.setattr(decoding, "greedy_answers", recording)
     during_training = general.check_probe(model, tokenizer, mixed, "cpu")
     report = general.check_probe(model, tokenizer, mixed, "cpu", every_question=True)
     assert report.kept(mixed) == during_training.kept(mixed)
@@ -274,6 +276,15 @@ def test_a_lora_recipe_answers_with_its_adapter_merged_into_a_copy(tiny_model_di
         in_bf16 = recipe.with_answering_model(answer).float()
         assert seen[1].dtype == torch.bfloat16 and recipe.answering == "merged-lora-cpu-bfloat16"
         assert (in_bf16 - wrapped).abs().mean() < (in_bf16 - unadapted).abs().mean() / 4
+        # Within one validation the answers and the probe share one merged copy; each validation makes its own.
+        with recipe.one_answering_model():
+            recipe.with_answering_model(answer)
+            recipe.with_answering_model(answer)
+        with recipe.one_answering_model():
+            recipe.with_answering_model(answer)
+        assert seen[2] is seen[3] and seen[4] is not seen[2]
+        recipe.with_answering_model(answer)
+        assert seen[5] is not seen[4]
     # Full fine-tuning has no adapter to merge: the model itself answers.
     recipe.config = recipe.config.replace(method="full")
     assert recipe.with_answering_model(lambda model: model) is recipe.model and recipe.answering == "as-trained-full-cpu-bfloat16"
@@ -365,18 +376,14 @@ def test_the_retention_penalty_keeps_what_the_base_model_knew(knowing_model_dir)
     probe = []
     for row in probe_rows:
         prompt = general.prompt_ids(tokenizer, row["prompt"])
-        ids, _ = general._generate(base, tokenizer, [prompt], 12, "cpu")[0]
+        ids = decoding.greedy_answers(base, tokenizer, [prompt], 12, "cpu")[0].tokens
         city = row["completion"].split()[-1].rstrip(".")
         text = general._text(tokenizer, ids)
         upto = general.answered_within(tokenizer, ids, [city])
         probe.append(general.ProbeAnswer(row["prompt"], [city], text, upto is not None, prompt, ids[:upto] if upto else []))
     prompts = [general.prompt_ids(tokenizer, r["prompt"]) for r in retained_rows]
-    retention = []
-    for prompt, (ids, scores) in zip(prompts, general._generate(base, tokenizer, prompts, 12, "cpu", with_scores=True), strict=True):
-        top = [s.topk(general.TOP_K) for s in scores]
-        retention.append(
-            general.RetentionTarget(prompt + ids, len(prompt), [t.indices.tolist() for t in top], [t.values.tolist() for t in top])
-        )
+    answers = decoding.greedy_answers(base, tokenizer, prompts, 12, "cpu")
+    retention = general.retention_targets(base, tokenizer, [(p, a.tokens) for p, a in zip(prompts, answers, strict=True)], "cpu")
     reference = general.GeneralReference(probe, retention)
     assert reference.base_correct >= 6  # the base knows most of them
     task = [{"prompt": f"What is {i} plus {i}?", "completion": "Arr, matey!"} for i in range(16)]

@@ -25,6 +25,7 @@ for a cancellation. A job's own inputs at fault end the run with a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -312,6 +313,8 @@ class FineTuneRecipe:
         self.resumed_share = 0.0
         self.validation_seconds = 0.0
         self.rng = random.Random(self.training.seed + rank)
+        # Within one_answering_model: the merged copy, made at its first use.
+        self.shared_answering: list | None = None
 
     def send(self, kind: str, data: dict) -> None:
         if self.rank == 0 and self.progress is not None:
@@ -378,8 +381,23 @@ class FineTuneRecipe:
         if not self.answers_merged:
             with self.autocast():
                 return answer(self.model)
-        merged = copy.deepcopy(self.model).merge_and_unload().to(self.dtype)
-        return answer(merged.eval())
+        if self.shared_answering:
+            return answer(self.shared_answering[0])
+        merged = copy.deepcopy(self.model).merge_and_unload().to(self.dtype).eval()
+        if self.shared_answering is not None:
+            self.shared_answering.append(merged)
+        return answer(merged)
+
+    @contextlib.contextmanager
+    def one_answering_model(self):
+        """Within, with_answering_model merges once (the weights must not
+        change meanwhile): a validation's answers and its general probe share
+        one copy, a second merge saved."""
+        self.shared_answering = []
+        try:
+            yield
+        finally:
+            self.shared_answering = None
 
     def load_general_reference(self) -> None:
         from tunewire.services.common.artifacts import read_text
@@ -702,8 +720,9 @@ class FineTuneRecipe:
         started = time.monotonic()
         try:
             if self.average is None:
-                return self._validate_and_checkpoint()
-            with self.average.applied():
+                with self.one_answering_model():
+                    return self._validate_and_checkpoint()
+            with self.average.applied(), self.one_answering_model():
                 return self._validate_and_checkpoint()
         finally:
             self.validation_seconds = max(self.validation_seconds, time.monotonic() - started)
@@ -1072,11 +1091,16 @@ def measure_base(config: RecipeConfig) -> dict:
         if not retention and not store.exists(*parts):
             parts = (*parts[:-1], parts[-1] + "-probe")
         if not store.exists(*parts):
-            probe = recipe.with_answering_model(lambda model: general.probe_answers(model, recipe.tokenizer, recipe.device))
+
+            def answer(model):
+                answers = general.retention_answers(model, recipe.tokenizer, recipe.device) if retention else []
+                return general.probe_answers(model, recipe.tokenizer, recipe.device), answers
+
+            probe, answers = recipe.with_answering_model(answer)
             targets = []
-            if retention:  # the KL penalty's targets: from the model as it trains
+            if retention:  # the KL penalty's targets: scored by the model as it trains
                 with recipe.autocast():
-                    targets = general.retention_targets(recipe.model, recipe.tokenizer, recipe.device)
+                    targets = general.retention_targets(recipe.model, recipe.tokenizer, answers, recipe.device)
             reference = general.GeneralReference(probe, targets)
             with store.staged_dir() as staged:
                 (staged / layout.GENERAL_FILE).write_text(reference.to_json())

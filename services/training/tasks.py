@@ -354,25 +354,18 @@ def loss_sum(
 
 
 def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, device) -> list[str]:
-    """Greedy completions of chat prompts, batched with left padding."""
+    """Greedy completions of chat prompts."""
+    from tunewire.services.training import decoding
+
     texts = [
         tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
         if tokenizer.chat_template
         else "".join(x["content"] for x in m)
         for m in prompts
     ]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        out = []
-        for start in range(0, len(texts), 8):
-            encoded = tokenizer(texts[start : start + 8], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        return out
-    finally:
-        tokenizer.padding_side = side
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    answers = decoding.greedy_answers(model, tokenizer, ids, max_new_tokens, device)
+    return [tokenizer.decode(a.tokens, skip_special_tokens=True) for a in answers]
 
 
 def test_metrics(
