@@ -42,3 +42,25 @@ def test_done_ends_one_answer_and_leaves_the_others_as_they_were(tiny_model_dir)
     assert cut[1].tokens == full[1].tokens[:2]
     assert [a.tokens for i, a in enumerate(cut) if i != 1] == [a.tokens for i, a in enumerate(full) if i != 1]
     assert model.training is False
+
+
+def test_a_model_with_a_recurrent_state_answers_through_generate(tiny_model_dir):
+    """Mamba's cache is a state, not keys and values the loop could drop rows
+    from: its answers come from generate, cut where the loop would end them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tasks.load_tokenizer(str(tiny_model_dir))
+    config = AutoConfig.for_model(
+        "mamba", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, state_size=4, expand=2, conv_kernel=4, use_mambapy=True
+    )
+    torch.manual_seed(0)
+    mamba = AutoModelForCausalLM.from_config(config).eval()
+    assert not decoding._keys_and_values_only(mamba) and decoding._keys_and_values_only(_model(tiny_model_dir))
+    prompts = _prompts(tokenizer)
+    ours = decoding.greedy_answers(mamba, tokenizer, prompts, 6, "cpu", done=lambda i, tokens: i == 0 and len(tokens) == 3)
+    stops = decoding.stop_ids(mamba, tokenizer)
+    for i, (prompt, answer) in enumerate(zip(prompts, ours, strict=True)):
+        generated = mamba.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        tokens = generated[0, len(prompt) :].tolist()
+        ended = 3 if i == 0 else next((k + 1 for k, t in enumerate(tokens) if t in stops), len(tokens))
+        assert answer.tokens == tokens[:ended]
