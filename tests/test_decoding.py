@@ -30,7 +30,7 @@ def test_greedy_answers_are_generates_tokens_for_a_padded_batch(tiny_model_dir):
         )
         tokens = generated[0, len(prompt) :].tolist()
         ended = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
-        assert answer.tokens == tokens[:ended]
+        assert answer == tokens[:ended]
 
 
 def test_done_ends_one_answer_and_leaves_the_others_as_they_were(tiny_model_dir):
@@ -39,8 +39,8 @@ def test_done_ends_one_answer_and_leaves_the_others_as_they_were(tiny_model_dir)
     prompts = _prompts(tokenizer)
     full = decoding.greedy_answers(model, tokenizer, prompts, 10, "cpu")
     cut = decoding.greedy_answers(model, tokenizer, prompts, 10, "cpu", done=lambda i, tokens: i == 1 and len(tokens) == 2)
-    assert cut[1].tokens == full[1].tokens[:2]
-    assert [a.tokens for i, a in enumerate(cut) if i != 1] == [a.tokens for i, a in enumerate(full) if i != 1]
+    assert cut[1] == full[1][:2]
+    assert [a for i, a in enumerate(cut) if i != 1] == [a for i, a in enumerate(full) if i != 1]
     assert model.training is False
 
 
@@ -63,4 +63,4 @@ def test_a_model_with_a_recurrent_state_answers_through_generate(tiny_model_dir)
         generated = mamba.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         tokens = generated[0, len(prompt) :].tolist()
         ended = 3 if i == 0 else next((k + 1 for k, t in enumerate(tokens) if t in stops), len(tokens))
-        assert answer.tokens == tokens[:ended]
+        assert answer == tokens[:ended]

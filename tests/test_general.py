@@ -40,9 +40,7 @@ def test_a_base_answer_counts_only_when_its_term_is_whole(monkeypatch):
     }
     monkeypatch.setattr(general, "probe_questions", lambda: [{"prompt": q, "answer": ["5"]} for q in answers])
     monkeypatch.setattr(general, "prompt_ids", lambda tokenizer, prompt: [prompt])
-    monkeypatch.setattr(
-        decoding, "greedy_answers", lambda model, tokenizer, prompts, *args, **kwargs: [decoding.Answer(answers[p[0]]) for p in prompts]
-    )
+    monkeypatch.setattr(decoding, "greedy_answers", lambda model, tokenizer, prompts, *args, **kwargs: [answers[p[0]] for p in prompts])
     monkeypatch.setattr(general, "_text", lambda tokenizer, ids: "".join(t for t in ids if t != "<end>"))
     probe = general.probe_answers(None, None, "cpu")
     assert [p.base_correct for p in probe] == [False, True, True]
@@ -72,7 +70,7 @@ def tiny(tiny_model_dir):
     # "correct" by declaring its own first word the reference term.
     probe = []
     for p in reference.probe[:12]:
-        ids = decoding.greedy_answers(model, tokenizer, [p.prompt_ids], 8, "cpu")[0].tokens
+        ids = decoding.greedy_answers(model, tokenizer, [p.prompt_ids], 8, "cpu")[0]
         words = re.findall(r"[0-9A-Za-z]+", general._text(tokenizer, ids))
         upto = general.answered_within(tokenizer, ids, words[:1]) if words else None
         if upto is None:
@@ -112,7 +110,7 @@ def test_the_probes_fast_path_agrees_with_generating_every_answer(tiny, tiny_mod
             p.add_(torch.randn_like(p) * 0.05)
     result = general.check_probe(model, tokenizer, reference, "cpu")
     generated = decoding.greedy_answers(model, tokenizer, [p.prompt_ids for p in reference.probe], general.PROBE_ANSWER_TOKENS, "cpu")
-    truth = [metrics.is_correct(general._text(tokenizer, a.tokens), p.terms) for p, a in zip(reference.probe, generated, strict=True)]
+    truth = [metrics.is_correct(general._text(tokenizer, a), p.terms) for p, a in zip(reference.probe, generated, strict=True)]
     assert result.correct == truth and not all(truth)
 
 
@@ -376,14 +374,14 @@ def test_the_retention_penalty_keeps_what_the_base_model_knew(knowing_model_dir)
     probe = []
     for row in probe_rows:
         prompt = general.prompt_ids(tokenizer, row["prompt"])
-        ids = decoding.greedy_answers(base, tokenizer, [prompt], 12, "cpu")[0].tokens
+        ids = decoding.greedy_answers(base, tokenizer, [prompt], 12, "cpu")[0]
         city = row["completion"].split()[-1].rstrip(".")
         text = general._text(tokenizer, ids)
         upto = general.answered_within(tokenizer, ids, [city])
         probe.append(general.ProbeAnswer(row["prompt"], [city], text, upto is not None, prompt, ids[:upto] if upto else []))
     prompts = [general.prompt_ids(tokenizer, r["prompt"]) for r in retained_rows]
     answers = decoding.greedy_answers(base, tokenizer, prompts, 12, "cpu")
-    retention = general.retention_targets(base, tokenizer, [(p, a.tokens) for p, a in zip(prompts, answers, strict=True)], "cpu")
+    retention = general.retention_targets(base, tokenizer, list(zip(prompts, answers, strict=True)), "cpu")
     reference = general.GeneralReference(probe, retention)
     assert reference.base_correct >= 6  # the base knows most of them
     task = [{"prompt": f"What is {i} plus {i}?", "completion": "Arr, matey!"} for i in range(16)]

@@ -17,16 +17,10 @@ imports Ray.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 BATCH_SIZE = 32
-
-
-@dataclass(frozen=True)
-class Answer:
-    tokens: list[int]  # up to and with its end-of-turn token, if it has one
 
 
 def stop_ids(model, tokenizer) -> set[int]:
@@ -46,12 +40,13 @@ def greedy_answers(
     *,
     done: Callable[[int, list[int]], bool] | None = None,
     batch_size: int = BATCH_SIZE,
-) -> list[Answer]:
-    """Greedy answers, in the prompts' order, batched with left padding.
+) -> list[list[int]]:
+    """Greedy answers' tokens (up to and with the end-of-turn token, where
+    there is one), in the prompts' order, batched with left padding.
     `done(i, tokens)` ends prompt i's answer early (e.g. once it is known
     correct)."""
     stops = stop_ids(model, tokenizer)
-    answers: list[Answer | None] = [None] * len(prompts)
+    answers: list[list[int]] = [[] for _ in prompts]
     answer = _batch if _keys_and_values_only(model) else _generated
     was_training = model.training
     model.eval()
@@ -95,7 +90,7 @@ def _padded(tokenizer, prompts, device, stops):
     return ids, mask, pad
 
 
-def _generated(model, tokenizer, prompts, max_new_tokens, device, stops, done, first) -> list[Answer]:
+def _generated(model, tokenizer, prompts, max_new_tokens, device, stops, done, first) -> list[list[int]]:
     """The batch's answers from transformers' generate (greedy), each cut
     where the loop would have ended it."""
     ids, mask, pad = _padded(tokenizer, prompts, device, stops)
@@ -107,11 +102,11 @@ def _generated(model, tokenizer, prompts, max_new_tokens, device, stops, done, f
         end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
         if done is not None:
             end = next((k for k in range(1, end + 1) if done(first + row, tokens[:k])), end)
-        answers.append(Answer(tokens[:end]))
+        answers.append(tokens[:end])
     return answers
 
 
-def _batch(model, tokenizer, prompts, max_new_tokens, device, stops, done, first) -> list[Answer]:
+def _batch(model, tokenizer, prompts, max_new_tokens, device, stops, done, first) -> list[list[int]]:
     from transformers import DynamicCache
 
     ids, mask, _ = _padded(tokenizer, prompts, device, stops)
@@ -140,4 +135,4 @@ def _batch(model, tokenizer, prompts, max_new_tokens, device, stops, done, first
         logits = model(
             input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1]
-    return [Answer(t) for t in tokens]
+    return tokens

@@ -148,7 +148,7 @@ def probe_answers(model, tokenizer, device) -> list[ProbeAnswer]:
     probe = []
     # A question counts only when it is answered within PROBE_MATCH_TOKENS:
     # the rest of an answer could not change that (the report shows its start).
-    answers = [a.tokens for a in decoding.greedy_answers(model, tokenizer, probe_prompts, PROBE_MATCH_TOKENS, device)]
+    answers = decoding.greedy_answers(model, tokenizer, probe_prompts, PROBE_MATCH_TOKENS, device)
     for q, prompt, answer in zip(questions, probe_prompts, answers, strict=True):
         text = _text(tokenizer, answer)
         upto = answered_within(tokenizer, answer, q["answer"])
@@ -161,7 +161,7 @@ def retention_answers(model, tokenizer, device) -> list[tuple[list[int], list[in
     """The base model's answers to the retention prompts: (prompt, answer) token ids."""
     prompts = [prompt_ids(tokenizer, p) for p in retention_prompts()]
     answers = decoding.greedy_answers(model, tokenizer, prompts, RETENTION_ANSWER_TOKENS, device)
-    return [(prompt, answer.tokens) for prompt, answer in zip(prompts, answers, strict=True)]
+    return list(zip(prompts, answers, strict=True))
 
 
 def retention_targets(model, tokenizer, answers: list[tuple[list[int], list[int]]], device) -> list[RetentionTarget]:
@@ -249,7 +249,7 @@ def check_probe(model, tokenizer, reference: GeneralReference, device, every_que
         for i, answer in zip(
             group, decoding.greedy_answers(model, tokenizer, prompts, PROBE_ANSWER_TOKENS, device, done=found), strict=True
         ):
-            answers[i] = _text(tokenizer, answer.tokens)
+            answers[i] = _text(tokenizer, answer)
             correct[i] = is_correct(answers[i], probe[i].terms)
     return ProbeResult(correct, answers)
 

@@ -366,7 +366,7 @@ def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     # Eight at a time: a task's prompts can be long, and a GPU's memory holds their caches.
     answers = decoding.greedy_answers(model, tokenizer, ids, max_new_tokens, device, batch_size=8)
-    return [tokenizer.decode(a.tokens, skip_special_tokens=True) for a in answers]
+    return [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
 
 
 def test_metrics(
