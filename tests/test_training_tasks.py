@@ -1,5 +1,6 @@
 """Task pieces and metrics on tiny models, without Ray."""
 
+import contextlib
 import random
 
 import pyarrow as pa
@@ -222,6 +223,45 @@ def test_packing_changes_no_logit_and_no_loss(tiny_model_dir, tokenizer):
             assert torch.allclose(packed_out.logits[b, start : start + len(ids)], out.logits[0], atol=1e-4)
     assert packed.targets == count
     assert float(packed_out.loss) == pytest.approx(total / count, rel=1e-4)
+
+
+def test_short_rows_train_with_eager_attention_and_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
+    """A packed batch no wider than EAGER_ATTENTION_MAX_WIDTH runs eager
+    attention inside short_rows_attention, with the loss and gradients of
+    sdpa, and the model is back on sdpa after; a wider batch is left alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = tasks.load_peft(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa"), "sft", resolve_config({}, 10))
+    switch = tasks.attention_switch(model, "cpu")
+    assert switch is model.get_base_model()
+    rows = [{"prompt": "q" * n, "completion": f"answer {n} " * (n % 5 + 1)} for n in (3, 40, 7, 25, 1)]
+    batch = tasks.collate("sft", rows, tokenizer, 64, {}, "cpu")
+    assert batch.inputs["input_ids"].shape[1] <= tasks.EAGER_ATTENTION_MAX_WIDTH
+    model.eval()  # no dropout: the two passes must see the same inputs
+
+    def loss_and_grads(context):
+        seen = []
+        attention = model.get_base_model().model.layers[0].self_attn
+        hook = attention.register_forward_hook(lambda _m, _a, _out: seen.append(switch.config._attn_implementation))
+        with context:
+            loss = tasks.batch_loss(model, model, batch)
+        hook.remove()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        return float(loss), grads, seen
+
+    plain_loss, plain_grads, plain_seen = loss_and_grads(contextlib.nullcontext())
+    eager_loss, eager_grads, eager_seen = loss_and_grads(tasks.short_rows_attention(switch, batch.inputs))
+    assert (plain_seen, eager_seen) == (["sdpa"], ["eager"])
+    assert switch.config._attn_implementation == "sdpa"
+    assert eager_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, eager_grads, strict=True))
+    wide = {"input_ids": torch.zeros((1, tasks.EAGER_ATTENTION_MAX_WIDTH + 1), dtype=torch.long)}
+    with tasks.short_rows_attention(switch, wide):
+        assert switch.config._attn_implementation == "sdpa"
+    model.get_base_model().gradient_checkpointing_enable()
+    assert tasks.attention_switch(model, "cpu") is None  # its recomputed forward must match the first
 
 
 def test_batch_loss_runs_the_head_only_where_labels_are_and_equals_the_models_loss(tiny_model_dir, tokenizer):

@@ -348,6 +348,7 @@ class FineTuneRecipe:
         self.model.to(self.device)
         self.dtype = tasks.compute_dtype(self.training.precision, config.use_gpu)
         self.packing = config.generative and tasks.packing_works(self.model, self.device)
+        self.attention_switch = tasks.attention_switch(self.model, self.device)
 
     def autocast(self):
         from tunewire.services.training import tasks
@@ -636,7 +637,7 @@ class FineTuneRecipe:
         config, training = self.config, self.training
         if not config.generative:
             batch = tasks.collate(config.task, rows, self.tokenizer, training.max_seq_length, self.label_ids, self.device)
-            with self.autocast():
+            with self.autocast(), tasks.short_rows_attention(self.attention_switch, batch.inputs):
                 return tasks.batch_loss(self.ddp_model, self.model, batch), batch.targets, batch.real_tokens
         if config.task == SFT:
             rows = [tasks.drop_prompt_words(r, training.prompt_word_dropout, self.rng) for r in rows]
@@ -647,7 +648,7 @@ class FineTuneRecipe:
                 self.reference.retention, min(len(self.reference.retention), math.ceil(len(rows) * RETENTION_PER_ROW))
             )
         batch = tasks.pack(examples + general.retention_examples(retained), self.tokenizer.pad_token_id, self.packing, self.device)
-        with self.autocast():
+        with self.autocast(), tasks.short_rows_attention(self.attention_switch, batch.inputs):
             logits, targets, sources = tasks.label_logits(self.ddp_model, self.model, batch)
         own = ((sources >= 0) & (sources < len(examples))).to(logits.device)
         count = float(own.sum())

@@ -50,6 +50,44 @@ def mixed_precision(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+# On a CPU, differentiating torch's fused attention kernel costs more than
+# attention as plain matmuls ("eager") for short rows: a step of the demo's
+# ~75-token rows ran 20-25% faster eager, and 128-token rows about as much;
+# the two are level from about 192 tokens and the fused kernel wins beyond.
+EAGER_ATTENTION_MAX_WIDTH = 192
+
+
+def attention_switch(model, device):
+    """The transformers model whose attention short_rows_attention may switch
+    to eager for a training batch, or None: only on a CPU, from sdpa, and
+    without gradient checkpointing (whose recomputed forward must match)."""
+    if torch.device(device).type != "cpu":
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa" or base.is_activation_checkpointing:
+        return None
+    base.set_attn_implementation("eager")
+    switchable = base.config._attn_implementation == "eager"
+    base.set_attn_implementation("sdpa")
+    return base if switchable else None
+
+
+@contextlib.contextmanager
+def short_rows_attention(switch, inputs: dict):
+    """Within, a batch no wider than EAGER_ATTENTION_MAX_WIDTH runs eager
+    attention (switch from attention_switch; None leaves it as it is). The
+    backward pass follows the graph the forward recorded, so only the
+    forward needs to be inside."""
+    if switch is None or inputs["input_ids"].shape[1] > EAGER_ATTENTION_MAX_WIDTH:
+        yield
+        return
+    switch.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        switch.set_attn_implementation("sdpa")
+
+
 def load_model(task: str, model_path: str, method: str, config: TrainingConfig, labels: list[str], tokenizer, use_gpu: bool):
     """The model to train: a causal LM or a sequence classifier, wrapped in
     LoRA unless the method is full fine-tuning. On a GPU computing in
