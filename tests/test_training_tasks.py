@@ -232,7 +232,7 @@ def test_short_rows_train_with_eager_attention_and_the_same_loss_and_gradients(t
     from transformers import AutoModelForCausalLM
 
     model = tasks.load_peft(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa"), "sft", resolve_config({}, 10))
-    switch = tasks.attention_switch(model, "cpu")
+    switch = tasks.attention_switch(model, "cpu", packing=True)
     assert switch is model.get_base_model()
     rows = [{"prompt": "q" * n, "completion": f"answer {n} " * (n % 5 + 1)} for n in (3, 40, 7, 25, 1)]
     batch = tasks.collate("sft", rows, tokenizer, 64, {}, "cpu")

@@ -348,7 +348,7 @@ class FineTuneRecipe:
         self.model.to(self.device)
         self.dtype = tasks.compute_dtype(self.training.precision, config.use_gpu)
         self.packing = config.generative and tasks.packing_works(self.model, self.device)
-        self.attention_switch = tasks.attention_switch(self.model, self.device)
+        self.attention_switch = tasks.attention_switch(self.model, self.device, self.packing)
 
     def autocast(self):
         from tunewire.services.training import tasks

@@ -52,23 +52,29 @@ def mixed_precision(device, dtype):
 
 # On a CPU, differentiating torch's fused attention kernel costs more than
 # attention as plain matmuls ("eager") for short rows: a step of the demo's
-# ~75-token rows ran 20-25% faster eager, and 128-token rows about as much;
-# the two are level from about 192 tokens and the fused kernel wins beyond.
+# 74-token-wide rows took 3.42 s eager against 4.04 s (median, the two
+# alternated in one process), and 128-token rows gained about as much; the
+# two are level from about 192 tokens and the fused kernel wins beyond.
 EAGER_ATTENTION_MAX_WIDTH = 192
 
 
-def attention_switch(model, device):
+def attention_switch(model, device, packing: bool = False):
     """The transformers model whose attention short_rows_attention may switch
-    to eager for a training batch, or None: only on a CPU, from sdpa, and
-    without gradient checkpointing (whose recomputed forward must match)."""
+    to eager for a training batch, or None: only on a CPU, from sdpa, without
+    gradient checkpointing (whose recomputed forward must match the first),
+    and, for packed batches, where eager keeps packed sequences apart too."""
     if torch.device(device).type != "cpu":
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "_attn_implementation", None) != "sdpa" or base.is_activation_checkpointing:
         return None
-    base.set_attn_implementation("eager")
-    switchable = base.config._attn_implementation == "eager"
-    base.set_attn_implementation("sdpa")
+    try:
+        base.set_attn_implementation("eager")
+        switchable = base.config._attn_implementation == "eager" and (not packing or packing_works(model, device))
+    except (ValueError, ImportError, NotImplementedError):
+        switchable = False
+    finally:
+        base.set_attn_implementation("sdpa")
     return base if switchable else None
 
 
