@@ -17,6 +17,7 @@ import torch
 from tunewire.services.common.errors import FailedPrecondition
 from tunewire.services.common.hardware import native_bfloat16
 from tunewire.services.common.models import base_model_aliases, resolve_model
+from tunewire.services.inference.decoder import LlamaDecoderPass
 from tunewire.services.inference.kv_cache import BatchCache, new_cache
 from tunewire.services.inference.lora import AdapterWeights, SlotTable, read_adapter
 from tunewire.services.inference.packed import pack_linears
@@ -49,6 +50,8 @@ class ModelRunner:
         self.tokenizer = None
         self.generative = True
         self.slots: SlotTable | None = None
+        # The lean forward pass where the model's family has one (decoder.py).
+        self.decoder_pass: LlamaDecoderPass | None = None
         self.base_names: set[str] = set()
         self.eos_ids: set[int] = set()
         self.max_positions = 0
@@ -79,14 +82,17 @@ class ModelRunner:
         # oneDNN's packed weights are a CPU kernel; a GPU runs the plain ones.
         packed = pack_linears(self.model, self.limits.max_batch_size) if self.device.type == "cpu" else 0
         self.slots = SlotTable(self.model, self.limits.max_resident_adapters)
+        if self.generative:
+            self.decoder_pass = LlamaDecoderPass.for_model(self.model)
         log.info(
-            "base model %s loaded from %s (%s, %s on %s, %d linear layers packed for oneDNN)",
+            "base model %s loaded from %s (%s, %s on %s, %d linear layers packed for oneDNN, %s forward)",
             self.base_model_name,
             path,
             "generation" if self.generative else "classification",
             str(self.dtype).removeprefix("torch."),
             self.device,
             packed,
+            "lean decoder" if self.decoder_pass else "transformers'",
         )
 
     def read_adapter(self, local_dir: Path) -> AdapterWeights:
@@ -114,9 +120,7 @@ class ModelRunner:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = new_cache(self.model.config.get_text_config().num_hidden_layers)
         self.slots.row_slots.set([_slot(s) for s in sequences])
-        logits = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
+        logits = self._last_logits(input_ids, mask, positions, cache)
         if self._batch is None:
             self._batch = BatchCache(len(cache.layers), self.device)
         self._batch.merge(cache, mask)
@@ -132,13 +136,7 @@ class ModelRunner:
         self.slots.row_slots.set([_slot(s) for s in sequences])
         # Rows prefilled this step already have their first token; decode them too:
         # every row is one token ahead of its cache.
-        logits = self.model(
-            input_ids=self._next_tokens[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            cache=self._batch.cache,
-            use_cache=True,
-        ).logits[:, -1]
+        logits = self._last_logits(self._next_tokens[:, None], mask, positions, self._batch.cache)
         tokens = self.sample(logits, sequences)
         self._next_tokens = tokens
         return tokens.tolist()
@@ -154,14 +152,12 @@ class ModelRunner:
         ids = sequence.prompt_ids[done : done + size]
         end = done + len(ids)
         self.slots.row_slots.set([_slot(sequence)])
-        logits = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(done, end, device=self.device)[None],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        logits = self._last_logits(
+            torch.tensor([ids], device=self.device),
+            torch.ones((1, end), dtype=torch.long, device=self.device),
+            torch.arange(done, end, device=self.device)[None],
+            cache,
+        )
         if end < len(sequence.prompt_ids):
             self._partial = (sequence, cache, end)
             if self.device.type == "cuda":  # the chunk's time is its own, not the next pass's (the engine paces chunks by it)
@@ -174,6 +170,15 @@ class ModelRunner:
         tokens = self.sample(logits, [sequence])
         self._next_tokens = torch.cat([self._next_tokens, tokens])
         return tokens.item()
+
+    def _last_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Each row's logits at its last position, its new keys and values
+        appended to `cache`."""
+        if self.decoder_pass is not None:
+            return self.decoder_pass(input_ids, mask, positions, cache)
+        return self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
 
     def drop_partial(self) -> None:
         """Forgets a chunked prefill in progress (its request ended)."""
