@@ -24,6 +24,11 @@ in the same run:
   a second table (inference-vs-llama-cpp-*) puts each against tunewire with
   the target ratio. `--no-llama-cpp` leaves those rows out.
 
+All engines are up at once and every row is measured once a round, in
+turns, each keeping its best of --repeats rounds: on a machine whose speed
+drifts through a run, every row gets the same moments of it, and the
+ratios between rows hold.
+
 Throughput counts real completion tokens (up to each row's end of turn or
 max_new_tokens), so padding and finished rows count for nothing.
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import random
 import re
 import statistics
@@ -207,37 +213,56 @@ def service_run(client: InferenceClient, adapters: list[str], max_new_tokens: in
     return timed_requests(one, len(adapters), concurrent_requests)
 
 
-def llama_cpp_rows(
-    model_path: str, adapter_dirs: list[Path], home: Path, work: Path, dtype_name: str, max_new_tokens: int, record
-) -> list[str]:
-    """llama-server's rows (bench/llama_cpp.py), each recorded under the
-    scenario tunewire's row of the same requests has; returns its greedy
-    answers to the first four prompts, one per adapter."""
-    from transformers import AutoTokenizer
+class LlamaCppBaseline:
+    """llama-server (bench/llama_cpp.py) serving the same base model,
+    converted to GGUF at the same precision, with the same adapters exported
+    by `tunewire adapters gguf`; a context manager (the server's process)."""
 
-    from bench.llama_cpp import LlamaServer, convert_base
-    from tunewire.clients.export import adapter_to_gguf
+    def __init__(self, model_path: str, adapter_dirs: list[Path], home: Path, work: Path, dtype_name: str, max_new_tokens: int):
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = [prompt_text(tokenizer, None, p, False) for p in PROMPTS]
-    base = convert_base(model_path, home / "llama-cpp", dtype_name)
-    loras = [adapter_to_gguf(path, work / f"{path.name}.gguf", home / "models") for path in adapter_dirs]
-    mixed, single, none = [i % 4 for i in range(len(prompts))], [0] * len(prompts), [None] * len(prompts)
-    # Each slot holds a prompt (under 100 tokens here) and its answer.
-    with LlamaServer(base, loras, work / "llama-server.log", context_per_slot=max_new_tokens + 256) as server:
+        from bench.llama_cpp import LlamaServer, convert_base
+        from tunewire.clients.export import adapter_to_gguf
 
-        def run(adapters: list[int | None], concurrent_requests: bool):
-            return lambda: timed_requests(
-                lambda i: server.generate(prompts[i], adapters[i], max_new_tokens)[0], len(prompts), concurrent_requests
-            )
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.prompts = [prompt_text(tokenizer, None, p, False) for p in PROMPTS]
+        self.max_new_tokens = max_new_tokens
+        base = convert_base(model_path, home / "llama-cpp", dtype_name)
+        loras = [adapter_to_gguf(path, work / f"{path.name}.gguf", home / "models") for path in adapter_dirs]
+        # Each slot holds a prompt (under 100 tokens here) and its answer.
+        self.server = LlamaServer(base, loras, work / "llama-server.log", context_per_slot=max_new_tokens + 256)
 
-        server.generate(prompts[0], 0, 4)  # warm-up
-        record("llama-server: 8 concurrent, 4 adapters", run(mixed, True), MIXED)
-        record("llama-server: 8 concurrent, 1 adapter", run(single, True), SINGLE)
-        record("llama-server: 8 concurrent, base model", run(none, True), BASE)
-        record("llama-server: the 8 one at a time, 4 adapters", run(mixed, False), ONE_AT_A_TIME)
-        record("llama-server: the 8 one at a time, base model (single stream)", run(none, False), STREAM)
-        return [server.generate(prompts[i], i, max_new_tokens)[1] for i in range(4)]
+    def __enter__(self) -> LlamaCppBaseline:
+        self.server.__enter__()
+        self.server.generate(self.prompts[0], 0, 4)  # warm-up
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.__exit__(*exc)
+
+    def timed(self, adapters: list[int | None], concurrent_requests: bool) -> tuple[int, float]:
+        """The prompts, prompt i with adapters[i] (None: the base model)."""
+        return timed_requests(
+            lambda i: self.server.generate(self.prompts[i], adapters[i], self.max_new_tokens)[0], len(self.prompts), concurrent_requests
+        )
+
+    def answers(self) -> list[str]:
+        """Greedy answers to the first four prompts, prompt i with adapter i."""
+        return [self.server.generate(self.prompts[i], i, self.max_new_tokens)[1] for i in range(4)]
+
+
+def best_of_rounds(measures: list[tuple[str, object]], rounds: int) -> list[tuple[str, int, float]]:
+    """Runs the measures one after another, `rounds` times over, and keeps
+    each one's fastest (what, tokens, seconds). Each measure so samples the
+    whole run rather than a few minutes of it: a machine whose speed drifts
+    during the run moves them all alike, and their ratios hold."""
+    best: dict[str, tuple[int, float]] = {}
+    for _ in range(rounds):
+        for what, measure in measures:
+            tokens, seconds = measure()
+            if what not in best or tokens / seconds > best[what][0] / best[what][1]:
+                best[what] = (tokens, seconds)
+    return [(what, *best[what]) for what, _ in measures]
 
 
 class PeftBaseline:
@@ -293,7 +318,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=Path(".tunewire"), help="TUNEWIRE_HOME (reuses its converted model)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over every measurement; each keeps its best")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="for the service and the baselines alike")
     parser.add_argument("--many-adapters", type=int, default=64, help="adapters over the service's 8 slots (0: skip those rows)")
     parser.add_argument("--long-prompt", type=int, default=4000, help="tokens of the prompt admitted while a stream decodes (0: skip)")
@@ -317,13 +342,6 @@ def main() -> None:
         rows = []
         by_scenario: dict[str, dict[str, float]] = {}  # scenario -> {engine: tokens/s}
 
-        def record(what: str, measure, scenario: str | None = None) -> None:
-            tokens, seconds = min((measure() for _ in range(args.repeats)), key=lambda r: r[1] / max(r[0], 1))
-            rows.append({"what": what, "tokens": tokens, "seconds": seconds, "tokens/s": tokens / seconds})
-            print(f"{what}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} tokens/s", flush=True)
-            if scenario:
-                by_scenario.setdefault(scenario, {})[what.split(":")[0]] = tokens / seconds
-
         env = {
             "TUNEWIRE_HOME": str(home),
             "TUNEWIRE_INFERENCE_PORT": "50193",
@@ -331,28 +349,75 @@ def main() -> None:
             "TUNEWIRE_INFERENCE_DTYPE": dtype_name,
             "TUNEWIRE_INFERENCE_DEVICE": "cpu",
         }
-        with (
-            LocalStack(env=env, services=("inference",), log_dir=adapter_root / "logs") as stack,
-            InferenceClient(stack.address("inference"), timeout=600) as client,
-        ):
+        # Every engine is up at once, so that the rows can be measured in turns.
+        with contextlib.ExitStack() as engines:
+            stack = engines.enter_context(LocalStack(env=env, services=("inference",), log_dir=adapter_root / "logs"))
+            client = engines.enter_context(InferenceClient(stack.address("inference"), timeout=600))
             for i in range(4):
                 client.load_adapter(f"adapter-{i}", str(adapter_dirs[i]))
             client.generate(PROMPTS[0], adapter="adapter-0", max_new_tokens=4)  # warm-up
-            record("tunewire: 8 concurrent, 4 adapters (mixed batch)", lambda: service_run(client, mixed, args.max_new_tokens, True), MIXED)
-            record("tunewire: 8 concurrent, 1 adapter", lambda: service_run(client, single, args.max_new_tokens, True), SINGLE)
-            record("tunewire: 8 concurrent, base model", lambda: service_run(client, [""] * n, args.max_new_tokens, True), BASE)
-            record(
-                "tunewire: the 8 one at a time, 4 adapters", lambda: service_run(client, mixed, args.max_new_tokens, False), ONE_AT_A_TIME
-            )
-            record(
-                "tunewire: the 8 one at a time, base model (single stream)",
-                lambda: service_run(client, [""] * n, args.max_new_tokens, False),
-                STREAM,
-            )
-            # Greedy answers to compare with llama-server's (the same adapters, exported as GGUF).
-            tunewire_answers = [
-                client.generate(PROMPTS[i], adapter=f"adapter-{i}", max_new_tokens=args.max_new_tokens).text for i in range(4)
+            llama = None
+            if args.llama_cpp:
+                from bench.llama_cpp import SERVER
+
+                if not SERVER.exists():
+                    print(f"no {SERVER}: llama-server rows skipped (make llama-server builds it)", flush=True)
+                else:
+                    try:
+                        llama = engines.enter_context(
+                            LlamaCppBaseline(model_path, adapter_dirs[:4], home, adapter_root, dtype_name, args.max_new_tokens)
+                        )
+                    except Exception as error:  # the other rows still count
+                        print(f"llama-server rows skipped: {error}", flush=True)
+            peft = PeftBaseline(model_path, adapter_dirs[:4], dtype)
+            plain = PeftBaseline(model_path, [], dtype)
+            tokens = args.max_new_tokens
+            gguf = {"mixed": [i % 4 for i in range(n)], "single": [0] * n, "none": [None] * n}  # llama-server's adapters by index
+            scenarios = {
+                MIXED: [
+                    ("tunewire: 8 concurrent, 4 adapters (mixed batch)", lambda: service_run(client, mixed, tokens, True)),
+                    ("llama-server: 8 concurrent, 4 adapters", lambda: llama.timed(gguf["mixed"], True)),
+                    ("PEFT generate: batch of 8, 4 adapters (adapter_names)", lambda: peft.timed(PROMPTS, mixed, tokens)),
+                ],
+                SINGLE: [
+                    ("tunewire: 8 concurrent, 1 adapter", lambda: service_run(client, single, tokens, True)),
+                    ("llama-server: 8 concurrent, 1 adapter", lambda: llama.timed(gguf["single"], True)),
+                    ("PEFT generate: batch of 8, 1 adapter", lambda: peft.timed(PROMPTS, single, tokens)),
+                ],
+                BASE: [
+                    ("tunewire: 8 concurrent, base model", lambda: service_run(client, [""] * n, tokens, True)),
+                    ("llama-server: 8 concurrent, base model", lambda: llama.timed(gguf["none"], True)),
+                ],
+                ONE_AT_A_TIME: [
+                    ("tunewire: the 8 one at a time, 4 adapters", lambda: service_run(client, mixed, tokens, False)),
+                    ("llama-server: the 8 one at a time, 4 adapters", lambda: llama.timed(gguf["mixed"], False)),
+                    ("PEFT generate: the 8 one at a time, 4 adapters", lambda: peft.timed(PROMPTS, mixed, tokens, True)),
+                ],
+                STREAM: [
+                    ("tunewire: the 8 one at a time, base model (single stream)", lambda: service_run(client, [""] * n, tokens, False)),
+                    ("llama-server: the 8 one at a time, base model (single stream)", lambda: llama.timed(gguf["none"], False)),
+                    (
+                        "plain model.generate: the 8 one at a time, base model (single stream)",
+                        lambda: plain.timed(PROMPTS, None, tokens, True),
+                    ),
+                ],
+            }
+            # All rows in every round: each row is measured at several moments of the run, the
+            # same for every engine and scenario.
+            measures = [
+                (scenario, what, measure)
+                for scenario, engine_measures in scenarios.items()
+                for what, measure in engine_measures
+                if llama is not None or not what.startswith("llama-server")
             ]
+            best = best_of_rounds([(what, measure) for _, what, measure in measures], args.repeats)
+            for (scenario, _, _), (what, count, seconds) in zip(measures, best, strict=True):
+                rows.append({"what": what, "tokens": count, "seconds": seconds, "tokens/s": count / seconds})
+                print(f"{what}: {count} tokens in {seconds:.2f}s = {count / seconds:.1f} tokens/s", flush=True)
+                by_scenario.setdefault(scenario, {})[what.split(":")[0]] = count / seconds
+            # Greedy answers to compare with llama-server's (the same adapters, exported as GGUF).
+            tunewire_answers = [client.generate(PROMPTS[i], adapter=f"adapter-{i}", max_new_tokens=tokens).text for i in range(4)]
+            llama_answers = llama.answers() if llama is not None else []
             start = time.perf_counter()
             loaded = client.load_adapter("adapter-new", str(adapter_dirs[4]))
             load_wall = time.perf_counter() - start
@@ -365,7 +430,11 @@ def main() -> None:
                 for name, path in zip(names, adapter_dirs, strict=False):
                     client.load_adapter(name, str(path))
                 for label, zipf in (("uniformly", False), ("Zipf-like", True)):
-                    run = many_adapters_run(client, names, 64, args.max_new_tokens, zipf)
+                    # The best of the repeats, as every other row.
+                    run = max(
+                        (many_adapters_run(client, names, 64, args.max_new_tokens, zipf) for _ in range(args.repeats)),
+                        key=lambda r: r["tokens"] / r["seconds"],
+                    )
                     many.append(
                         {
                             "what": f"tunewire: 64 requests over {args.many_adapters} adapters ({run['adapters']} used), {label}, 8 slots",
@@ -388,29 +457,6 @@ def main() -> None:
                     f"{latency['longest'] * 1000:.0f} ms; the long prompt's first token after {latency['wait']:.1f} s",
                     flush=True,
                 )
-        llama_answers: list[str] = []
-        if args.llama_cpp:
-            from bench.llama_cpp import SERVER
-
-            if not SERVER.exists():
-                print(f"no {SERVER}: llama-server rows skipped (make llama-server builds it)", flush=True)
-            else:
-                try:
-                    llama_answers = llama_cpp_rows(
-                        model_path, adapter_dirs[:4], home, adapter_root, dtype_name, args.max_new_tokens, record
-                    )
-                except Exception as error:  # the other rows still count
-                    print(f"llama-server rows skipped: {error}", flush=True)
-        baseline = PeftBaseline(model_path, adapter_dirs[:4], dtype)
-        record("PEFT generate: batch of 8, 4 adapters (adapter_names)", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens))
-        record("PEFT generate: batch of 8, 1 adapter", lambda: baseline.timed(PROMPTS, single, args.max_new_tokens))
-        record("PEFT generate: the 8 one at a time, 4 adapters", lambda: baseline.timed(PROMPTS, mixed, args.max_new_tokens, True))
-        plain = PeftBaseline(model_path, [], dtype)
-        record(
-            "plain model.generate: the 8 one at a time, base model (single stream)",
-            lambda: plain.timed(PROMPTS, None, args.max_new_tokens, True),
-        )
-
     reference = rows[0]["tokens/s"]
     for row in rows:
         row["mixed batch ÷ this"] = reference / row["tokens/s"]
@@ -477,7 +523,7 @@ def main() -> None:
                 "target": f"≥ {target}×" if target else "-",
             }
             for scenario, target in TARGETS_VS_LLAMA_CPP.items()
-            if len(engines := by_scenario.get(scenario, {})) == 2
+            if {"tunewire", "llama-server"} <= (engines := by_scenario.get(scenario, {})).keys()
         ]
         write_results(
             f"inference-vs-llama-cpp-{dtype_name}",
