@@ -46,6 +46,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -251,7 +252,7 @@ class LlamaCppBaseline:
         return [self.server.generate(self.prompts[i], i, self.max_new_tokens)[1] for i in range(4)]
 
 
-def best_of_rounds(measures: list[tuple[str, object]], rounds: int) -> list[tuple[str, int, float]]:
+def best_of_rounds(measures: list[tuple[str, Callable[[], tuple[int, float]]]], rounds: int) -> list[tuple[str, int, float]]:
     """Runs the measures one after another, `rounds` times over, and keeps
     each one's fastest (what, tokens, seconds). Each measure so samples the
     whole run rather than a few minutes of it: a machine whose speed drifts
