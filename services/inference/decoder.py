@@ -41,6 +41,7 @@ class LlamaDecoderPass:
         config = model.config.get_text_config()
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
+        self.groups = self.heads // self.kv_heads  # query heads per key/value head
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> LlamaDecoderPass | None:
@@ -80,14 +81,13 @@ class LlamaDecoderPass:
         value = attention.v_proj(hidden).view(rows, new, -1, attention.head_dim).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *rotary)
         key, value = cache_layer.update(key, value)
-        groups = self.heads // self.kv_heads
-        if new == 1 and groups > 1:
+        if new == 1 and self.groups > 1:
             # One new token: each key/value head's query heads become its query
             # rows, a plain attention with no grouped heads to repeat.
-            query = query.reshape(rows, self.kv_heads, groups, attention.head_dim)
+            query = query.reshape(rows, self.kv_heads, self.groups, attention.head_dim)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attention.scaling)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attention.scaling, enable_gqa=groups > 1)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attention.scaling, enable_gqa=self.groups > 1)
         return attention.o_proj(out.reshape(rows, self.heads, new, -1).transpose(1, 2).reshape(rows, new, -1))
 
     def _agrees_with_transformers(self) -> bool:
