@@ -63,11 +63,13 @@ def test_a_job_logs_to_tensorboard_files_and_to_mlflow(tmp_path):
     tracker = tracking.start("job-1", "support", {"learning_rate": 2e-3, "lora_target_modules": ["all-linear"]})
     for kind, data in EVENTS:
         tracker.record(kind, data)
-    tracker.close("SUCCEEDED")
-
+    # Flushed, the curves are in the files before the run ends (the job shows as succeeded after this).
+    tracker.flush()
     scalars = read_scalars(tmp_path / "tensorboard" / "job-1")
     assert scalars["training/loss/trial-1"] == [(1, 3.5), (2, 2.5)]
     assert scalars["validation/answer_recall/trial-1"] == [(2, 0.5)] and scalars["test/tuned/exact_match"] == [(2, 0.75)]
+    tracker.close("SUCCEEDED")
+    assert read_scalars(tmp_path / "tensorboard" / "job-1") == scalars
 
     client = MlflowClient(tracking_uri=uri)
     [run] = client.search_runs([client.get_experiment_by_name("tunewire-support").experiment_id])
@@ -88,4 +90,5 @@ def test_a_tracking_store_that_fails_never_fails_the_job(tmp_path):
     tracker = Tracking(blocked / "tensorboard", "http://127.0.0.1:1").start("job-2", "default", {})
     for kind, data in EVENTS:
         tracker.record(kind, data)  # nothing raised
+    tracker.flush(timeout=5)
     tracker.close("FAILED")

@@ -159,6 +159,8 @@ class Scheduler:
                         f"budget. To serve it anyway: tunewire adapters load {adapter_id} {uri}"
                     },
                 )
+            if tracker is not None:  # the job's curves are written before it shows as succeeded
+                await asyncio.to_thread(tracker.flush)
             published = await asyncio.to_thread(self.jobs.publish_adapter, job, adapter_id, uri, held_back=held_back, size_bytes=size)
             if published is None:
                 log.info("job %s left RUNNING before its adapter was published; adapter %s not published", job.id, adapter_id)

@@ -57,6 +57,10 @@ def _finite(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
+# Queued in place of a step: write out what came before, then set the event.
+_FLUSH = object()
+
+
 class JobTracker:
     """One job's writers (TensorBoard, MLflow: either may be absent), fed
     through a bounded queue by a thread of their own: a slow or unreachable
@@ -87,6 +91,14 @@ class JobTracker:
         except queue.Full:
             self._dropped += 1
 
+    def flush(self, timeout: float = 30.0) -> None:
+        """Waits (up to `timeout`) until what was queued so far is written:
+        a job's curves are complete when its end becomes visible."""
+        written = threading.Event()
+        with contextlib.suppress(queue.Full):
+            self._queue.put((_FLUSH, written), timeout=timeout)
+            written.wait(timeout)
+
     def close(self, state: str, timeout: float = 30.0) -> None:
         """Writes what is queued and ends the run. `state`: SUCCEEDED, FAILED
         or CANCELLED where the job ended; RUNNING for a job the orchestrator
@@ -109,6 +121,11 @@ class JobTracker:
             if step is None:
                 self._finish(item)
                 return
+            if step is _FLUSH:
+                if self._tensorboard is not None:
+                    self._guard("TensorBoard", self._tensorboard.flush)
+                item.set()
+                continue
             self._write(step, item)
 
     def _open_tensorboard(self, directory: Path) -> None:
